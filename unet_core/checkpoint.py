@@ -1,0 +1,178 @@
+"""Checkpoints that carry everything inference needs, and load without running pickles.
+
+A checkpoint is a ``torch.save`` file holding only plain containers, strings and tensors:
+
+``{"format": "segflow-checkpoint", "version": 1, "config": <json>, "meta": <json>,
+"digest": <sha256 hex>, "state_dict": {...}}``
+
+It is read with ``torch.load(weights_only=True)``, which refuses any pickled object that is
+not a tensor or a plain container, so a malicious file is rejected before anything in it
+runs. The digest covers the config and every tensor's name, dtype, shape and bytes: a
+corrupted file, or one whose weights were changed by hand, fails to load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from unet_core.config import UNetConfig
+from unet_core.errors import CheckpointError, VolumeNotFoundError
+from unet_core.model import UNet
+from unet_core.normalize import IntensityStats, Normalization
+
+FORMAT = "segflow-checkpoint"
+VERSION = 1
+
+
+class ObjectStats(BaseModel):
+    """Sizes (in voxels) of connected foreground objects seen in the training labels."""
+
+    model_config = ConfigDict(frozen=True)
+
+    count: int = 0
+    min: float = 0.0
+    p5: float = 0.0
+    median: float = 0.0
+    p95: float = 0.0
+    max: float = 0.0
+
+    @property
+    def suggested_min_size(self) -> int:
+        """Default minimum object size for instance post-processing (1/4 of the 5th pct)."""
+        return max(int(self.p5 // 4), 1) if self.count else 1
+
+
+class CheckpointMeta(BaseModel):
+    """What a checkpoint says about its model besides the weights."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    class_names: list[str] = Field(default_factory=list)
+    normalization: Normalization = Field(default_factory=Normalization)
+    training_stats: IntensityStats | None = Field(
+        None, description="global intensity statistics of the training images"
+    )
+    channel_axis: Literal["first"] = Field(
+        "first", description="tensors are (N, C, *spatial); images store channels first too"
+    )
+    object_stats: ObjectStats | None = None
+    foreground_class: int = Field(1, ge=0, description="class whose instances are stitched")
+    training: dict[str, Any] = Field(default_factory=dict, description="steps, metrics, seed")
+    digest: str = Field("", description="content digest, filled in on save and load")
+
+    def names_for(self, n_classes: int) -> list[str]:
+        if len(self.class_names) == n_classes:
+            return list(self.class_names)
+        return ["background"] + [f"class_{i}" for i in range(1, n_classes)]
+
+
+def state_digest(config: UNetConfig, state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the config and every tensor (name, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256()
+    h.update(config.model_dump_json().encode())
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous().reshape(-1)
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(state_dict[name].shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], model: UNet, meta: CheckpointMeta | None = None
+) -> str:
+    """Write ``model`` and ``meta`` atomically to ``path``; return the content digest."""
+    meta = meta or CheckpointMeta()
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    digest = state_digest(model.config, state)
+    meta = meta.model_copy(update={"digest": digest})
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.model_dump_json(),
+        "meta": meta.model_dump_json(),
+        "digest": digest,
+        "state_dict": state,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def read_checkpoint_header(path: str | os.PathLike[str]) -> tuple[UNetConfig, CheckpointMeta]:
+    """Config and meta of a checkpoint, verified (weights are read but no model is built)."""
+    config, meta, _ = _read(path)
+    return config, meta
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[UNet, CheckpointMeta]:
+    """Rebuild the model from a checkpoint (eval mode) and return it with its meta."""
+    config, meta, state = _read(path, map_location)
+    model = UNet(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not match the stored config ({first})") from exc
+    model.eval()
+    return model, meta
+
+
+def _read(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[UNetConfig, CheckpointMeta, dict[str, torch.Tensor]]:
+    p = Path(path)
+    if not p.is_file():
+        raise VolumeNotFoundError(f"{p}: checkpoint file does not exist")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: checkpoint file is empty")
+    raw = p.read_bytes()
+    try:
+        payload = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
+        raise CheckpointError(
+            f"{p}: refused to load a checkpoint containing objects other than tensors and "
+            f"plain containers ({reason[:160]})"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{p}: not a readable segflow checkpoint (corrupted or not a torch file)"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a segflow checkpoint (no '{FORMAT}' header)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"{p}: checkpoint format version {payload.get('version')} is not supported "
+            f"(this segflow reads version {VERSION})"
+        )
+    try:
+        config = UNetConfig.model_validate_json(payload["config"])
+        meta = CheckpointMeta.model_validate(json.loads(payload["meta"]))
+        state = payload["state_dict"]
+        if not isinstance(state, dict):
+            raise TypeError("state_dict is not a dict")
+    except (KeyError, TypeError, ValueError, ValidationError) as exc:
+        raise CheckpointError(
+            f"{p}: checkpoint header is malformed ({type(exc).__name__})"
+        ) from exc
+    digest = state_digest(config, state)
+    if digest != payload.get("digest"):
+        raise CheckpointError(f"{p}: checkpoint content does not match its digest (corrupted)")
+    return config, meta.model_copy(update={"digest": digest}), state

@@ -1,0 +1,338 @@
+r"""Boxes, tiles and blocks: where each piece of the volume is read, computed and written.
+
+Vocabulary (after daisy): a :class:`Box` is an offset and a shape in voxels. A
+:class:`Block` pairs the box it **writes** with the larger box it **reads**; the
+difference is the halo, always derived, never stored. Inside a block the network runs on
+**tiles** of one valid input shape; each tile keeps the centre of its output (the usable
+part, ``context`` voxels in from every side) and writes a sub-box of the block::
+
+      read box of the block (mirror-extended only where it leaves the volume)
+    ┌───────────────────────────────────────────────┐
+    │ context                                       │
+    │   ┌───────────────┬───────────────┬───────┐   │
+    │   │ tile 0 writes │ tile 1 writes │ tile 2│   │   tile k reads its write box grown by
+    │   │               │               │ writes│   │   the context; tile origins lie on the
+    │   ├───────────────┼───────────────┼───────┤   │   2**depth grid anchored at -context,
+    │   │ ...           │               │       │   │   so every tile computes exactly what
+    │   └───────────────┴───────────────┴───────┘   │   one pass over the whole volume would.
+    │           write box of the block              │
+    └───────────────────────────────────────────────┘
+
+Everything is in volume coordinates: voxel 0 is the first voxel of the volume; boxes may
+reach below 0 or beyond the volume, where data is mirror-extended.
+
+The reference pass (no tiling) is the special case of one tile whose input starts at
+``-context`` and is the smallest valid size covering ``volume + 2 * context``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from unet_core.config import UNetConfig
+from unet_core.errors import ConfigError, InvalidShapeError
+
+Coord = tuple[int, ...]
+
+
+def _coord(values: Sequence[int] | int, ndim: int | None = None) -> Coord:
+    if isinstance(values, int):
+        if ndim is None:
+            raise ConfigError("a scalar coordinate needs the number of dimensions")
+        return (values,) * ndim
+    return tuple(int(v) for v in values)
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box: ``offset`` (may be negative) and ``shape`` (>= 0)."""
+
+    offset: Coord
+    shape: Coord
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "offset", _coord(self.offset))
+        object.__setattr__(self, "shape", _coord(self.shape))
+        if len(self.offset) != len(self.shape):
+            raise ConfigError(f"box offset {self.offset} and shape {self.shape} differ in length")
+        if any(s < 0 for s in self.shape):
+            raise ConfigError(f"box shape {self.shape} has a negative extent")
+
+    @classmethod
+    def from_bounds(cls, begin: Sequence[int], end: Sequence[int]) -> Box:
+        begin, end = _coord(begin), _coord(end)
+        return cls(begin, tuple(max(e - b, 0) for b, e in zip(begin, end, strict=True)))
+
+    @classmethod
+    def of_shape(cls, shape: Sequence[int]) -> Box:
+        shape = _coord(shape)
+        return cls((0,) * len(shape), shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def begin(self) -> Coord:
+        return self.offset
+
+    @property
+    def end(self) -> Coord:
+        return tuple(o + s for o, s in zip(self.offset, self.shape, strict=True))
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def empty(self) -> bool:
+        return self.size == 0
+
+    def grow(self, before: Sequence[int] | int, after: Sequence[int] | int | None = None) -> Box:
+        """Grow by ``before`` at the start and ``after`` (default: the same) at the end."""
+        b = _coord(before, self.ndim)
+        a = b if after is None else _coord(after, self.ndim)
+        return Box.from_bounds(
+            tuple(x - y for x, y in zip(self.begin, b, strict=True)),
+            tuple(x + y for x, y in zip(self.end, a, strict=True)),
+        )
+
+    def shift(self, delta: Sequence[int]) -> Box:
+        return Box(tuple(o + d for o, d in zip(self.offset, delta, strict=True)), self.shape)
+
+    def intersect(self, other: Box) -> Box:
+        begin = tuple(max(a, b) for a, b in zip(self.begin, other.begin, strict=True))
+        end = tuple(min(a, b) for a, b in zip(self.end, other.end, strict=True))
+        return Box.from_bounds(begin, tuple(max(e, b) for b, e in zip(begin, end, strict=True)))
+
+    def contains(self, other: Box) -> bool:
+        return all(
+            sb <= ob and oe <= se
+            for sb, se, ob, oe in zip(self.begin, self.end, other.begin, other.end, strict=True)
+        )
+
+    def to_slices(self, relative_to: Box | Sequence[int] | None = None) -> tuple[slice, ...]:
+        """Slices of this box, in an array whose first element is ``relative_to``'s origin."""
+        origin: Coord
+        if relative_to is None:
+            origin = (0,) * self.ndim
+        elif isinstance(relative_to, Box):
+            origin = relative_to.offset
+        else:
+            origin = _coord(relative_to)
+        return tuple(
+            slice(b - o, e - o) for b, e, o in zip(self.begin, self.end, origin, strict=True)
+        )
+
+    def __str__(self) -> str:
+        return f"[{', '.join(f'{b}:{e}' for b, e in zip(self.begin, self.end, strict=True))})"
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One forward pass: the box its input covers and the box of its output it keeps."""
+
+    read: Box
+    write: Box
+
+
+@dataclass(frozen=True)
+class Block:
+    """A unit of parallel work: reads ``read``, writes exactly ``write`` (whole chunks)."""
+
+    index: Coord
+    read: Box
+    write: Box
+
+    @property
+    def halo(self) -> tuple[Coord, Coord]:
+        """Voxels read beyond the write box, (before, after) per axis."""
+        before = tuple(w - r for w, r in zip(self.write.begin, self.read.begin, strict=True))
+        after = tuple(r - w for w, r in zip(self.write.end, self.read.end, strict=True))
+        return before, after
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """The network's geometry along each spatial axis of a volume.
+
+    A 2D network on a 3D volume runs slice by slice: the leading axis then has no context
+    and no grid (context 0, grid 1) and tiles are one slice thick.
+    """
+
+    config: UNetConfig
+    volume_ndim: int
+
+    def __post_init__(self) -> None:
+        if self.volume_ndim not in (2, 3):
+            raise ConfigError(f"volumes must have 2 or 3 spatial axes, not {self.volume_ndim}")
+        if self.volume_ndim < self.config.ndim:
+            raise ConfigError(
+                f"a {self.config.ndim}D network cannot run on a {self.volume_ndim}D image"
+            )
+
+    @property
+    def slice_axes(self) -> int:
+        """Leading axes along which the network runs slice by slice (0 or 1)."""
+        return self.volume_ndim - self.config.ndim
+
+    @property
+    def grid(self) -> Coord:
+        return (1,) * self.slice_axes + (self.config.grid,) * self.config.ndim
+
+    def margins_1d(self, axis: int, size: int) -> tuple[int, int]:
+        """Voxels a tile of ``size`` reads beyond its usable output, (before, after).
+
+        ``(context, context)`` for a valid network. A same network's outputs near a tile
+        border see the zero padding; its margins come from
+        :meth:`UNetConfig.exact_region_1d` (context + 2 on each side for depth >= 2).
+        """
+        if axis < self.slice_axes:
+            return 0, 0
+        begin, end = self.config.exact_region_1d(size)
+        return begin, size - end
+
+    def before(self, axis: int) -> int:
+        """Margin before the usable output; the same for every valid tile size."""
+        return self.margins_1d(axis, self.valid_size(axis, 1))[0]
+
+    def usable_1d(self, axis: int, size: int) -> int:
+        before, after = self.margins_1d(axis, size)
+        return size - before - after
+
+    def valid_size(self, axis: int, n: int, usable: int = 0) -> int:
+        """Smallest valid tile extent >= ``n`` whose usable output is >= ``usable`` and at
+        least one grid step (so that consecutive tiles can advance on the grid)."""
+        if axis < self.slice_axes:
+            return 1
+        want = max(usable, self.config.grid)
+        size = self.config.valid_input_size_1d(max(n, 1))
+        while self.usable_1d(axis, size) < want:
+            size = self.config.valid_input_size_1d(size + 1)
+        return size
+
+    def valid_tile_shape(self, shape: Sequence[int]) -> Coord:
+        shape = _coord(shape)
+        if len(shape) != self.volume_ndim:
+            raise InvalidShapeError(
+                f"tile shape {shape} has {len(shape)} axes but the volume has {self.volume_ndim}"
+            )
+        return tuple(self.valid_size(a, n) for a, n in enumerate(shape))
+
+    def usable(self, tile_shape: Sequence[int]) -> Coord:
+        return tuple(self.usable_1d(a, t) for a, t in enumerate(tile_shape))
+
+    def default_tile_shape(self) -> Coord:
+        """A tile that keeps the halo overhead moderate at CPU-friendly memory."""
+        want = 572 if self.config.ndim == 2 else 132
+        return self.valid_tile_shape(
+            (1,) * self.slice_axes
+            + (max(want, 2 * self.config.context + 4 * self.config.grid),) * self.config.ndim
+        )
+
+
+def _axis_tiles(
+    spec: TileSpec, axis: int, begin: int, end: int, tile: int | None
+) -> tuple[int, list[tuple[int, int, int]]]:
+    """Plan one axis: (tile input extent, [(tile origin, write begin, write end), ...])."""
+    if axis < spec.slice_axes:
+        return 1, [(i, i, i + 1) for i in range(begin, end)]
+    g = spec.grid[axis]
+    before = spec.before(axis)
+    anchor = -before  # the reference pass starts here; every tile origin is anchor + k*g
+    first = anchor + g * (begin // g)
+    needed = spec.valid_size(axis, end - first, usable=end - first - before)
+    size = needed if tile is None else min(spec.valid_size(axis, tile), needed)
+    usable = spec.usable_1d(axis, size)
+    step = (usable // g) * g
+    origins = [first]
+    while origins[-1] + before + usable < end:
+        origins.append(origins[-1] + step)
+    if len(origins) > 1:
+        # Pull the last tile back onto the grid so it reads no further than necessary.
+        lowest = end - before - usable
+        origins[-1] = anchor + g * (-((anchor - lowest) // g))
+    out: list[tuple[int, int, int]] = []
+    w = begin
+    for k, o in enumerate(origins):
+        stop = end if k == len(origins) - 1 else min(o + before + step, end)
+        out.append((o, w, stop))
+        w = stop
+    return size, out
+
+
+def plan_tiles(
+    spec: TileSpec, write: Box, tile_shape: Sequence[int] | None = None
+) -> tuple[Box, list[Tile]]:
+    """Tiles that write ``write`` exactly once; returns (block read box, tiles).
+
+    All tiles share one input shape (so they batch). ``tile_shape=None`` makes each axis
+    one tile as large as needed: the reference pass when ``write`` is the whole volume.
+    """
+    if write.ndim != spec.volume_ndim:
+        raise ConfigError(f"box {write} has {write.ndim} axes, the volume {spec.volume_ndim}")
+    if write.empty:
+        raise ConfigError(f"cannot plan tiles for the empty box {write}")
+    tiles_per_axis: list[list[tuple[int, int, int]]] = []  # (origin, write begin, end)
+    sizes: list[int] = []
+    for axis in range(write.ndim):
+        size, axis_tiles = _axis_tiles(
+            spec,
+            axis,
+            write.begin[axis],
+            write.end[axis],
+            None if tile_shape is None else int(tile_shape[axis]),
+        )
+        sizes.append(size)
+        tiles_per_axis.append(axis_tiles)
+    planned = [
+        Tile(
+            read=Box(tuple(t[0] for t in combo), tuple(sizes)),
+            write=Box.from_bounds(tuple(t[1] for t in combo), tuple(t[2] for t in combo)),
+        )
+        for combo in itertools.product(*tiles_per_axis)
+    ]
+    read = Box.from_bounds(
+        tuple(axis[0][0] for axis in tiles_per_axis),
+        tuple(axis[-1][0] + s for axis, s in zip(tiles_per_axis, sizes, strict=True)),
+    )
+    return read, planned
+
+
+def plan_blocks(
+    spec: TileSpec,
+    volume_shape: Sequence[int],
+    block_shape: Sequence[int],
+    tile_shape: Sequence[int] | None = None,
+) -> list[Block]:
+    """Blocks whose write boxes tile the volume on a ``block_shape`` grid (clipped at the end).
+
+    Pass a ``block_shape`` that is a multiple of the output chunks: then every block writes
+    whole chunks that no other block writes.
+    """
+    volume = Box.of_shape(volume_shape)
+    block_shape = _coord(block_shape)
+    if len(block_shape) != volume.ndim or any(b < 1 for b in block_shape):
+        raise ConfigError(f"block shape {block_shape} does not fit a {volume.ndim}D volume")
+    counts = [-(-n // b) for n, b in zip(volume.shape, block_shape, strict=True)]
+    blocks = []
+    for index in itertools.product(*(range(c) for c in counts)):
+        begin = tuple(i * b for i, b in zip(index, block_shape, strict=True))
+        write = Box(begin, block_shape).intersect(volume)
+        read, _ = plan_tiles(spec, write, tile_shape)
+        blocks.append(Block(index=tuple(index), read=read, write=write))
+    return blocks
+
+
+def iter_chunks(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[Box]:
+    """The chunk boxes of an array of ``shape`` chunked by ``chunks`` (C order)."""
+    volume = Box.of_shape(shape)
+    counts = [-(-n // c) for n, c in zip(volume.shape, chunks, strict=True)]
+    for index in itertools.product(*(range(c) for c in counts)):
+        begin = tuple(i * c for i, c in zip(index, chunks, strict=True))
+        yield Box(begin, tuple(chunks)).intersect(volume)
