@@ -1,0 +1,355 @@
+"""Where segflow keeps things in an OME-Zarr store, and how it opens stores.
+
+Layout of an image store (zarr v3, OME-NGFF 0.5)::
+
+    image.ome.zarr/                 group: ome.multiscales (axes, scales), segflow.* metadata
+      0/ 1/ ...                     image pyramid, axes ([c,] [z,] y, x), channel first
+      labels/                       group: ome.labels = ["semantic", "instances", ...]
+        semantic/0 ...              argmax class ids (uint8), ome.image-label
+        instances/0 ...             connected components (uint32/uint64)
+      probabilities/0               class probabilities (c, [z,] y, x), when asked
+      segflow-done/<step>           done markers, one zarr chunk per region (see DoneTracker)
+
+The image group's ``segflow`` attribute holds ``source`` (identity of what was ingested),
+``stats`` (global intensity statistics, :class:`unet_core.IntensityStats`) and ``ingest``
+parameters. Stores are local paths or ``s3://bucket/prefix`` URLs (s3fs); S3 settings
+come from the usual ``AWS_*`` environment variables (``AWS_ENDPOINT_URL`` included).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.errors
+
+from unet_core.errors import (
+    InvalidVolumeError,
+    StorageAccessError,
+    VolumeNotFoundError,
+)
+from unet_core.normalize import IntensityStats
+
+NGFF_VERSION = "0.5"
+SPACE_AXES = ("z", "y", "x")
+DONE_GROUP = "segflow-done"
+LABELS_GROUP = "labels"
+PROBABILITIES_GROUP = "probabilities"
+
+
+def is_remote(url: str) -> bool:
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
+def storage_options(url: str) -> dict[str, Any] | None:
+    """fsspec options for a URL: S3 endpoint/credentials from the environment."""
+    if not str(url).startswith("s3://"):
+        return None
+    opts: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        opts["key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        opts["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    return opts
+
+
+def filesystem(url: str) -> Any:
+    """The fsspec filesystem for a URL (local or s3)."""
+    import fsspec
+
+    protocol = str(url).split("://", 1)[0] if is_remote(url) else "file"
+    return fsspec.filesystem(protocol, **(storage_options(url) or {}))
+
+
+def join(url: str, *parts: str) -> str:
+    base = str(url).rstrip("/")
+    return "/".join([base, *(p.strip("/") for p in parts if p)])
+
+
+def _translate(url: str, exc: BaseException) -> Exception:
+    """Map storage exceptions to one clear segflow error naming the URL."""
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    if "nosuchbucket" in low or "bucket does not exist" in low:
+        bucket = str(url).split("://", 1)[1].split("/", 1)[0]
+        return StorageAccessError(f"{url}: the S3 bucket '{bucket}' does not exist")
+    if any(
+        k in low
+        for k in (
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "accessdenied",
+            "forbidden",
+            "403",
+            "nocredentials",
+            "unable to locate credentials",
+        )
+    ):
+        return StorageAccessError(
+            f"{url}: access denied by the storage service (check the credentials)"
+        )
+    if isinstance(exc, FileNotFoundError | zarr.errors.GroupNotFoundError):
+        return VolumeNotFoundError(f"{url}: no such store")
+    return InvalidVolumeError(f"{url}: cannot open the store ({text[:200]})")
+
+
+def open_group(url: str, mode: str = "r") -> zarr.Group:
+    """Open a zarr v3 group at a local path or URL with clear errors.
+
+    ``mode`` as in :func:`zarr.open_group`; with ``"r"`` and ``"r+"`` the group must exist.
+    """
+    url = str(url)
+    if mode in ("r", "r+") and not is_remote(url) and not os.path.exists(url):
+        raise VolumeNotFoundError(f"{url}: no such store")
+    try:
+        return zarr.open_group(url, mode=mode, storage_options=storage_options(url))  # type: ignore[arg-type]
+    except Exception as exc:
+        if isinstance(exc, VolumeNotFoundError | StorageAccessError):
+            raise
+        raise _translate(url, exc) from exc
+
+
+def check_access(url: str) -> None:
+    """Fail early with one clear sentence if a remote location cannot be reached."""
+    if not is_remote(url):
+        return
+    fs = filesystem(url)
+    path = str(url).split("://", 1)[1]
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.ls(bucket, refresh=True)
+    except Exception as exc:
+        raise _translate(url, exc) from exc
+
+
+# ----------------------------------------------------------------------------- NGFF
+
+
+def ngff_axes(axes: str, unit: str | None = "micrometer") -> list[dict[str, str]]:
+    """NGFF axis entries for an axes string such as 'czyx'."""
+    out = []
+    for a in axes:
+        if a == "c":
+            out.append({"name": "c", "type": "channel"})
+        elif a == "t":
+            out.append({"name": "t", "type": "time"})
+        else:
+            entry = {"name": a, "type": "space"}
+            if unit:
+                entry["unit"] = unit
+            out.append(entry)
+    return out
+
+
+def multiscales(
+    axes: str,
+    scale: Sequence[float],
+    factors: Sequence[Sequence[int]],
+    unit: str | None = "micrometer",
+    name: str = "image",
+) -> list[dict[str, Any]]:
+    """``multiscales`` metadata: level i scaled by the product of ``factors[:i]``."""
+    datasets = []
+    current = [float(s) for s in scale]
+    for level in range(len(factors) + 1):
+        if level:
+            current = [c * f for c, f in zip(current, factors[level - 1], strict=True)]
+        datasets.append(
+            {
+                "path": str(level),
+                "coordinateTransformations": [{"type": "scale", "scale": list(current)}],
+            }
+        )
+    return [
+        {"version": NGFF_VERSION, "name": name, "axes": ngff_axes(axes, unit), "datasets": datasets}
+    ]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the engine needs to know about an OME-Zarr image (a descriptor, no data)."""
+
+    url: str
+    axes: str  # e.g. "czyx", "zyx", "yx"
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    scale: tuple[float, ...]  # physical size per axis of level 0
+    unit: str | None
+    stats: IntensityStats | None
+
+    @property
+    def spatial_axes(self) -> str:
+        return "".join(a for a in self.axes if a in SPACE_AXES)
+
+    @property
+    def channel_axis(self) -> int | None:
+        return self.axes.index("c") if "c" in self.axes else None
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(n for a, n in zip(self.axes, self.shape, strict=True) if a in SPACE_AXES)
+
+    @property
+    def spatial_scale(self) -> tuple[float, ...]:
+        return tuple(s for a, s in zip(self.axes, self.scale, strict=True) if a in SPACE_AXES)
+
+    @property
+    def n_channels(self) -> int:
+        c = self.channel_axis
+        return 1 if c is None else self.shape[c]
+
+    @property
+    def name(self) -> str:
+        base = str(self.url).rstrip("/").rsplit("/", 1)[-1]
+        for suffix in (".ome.zarr", ".zarr"):
+            if base.endswith(suffix):
+                return base[: -len(suffix)]
+        return base
+
+
+def read_image_info(url: str) -> ImageInfo:
+    """Read the NGFF metadata of an image group and describe its level 0."""
+    group = open_group(url, "r")
+    attrs = attributes(group)
+    ome: dict[str, Any] = attrs.get("ome", attrs)
+    ms = ome.get("multiscales")
+    if not ms:
+        raise InvalidVolumeError(f"{url}: not an OME-Zarr image (no 'multiscales' metadata)")
+    m0: dict[str, Any] = ms[0]
+    axes = "".join(a["name"] if isinstance(a, dict) else str(a) for a in m0.get("axes", []))
+    allowed = set("czyx")
+    if not axes or set(axes) - allowed or len(set(axes)) != len(axes):
+        raise InvalidVolumeError(
+            f"{url}: unsupported axes '{axes}' "
+            "(segflow reads c, z, y, x; time series are not supported)"
+        )
+    if axes.replace("c", "") not in ("zyx", "yx") or ("c" in axes and axes[0] != "c"):
+        raise InvalidVolumeError(f"{url}: unsupported axis order '{axes}' (expected [c][z]yx)")
+    path = m0["datasets"][0]["path"]
+    try:
+        arr = group[path]
+    except KeyError:
+        raise InvalidVolumeError(
+            f"{url}: level '{path}' named in the metadata is missing"
+        ) from None
+    if not isinstance(arr, zarr.Array):
+        raise InvalidVolumeError(f"{url}: '{path}' is not an array")
+    if arr.ndim != len(axes):
+        raise InvalidVolumeError(
+            f"{url}: array has {arr.ndim} axes but the metadata names {len(axes)}"
+        )
+    scale = [1.0] * len(axes)
+    for t in m0["datasets"][0].get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = [float(s) for s in t["scale"]]
+    units = {a.get("unit") for a in m0["axes"] if isinstance(a, dict) and a.get("type") == "space"}
+    unit = units.pop() if len(units) == 1 else None
+    stats = attrs.get("segflow", {}).get("stats")
+    return ImageInfo(
+        url=str(url),
+        axes=axes,
+        shape=tuple(int(n) for n in arr.shape),
+        chunks=tuple(int(c) for c in arr.chunks),
+        dtype=str(arr.dtype),
+        scale=tuple(scale),
+        unit=unit,
+        stats=IntensityStats.model_validate(stats) if stats else None,
+    )
+
+
+def attributes(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    """A node's attributes as a plain dict (JSON values, typed loosely)."""
+    return dict(node.attrs.asdict())
+
+
+def get_array(group: zarr.Group, path: str, url: str = "") -> zarr.Array:
+    """``group[path]`` as an array, with a clear error if it is missing or a group."""
+    try:
+        node = group[path]
+    except KeyError:
+        raise InvalidVolumeError(f"{url or group.store}: '{path}' is missing") from None
+    if not isinstance(node, zarr.Array):
+        raise InvalidVolumeError(f"{url or group.store}: '{path}' is not an array")
+    return node
+
+
+def open_level(info: ImageInfo, level: str = "0", mode: str = "r") -> zarr.Array:
+    return get_array(open_group(info.url, mode), level, info.url)
+
+
+# ------------------------------------------------------------------- done tracking
+
+
+class DoneTracker:
+    """Per-region completion markers kept in the output store.
+
+    One uint8 zarr array per step, ``segflow-done/<step>``, with one element per region and
+    one zarr chunk per element, so regions mark themselves without touching each other's
+    chunks. The array's ``key`` attribute records what produced the markers (model digest,
+    parameters); a different key clears them, so a changed model recomputes everything.
+    A region is marked only after all its chunks are written: a crash leaves it unmarked.
+    """
+
+    def __init__(self, store_url: str, step: str, grid: Sequence[int], key: str) -> None:
+        self.store_url = str(store_url)
+        self.step = step
+        self.grid = tuple(int(g) for g in grid)
+        self.key = key
+        root = open_group(self.store_url, "a")
+        group = root.require_group(DONE_GROUP)
+        existing = group.get(step)
+        if (
+            isinstance(existing, zarr.Array)
+            and tuple(existing.shape) == self.grid
+            and attributes(existing).get("key") == key
+        ):
+            self.array: zarr.Array = existing
+        else:
+            self.array = group.create_array(
+                step,
+                shape=self.grid,
+                chunks=(1,) * len(self.grid),
+                dtype="uint8",
+                fill_value=0,
+                overwrite=True,
+                attributes={"key": key},
+            )
+
+    @classmethod
+    def open(cls, store_url: str, step: str) -> DoneTracker | None:
+        """The tracker of a step as it is in the store (None if there is none)."""
+        try:
+            group = open_group(store_url, "r")
+            arr = get_array(group, f"{DONE_GROUP}/{step}")
+        except (VolumeNotFoundError, InvalidVolumeError):
+            return None
+        tracker = cls.__new__(cls)
+        tracker.store_url, tracker.step = str(store_url), step
+        tracker.grid, tracker.key = tuple(arr.shape), str(attributes(arr).get("key"))
+        tracker.array = arr
+        return tracker
+
+    def done_mask(self) -> np.ndarray:
+        return np.asarray(self.array[...]).astype(bool)
+
+    def is_done(self, index: Sequence[int]) -> bool:
+        return bool(self.array[tuple(index)])
+
+    def mark(self, index: Sequence[int]) -> None:
+        self.array[tuple(index)] = 1
+
+    def count(self) -> int:
+        return int(self.done_mask().sum())
+
+    def all_done(self) -> bool:
+        return bool(self.done_mask().all())
