@@ -112,18 +112,63 @@ class StatsAccumulator:
         a = np.asarray(chunk)
         if a.size == 0:
             return
+        if self._exact:
+            # one bincount gives the histogram, and the moments follow from it exactly
+            self.add_histogram(integer_histogram(a.astype(self.dtype, copy=False)))
+            return
         self.count += a.size
         af = a.astype(np.float64, copy=False)
         self.total += float(af.sum())
         self.total_sq += float(np.square(af).sum())
         self.min = min(self.min, float(a.min()))
         self.max = max(self.max, float(a.max()))
-        if self._exact:
-            flat = a.reshape(-1).astype(np.int64, copy=False) - int(self._lo)
-            self.hist += np.bincount(flat, minlength=self._bins)
-        else:
-            h, _ = np.histogram(af, bins=self._bins, range=(self._lo, self._hi))
-            self.hist += h
+        h, _ = np.histogram(af, bins=self._bins, range=(self._lo, self._hi))
+        self.hist += h
+
+    @property
+    def exact(self) -> bool:
+        """True for integer images of up to 16 bits (one histogram bin per value)."""
+        return self._exact
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The histogram's range ``[lo, hi)``."""
+        return self._lo, self._hi
+
+    def add_histogram(self, hist: np.ndarray) -> None:
+        """Add the exact histogram of some voxels (as from :func:`integer_histogram`)."""
+        if not self._exact:
+            raise ConfigError(f"a {self.dtype} image has no exact histogram")
+        h = np.asarray(hist, dtype=np.int64)
+        if h.shape != (self._bins,):
+            raise ConfigError(f"histogram has {h.shape} bins, expected {self._bins}")
+        nz = np.flatnonzero(h)
+        if nz.size == 0:
+            return
+        counts = h[nz].astype(np.float64)
+        values = self._lo + nz.astype(np.float64)
+        self.count += int(h.sum())
+        self.total += float(np.dot(counts, values))
+        self.total_sq += float(np.dot(counts, values * values))
+        self.min = min(self.min, float(values[0]))
+        self.max = max(self.max, float(values[-1]))
+        self.hist += h
+
+    def add_parts(
+        self, count: int, total: float, total_sq: float, lo: float, hi: float, hist: np.ndarray
+    ) -> None:
+        """Merge partial results kept elsewhere (e.g. per region in a store)."""
+        h = np.asarray(hist, dtype=np.int64)
+        if h.shape != (self._bins,):
+            raise ConfigError(f"histogram has {h.shape} bins, expected {self._bins}")
+        if count <= 0:
+            return
+        self.count += int(count)
+        self.total += float(total)
+        self.total_sq += float(total_sq)
+        self.min = min(self.min, float(lo))
+        self.max = max(self.max, float(hi))
+        self.hist += h
 
     def merge(self, other: StatsAccumulator) -> None:
         self.count += other.count
@@ -155,6 +200,25 @@ class StatsAccumulator:
             std=float(np.sqrt(var)),
             percentiles=values,
         )
+
+
+def integer_histogram(a: np.ndarray, piece: int = 1 << 20) -> np.ndarray:
+    """Exact histogram of an integer array of at most 16 bits, one bin per value of its dtype
+    starting at the dtype's minimum (256 or 65536 int64 bins). Works piecewise, so the extra
+    memory stays small whatever the size of ``a``."""
+    dtype = np.dtype(a.dtype)
+    if dtype.kind not in "ui" or dtype.itemsize > 2:
+        raise ConfigError(f"no exact histogram for {dtype}")
+    nbins = 1 << (8 * dtype.itemsize)
+    flat = np.ascontiguousarray(a).reshape(-1)
+    if dtype.kind == "i":
+        flat = flat.view(np.dtype(f"u{dtype.itemsize}"))
+    hist = np.zeros(nbins, dtype=np.int64)
+    for start in range(0, flat.size, piece):
+        hist += np.bincount(flat[start : start + piece], minlength=nbins)
+    if dtype.kind == "i":
+        hist = np.roll(hist, nbins // 2)  # bin 0 holds the dtype's minimum
+    return hist
 
 
 def compute_stats(array: np.ndarray) -> IntensityStats:
