@@ -82,7 +82,7 @@ def _translate(url: str, exc: BaseException) -> Exception:
     if "nosuchbucket" in low or "bucket does not exist" in low:
         bucket = str(url).split("://", 1)[1].split("/", 1)[0]
         return StorageAccessError(f"{url}: the S3 bucket '{bucket}' does not exist")
-    if any(
+    if isinstance(exc, PermissionError) or any(
         k in low
         for k in (
             "invalidaccesskeyid",
