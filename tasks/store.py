@@ -223,6 +223,12 @@ def read_image_info(url: str) -> ImageInfo:
     attrs = attributes(group)
     ome: dict[str, Any] = attrs.get("ome", attrs)
     ms = ome.get("multiscales")
+    ingest = attrs.get("segflow", {}).get("ingest")
+    if not ms and isinstance(ingest, dict) and ingest.get("status") == "incomplete":
+        raise InvalidVolumeError(
+            f"{url}: the ingest into this store has not finished "
+            "(run `segflow ingest` again to complete it)"
+        )
     if not ms:
         raise InvalidVolumeError(f"{url}: not an OME-Zarr image (no 'multiscales' metadata)")
     m0: dict[str, Any] = ms[0]
