@@ -1,0 +1,127 @@
+"""``segflow ingest``: stream a TIFF volume into a chunked OME-Zarr image."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from segflow.cli import app, clean_errors, parse_shape
+
+
+def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{what} must be numbers separated by commas, got {text!r}"
+        ) from None
+    return values
+
+
+@app.command()
+@clean_errors
+def ingest(
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="A TIFF / BigTIFF / OME-TIFF file, or a folder or glob of 2D TIFF slices "
+            "(natural order); local or s3://."
+        ),
+    ],
+    dst: Annotated[str, typer.Argument(help="The OME-Zarr image to write; local or s3://.")],
+    chunks: Annotated[
+        str | None,
+        typer.Option(help="Chunk shape Z,Y,X (or Y,X); default 64,128,128 (3D), 1024,1024 (2D)."),
+    ] = None,
+    axes: Annotated[
+        str | None,
+        typer.Option(
+            help="Axes of SRC as tifffile shapes it, e.g. zyx, zcyx, yxc; overrides the "
+            "metadata and is needed when it is ambiguous."
+        ),
+    ] = None,
+    compression: Annotated[str, typer.Option(help="zstd, blosc or none.")] = "zstd",
+    levels: Annotated[int, typer.Option(min=0, help="Downsampled pyramid levels to add.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a DST that holds other data.")
+    ] = False,
+    voxel_size: Annotated[
+        str | None,
+        typer.Option(help="Physical voxel size Z,Y,X (or Y,X) in micrometres; overrides metadata."),
+    ] = None,
+    scheduler: Annotated[
+        str,
+        typer.Option(help="Dask scheduler: threads, processes, sync, or a scheduler address."),
+    ] = "threads",
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Parallel tasks (default: all cores).")
+    ] = None,
+    unit_mib: Annotated[
+        float, typer.Option(help="Most MiB of the image one task holds at a time.")
+    ] = 32.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Stream SRC into a chunked, compressed OME-Zarr image (zarr v3, NGFF 0.5) at DST.
+
+    Never holds the whole volume in memory; computes global intensity statistics on the
+    way; a re-run resumes an interrupted ingest and skips what is already written.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from tasks.ingest import ingest_volume
+
+    chunk_shape = parse_shape(chunks, "chunks")
+    voxels = _parse_floats(voxel_size, "voxel size")
+    bars = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+        disable=quiet,
+    )
+    ids: dict[str, Any] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase not in ids:
+            ids[phase] = bars.add_task(phase, total=total)
+        bars.update(ids[phase], completed=done, total=total)
+
+    with bars:
+        info = ingest_volume(
+            src,
+            dst,
+            chunks=chunk_shape,
+            axes=axes,
+            compression=compression,
+            levels=levels,
+            overwrite=overwrite,
+            dask_client_or_scheduler=scheduler,
+            progress=progress,
+            voxel_size=voxels,
+            unit_mib=unit_mib,
+            workers=workers,
+        )
+    summary: dict[str, Any] = {
+        "dst": info.url,
+        "axes": info.axes,
+        "shape": list(info.shape),
+        "chunks": list(info.chunks),
+        "dtype": info.dtype,
+        "scale": list(info.scale),
+        "unit": info.unit,
+    }
+    if info.stats is not None:
+        summary["stats"] = {
+            "min": info.stats.min,
+            "max": info.stats.max,
+            "mean": info.stats.mean,
+            "std": info.stats.std,
+            "p1": info.stats.percentile(1.0),
+            "p99.8": info.stats.percentile(99.8),
+        }
+    typer.echo(json.dumps(summary))
