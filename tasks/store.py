@@ -332,10 +332,12 @@ class DoneTracker:
             )
 
     @classmethod
-    def open(cls, store_url: str, step: str) -> DoneTracker | None:
-        """The tracker of a step as it is in the store (None if there is none)."""
+    def open(cls, store_url: str, step: str, mode: str = "r") -> DoneTracker | None:
+        """The tracker of a step as it is in the store (None if there is none).
+
+        ``mode="r+"`` to mark regions through it."""
         try:
-            group = open_group(store_url, "r")
+            group = open_group(store_url, mode)
             arr = get_array(group, f"{DONE_GROUP}/{step}")
         except (VolumeNotFoundError, InvalidVolumeError):
             return None
@@ -359,3 +361,46 @@ class DoneTracker:
 
     def all_done(self) -> bool:
         return bool(self.done_mask().all())
+
+
+def write_image(
+    url: str,
+    data: np.ndarray,
+    axes: str,
+    chunks: Sequence[int] | None = None,
+    scale: Sequence[float] | None = None,
+    unit: str | None = "micrometer",
+    with_stats: bool = True,
+) -> ImageInfo:
+    """Write an in-memory array as a single-level OME-Zarr image (replacing ``url``).
+
+    For arrays that fit in memory (tests, examples, small results); TIFF volumes of any
+    size go through the streaming ingest instead.
+    """
+    from zarr.codecs import ZstdCodec
+
+    from unet_core.normalize import compute_stats
+
+    if len(axes) != data.ndim:
+        raise InvalidVolumeError(f"{url}: axes '{axes}' do not match an array of {data.ndim} axes")
+    chunks = tuple(chunks) if chunks else tuple(min(n, 64) for n in data.shape)
+    if "c" in axes and len(chunks) == data.ndim - 1:
+        chunks = (data.shape[axes.index("c")], *chunks)
+    root = open_group(url, "w")
+    root.create_array(
+        "0",
+        shape=data.shape,
+        chunks=chunks,
+        dtype=data.dtype,
+        fill_value=0,
+        compressors=ZstdCodec(level=3),
+        dimension_names=list(axes),
+    )[...] = data
+    full_scale = list(scale) if scale else [1.0] * len(axes)
+    attrs: dict[str, Any] = {
+        "ome": {"version": NGFF_VERSION, "multiscales": multiscales(axes, full_scale, [], unit)}
+    }
+    if with_stats:
+        attrs["segflow"] = {"stats": compute_stats(data).model_dump()}
+    root.attrs.update(attrs)
+    return read_image_info(url)

@@ -65,3 +65,17 @@ def s3_bucket(s3_endpoint, request):
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real Dask cluster (in-process LocalCluster, threads) shared by the session."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=1, threads_per_worker=3, processes=False, dashboard_address=None
+    )
+    client = Client(cluster)
+    yield client
+    client.close()
+    cluster.close()

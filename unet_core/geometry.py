@@ -205,12 +205,12 @@ class TileSpec:
         before, after = self.margins_1d(axis, size)
         return size - before - after
 
-    def valid_size(self, axis: int, n: int, usable: int = 0) -> int:
-        """Smallest valid tile extent >= ``n`` whose usable output is >= ``usable`` and at
-        least one grid step (so that consecutive tiles can advance on the grid)."""
+    def valid_size(self, axis: int, n: int, usable: int | None = None) -> int:
+        """Smallest valid tile extent >= ``n`` whose usable output is >= ``usable``
+        (default: one grid step, so that consecutive tiles can advance on the grid)."""
         if axis < self.slice_axes:
             return 1
-        want = max(usable, self.config.grid)
+        want = self.config.grid if usable is None else max(usable, 1)
         size = self.config.valid_input_size_1d(max(n, 1))
         while self.usable_1d(axis, size) < want:
             size = self.config.valid_input_size_1d(size + 1)

@@ -1,0 +1,155 @@
+"""``segflow segment``: run the U-Net over an OME-Zarr image (or a TIFF, ingested first)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from segflow.cli import app, clean_errors, parse_shape
+
+
+def _progress_bar(total_voxels: int) -> tuple[Any, Any]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]segment[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("blocks"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+    return progress, total_voxels
+
+
+@app.command()
+@clean_errors
+def segment(
+    src: Annotated[str, typer.Argument(help="OME-Zarr image (path or s3:// URL), or a TIFF.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file.")],
+    out: Annotated[
+        str | None, typer.Option(help="Write outputs to this store instead of SRC's labels/.")
+    ] = None,
+    chunks: Annotated[str | None, typer.Option(help="Output chunks, e.g. 64,128,128.")] = None,
+    tile: Annotated[str | None, typer.Option(help="Tile input shape (default: per model).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Tiles per forward pass.")] = 4,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    fast: Annotated[
+        bool, typer.Option("--fast", help="CPU: oneDNN kernels (faster, not bitwise exact).")
+    ] = False,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="Also write class probabilities.")
+    ] = False,
+    probabilities_dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
+    channel: Annotated[int | None, typer.Option(help="Use only this channel.")] = None,
+    labels_name: Annotated[str, typer.Option(help="Name under labels/.")] = "semantic",
+    dask_address: Annotated[
+        str | None, typer.Option(help="Dask scheduler address (default: a local cluster).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompute finished blocks.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Segment SRC with MODEL; masks land in SRC's labels/ group (or in --out)."""
+    from tasks.segment import SegmentParams, plan_segmentation, segment_image
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("distributed", "tornado", "bokeh"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    params = SegmentParams.model_validate(
+        {
+            "chunks": parse_shape(chunks, "chunks"),
+            "tile": parse_shape(tile, "tile"),
+            "device": device,
+            "batch_size": batch_size,
+            "precision": precision,
+            "exact": not fast,
+            "probabilities": probabilities,
+            "probabilities_dtype": probabilities_dtype,
+            "channel": channel,
+            "labels_name": labels_name,
+        }
+    )
+    image = _ensure_zarr(src, out)
+    plan = plan_segmentation(image, str(model), out, params)
+    callback = None
+    progress: Any = None
+    if not quiet and not as_json:
+        progress, _ = _progress_bar(plan.voxels)
+    if progress is not None:
+        task_id = progress.add_task("segment", total=plan.n_blocks, rate="")
+        state = {"voxels": 0, "t0": None}
+
+        def callback(res: dict[str, Any], todo: int) -> None:
+            import time
+
+            if state["t0"] is None:
+                state["t0"] = time.perf_counter()
+                progress.update(task_id, total=todo)
+            state["voxels"] += res["voxels"]
+            dt = max(time.perf_counter() - (state["t0"] or 0), 1e-9)
+            progress.update(task_id, advance=1, rate=f"{state['voxels'] / dt / 1e6:.2f} Mvox/s")
+
+        progress.start()
+    try:
+        result = segment_image(
+            image,
+            str(model),
+            out=out,
+            params=params,
+            dask_address=dask_address,
+            force=force,
+            progress=callback,
+            plan=plan,
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+    summary = {
+        "out": result.out_url,
+        "labels": result.labels_path + "/0",
+        "probabilities": result.probabilities_path,
+        "blocks_total": result.blocks_total,
+        "blocks_computed": result.blocks_computed,
+        "blocks_skipped": result.blocks_skipped,
+        "seconds": round(result.seconds, 3),
+        "voxels_per_second": round(result.voxels_per_second, 1),
+        "class_voxels": result.class_voxels,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(
+            f"labels: {result.out_url}/{result.labels_path}/0 "
+            f"({result.blocks_computed} blocks computed, {result.blocks_skipped} already done, "
+            f"{result.voxels_per_second / 1e6:.2f} Mvox/s)"
+        )
+
+
+def _ensure_zarr(src: str, out: str | None) -> str:
+    """A TIFF source is ingested first (next to it, or into --out); zarr passes through."""
+    lowered = src.lower().rstrip("/")
+    if lowered.endswith((".zarr", ".zarr/")) or not lowered.endswith((".tif", ".tiff")):
+        return src
+    try:
+        from tasks.ingest import ingest_volume  # type: ignore[attr-defined]
+    except ImportError as exc:  # pragma: no cover - ingest not installed
+        raise typer.BadParameter("TIFF input needs the ingest step") from exc
+    stem = src.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+    dst = out or src.rstrip("/").rsplit("/", 1)[0] + f"/{stem}.ome.zarr"
+    info = ingest_volume(src, dst)
+    return str(info.url)

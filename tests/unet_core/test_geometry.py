@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unet_core import UNetConfig
+from unet_core.errors import ConfigError
+from unet_core.geometry import Box, TileSpec, plan_blocks, plan_tiles
+
+
+def test_box_operations():
+    a = Box((2, 3), (4, 5))
+    assert a.end == (6, 8)
+    assert a.size == 20
+    assert a.grow(1) == Box((1, 2), (6, 7))
+    assert a.grow((1, 0), (0, 2)) == Box((1, 3), (5, 7))
+    assert a.intersect(Box((4, 0), (10, 4))) == Box((4, 3), (2, 1))
+    assert a.intersect(Box((10, 10), (1, 1))).empty
+    assert a.to_slices() == (slice(2, 6), slice(3, 8))
+    assert a.to_slices(Box((1, 1), (9, 9))) == (slice(1, 5), slice(2, 7))
+    assert Box((0, 0), (10, 10)).contains(a)
+    with pytest.raises(ConfigError):
+        Box((0,), (-1,))
+    with pytest.raises(AttributeError):
+        a.offset = (0, 0)  # type: ignore[misc]
+
+
+def test_block_halo_is_derived():
+    spec = TileSpec(UNetConfig(ndim=2, depth=2), 2)
+    [block, *_] = plan_blocks(spec, (100, 90), (32, 32), tile_shape=(64, 64))
+    before, after = block.halo
+    assert before == (20, 20)  # context of a depth-2 valid net
+    assert all(a >= 20 for a in after)
+
+
+def test_paper_tile_on_a_large_image():
+    spec = TileSpec(UNetConfig(ndim=2, depth=4), 2)
+    read, tiles = plan_tiles(spec, Box.of_shape((1000, 1000)), (572, 572))
+    assert {t.read.shape for t in tiles} == {(572, 572)}
+    # 388 usable, advancing by 384 (a multiple of 16): three tiles per axis.
+    assert len(tiles) == 9
+    assert read.begin == (-92, -92)
+
+
+def _check_partition(spec, shape, block_shape, tile):
+    volume = Box.of_shape(shape)
+    reference, _ = plan_tiles(spec, volume, None)
+    count = np.zeros(shape, dtype=np.int32)
+    for block in plan_blocks(spec, shape, block_shape, tile):
+        assert volume.contains(block.write)
+        assert block.read.contains(block.write)
+        # Read boxes stay within the mirror-extended volume of the reference pass.
+        assert reference.contains(block.read), (block, reference)
+        read, tiles = plan_tiles(spec, block.write, tile)
+        assert read == block.read
+        assert len({t.read.shape for t in tiles}) == 1
+        inner = np.zeros(block.write.shape, dtype=np.int32)
+        for t in tiles:
+            assert block.read.contains(t.read)
+            # Tile origins sit on the grid anchored at the reference origin.
+            g = spec.grid
+            assert all(
+                (o - r) % gg == 0 for o, r, gg in zip(t.read.begin, reference.begin, g, strict=True)
+            )
+            # A tile writes only inside its usable output.
+            before = [spec.margins_1d(a, s)[0] for a, s in enumerate(t.read.shape)]
+            usable = Box(
+                tuple(b + m for b, m in zip(t.read.begin, before, strict=True)),
+                spec.usable(t.read.shape),
+            )
+            assert usable.contains(t.write)
+            inner[t.write.to_slices(block.write)] += 1
+        assert (inner == 1).all()
+        count[block.write.to_slices()] += 1
+    assert (count == 1).all()
+
+
+configs = st.builds(
+    UNetConfig,
+    ndim=st.sampled_from([2, 3]),
+    depth=st.integers(1, 4),
+    padding=st.sampled_from(["valid", "same"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    config=configs,
+    volume_ndim=st.sampled_from([2, 3]),
+    data=st.data(),
+)
+def test_blocks_partition_the_volume(config, volume_ndim, data):
+    if volume_ndim < config.ndim:
+        volume_ndim = config.ndim
+    spec = TileSpec(config, volume_ndim)
+    shape = tuple(data.draw(st.integers(1, 70)) for _ in range(volume_ndim))
+    chunks = tuple(data.draw(st.integers(max(1, n // 5), 40)) for n in shape)
+    block = tuple(c * data.draw(st.integers(1, 3)) for c in chunks)
+    tile = data.draw(
+        st.one_of(st.none(), st.tuples(*[st.integers(1, 200) for _ in range(volume_ndim)]))
+    )
+    _check_partition(spec, shape, block, tile)
