@@ -1,0 +1,1 @@
+"""segflow benchmarks: each prints one JSON object (run with `make bench`)."""
