@@ -1,0 +1,232 @@
+"""``segflow train`` and ``segflow evaluate``: train a U-Net on annotated images, score masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from segflow.cli import app, clean_errors, parse_shape
+
+if TYPE_CHECKING:
+    from unet_core.train import TrainConfig
+
+
+def _config(
+    preset: str,
+    overrides: dict[str, Any],
+) -> TrainConfig:
+    from pydantic import ValidationError
+
+    from unet_core.errors import ConfigError
+    from unet_core.train import TrainConfig
+
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        if preset == "paper":
+            return TrainConfig.paper(**values)
+        if preset != "small":
+            raise ConfigError(f"unknown preset {preset!r} (use 'small' or 'paper')")
+        return TrainConfig.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"invalid training option {where}: {first['msg']}") from None
+
+
+@app.command()
+@clean_errors
+def train(
+    image: Annotated[
+        list[str],
+        typer.Option(help="Training image (TIFF, OME-Zarr, .npy, PNG); repeat for several."),
+    ],
+    labels: Annotated[
+        list[str],
+        typer.Option(help="Its annotation (class or instance ids), one per --image, in order."),
+    ],
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write (best model).")],
+    ndim: Annotated[int, typer.Option(help="2 (slice by slice on volumes) or 3.")] = 2,
+    preset: Annotated[
+        str, typer.Option(help="'small' (CPU-friendly: depth 3, 16 channels) or 'paper'.")
+    ] = "small",
+    depth: Annotated[int | None, typer.Option(help="Poolings (small: 3, paper: 4).")] = None,
+    base_channels: Annotated[
+        int | None, typer.Option(help="Channels of the first level (small: 16, paper: 64).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default 600).")] = None,
+    patch: Annotated[
+        str | None, typer.Option(help="Input patch, e.g. 252,252 (rounded up to a valid size).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Patches per step (default 4).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3).")] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Held-out fraction for validation (default 0.15).")
+    ] = None,
+    val_every: Annotated[int | None, typer.Option(help="Steps per epoch (validation).")] = None,
+    labels_are: Annotated[
+        str,
+        typer.Option(
+            help="auto, classes, binary, instances (touching objects get a gap) or boundary "
+            "(background/interior/boundary)."
+        ),
+    ] = "auto",
+    n_classes: Annotated[
+        int | None, typer.Option(help="Classes when --labels-are classes.")
+    ] = None,
+    loss: Annotated[str, typer.Option(help="ce (weighted cross-entropy), dice or ce+dice.")] = "ce",
+    sampling: Annotated[str, typer.Option(help="balanced or uniform patch centres.")] = "balanced",
+    augment: Annotated[bool, typer.Option(help="The paper's augmentations.")] = True,
+    border_weight: Annotated[
+        bool | None,
+        typer.Option(help="The paper's border weights between objects (default: auto)."),
+    ] = None,
+    norm: Annotated[str | None, typer.Option(help="batch, none, instance or group.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout at the bottom.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed (runs are deterministic).")] = 0,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the run of this checkpoint (or fine-tune from it)."),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train a U-Net on image/label pairs and write the best checkpoint (by validation Dice).
+
+    Prints a JSON summary; the loss curve, history and validation prediction are written
+    beside the checkpoint. Interrupted runs continue with --resume OUT.
+    """
+    import torch
+
+    from unet_core.augment import AugmentConfig
+    from unet_core.errors import ConfigError
+
+    if threads:
+        torch.set_num_threads(threads)
+    patch_shape = parse_shape(patch, "patch")
+    config = _config(
+        preset,
+        {
+            "ndim": ndim,
+            "depth": depth,
+            "base_channels": base_channels,
+            "steps": steps,
+            "patch": patch_shape,
+            "batch_size": batch_size,
+            "lr": lr,
+            "val_fraction": val_fraction,
+            "val_every": val_every,
+            "label_mode": labels_are,
+            "n_classes": n_classes,
+            "loss": loss,
+            "sampling": sampling,
+            "augment": None if augment else AugmentConfig.off(),
+            "border_weight": border_weight,
+            "norm": norm,
+            "dropout": dropout,
+            "device": device,
+            "seed": seed,
+        },
+    )
+    if resume is not None and not resume.is_file():
+        raise ConfigError(f"{resume}: no checkpoint to resume from")
+    from tasks.training import run_training, summary
+
+    if quiet:
+        result, files = run_training(image, labels, out, config, resume=resume)
+    else:
+        with _ProgressBar(config.steps) as bar:
+            result, files = run_training(image, labels, out, config, bar.update, resume)
+    typer.echo(json.dumps(summary(result, files), indent=2))
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr: step, loss, validation Dice, steps/s, time left."""
+
+    def __init__(self, steps: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("val dice {task.fields[metric]}"),
+            TextColumn("{task.fields[rate]} steps/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.progress.add_task("train", total=steps, loss="-", metric="-", rate="-")
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, p: Any) -> None:
+        self.progress.update(
+            self.task,
+            completed=p.step,
+            loss=f"{p.loss:.4f}",
+            metric="-" if p.metric is None else f"{p.metric:.3f}",
+            rate=f"{p.steps_per_s:.2f}",
+        )
+
+
+@app.command()
+@clean_errors
+def evaluate(
+    pred: Annotated[str, typer.Argument(help="Predicted mask (TIFF, OME-Zarr, .npy, PNG).")],
+    gt: Annotated[str, typer.Argument(help="Ground-truth mask of the same shape.")],
+    instances: Annotated[
+        bool,
+        typer.Option(
+            help="Score objects: precision/recall/F1 at IoU >= threshold and the ISBI Rand "
+            "error (binary masks are split into connected components)."
+        ),
+    ] = False,
+    threshold: Annotated[float, typer.Option(help="IoU for a matched object.")] = 0.5,
+    n_classes: Annotated[
+        int | None, typer.Option(help="Classes (default: largest id + 1).")
+    ] = None,
+) -> None:
+    """Print Dice and IoU per class (or instance scores) of PRED against GT as JSON."""
+    import numpy as np
+
+    from tasks.training import read_array
+    from unet_core.errors import InvalidShapeError, InvalidVolumeError
+    from unet_core.metrics import class_report, instance_report, instances_from_mask
+
+    p, g = read_array(pred), read_array(gt)
+    if p.shape != g.shape:
+        raise InvalidShapeError(f"{pred}: shape {p.shape} differs from {gt}'s {g.shape}")
+    if instances:
+        if not 0.0 < threshold <= 1.0:
+            raise typer.BadParameter("threshold must be in (0, 1]")
+        p = instances_from_mask(p > 0) if np.unique(p).size <= 2 else p
+        g = instances_from_mask(g > 0) if np.unique(g).size <= 2 else g
+        result = instance_report(p, g, threshold)
+    else:
+        for name, a in ((pred, p), (gt, g)):
+            if a.dtype.kind == "f" or (a.size and a.min() < 0):
+                raise InvalidVolumeError(f"{name}: class ids must be non-negative integers")
+        top = int(max(p.max(initial=0), g.max(initial=0)))
+        if n_classes is not None and top >= n_classes:
+            raise InvalidVolumeError(f"class id {top} is not below --n-classes {n_classes}")
+        k = max(n_classes or top + 1, 2)
+        result = {"n_classes": k, **class_report(p, g, k)}
+    typer.echo(json.dumps(result, indent=2))
