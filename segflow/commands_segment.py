@@ -61,6 +61,16 @@ def segment(
         str | None, typer.Option(help="Dask scheduler address (default: a local cluster).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished blocks.")] = False,
+    instances: Annotated[
+        bool, typer.Option("--instances", help="Then label objects across chunks (stitch).")
+    ] = False,
+    min_size: Annotated[
+        int | None,
+        typer.Option(help="With --instances: drop smaller objects (default: from the model)."),
+    ] = None,
+    connectivity: Annotated[
+        int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -92,16 +102,16 @@ def segment(
         progress, _ = _progress_bar(plan.voxels)
     if progress is not None:
         task_id = progress.add_task("segment", total=plan.n_blocks, rate="")
-        state = {"voxels": 0, "t0": None}
+        state: dict[str, float] = {"voxels": 0.0, "t0": -1.0}
 
         def callback(res: dict[str, Any], todo: int) -> None:
             import time
 
-            if state["t0"] is None:
+            if state["t0"] < 0:
                 state["t0"] = time.perf_counter()
                 progress.update(task_id, total=todo)
             state["voxels"] += res["voxels"]
-            dt = max(time.perf_counter() - (state["t0"] or 0), 1e-9)
+            dt = max(time.perf_counter() - state["t0"], 1e-9)
             progress.update(task_id, advance=1, rate=f"{state['voxels'] / dt / 1e6:.2f} Mvox/s")
 
         progress.start()
@@ -119,7 +129,7 @@ def segment(
     finally:
         if progress is not None:
             progress.stop()
-    summary = {
+    summary: dict[str, Any] = {
         "out": result.out_url,
         "labels": result.labels_path + "/0",
         "probabilities": result.probabilities_path,
@@ -130,6 +140,12 @@ def segment(
         "voxels_per_second": round(result.voxels_per_second, 1),
         "class_voxels": result.class_voxels,
     }
+    if instances:
+        from segflow.commands_stitch import run_stitch
+
+        summary["stitch"] = run_stitch(
+            result.out_url, labels_name, "instances", min_size, connectivity, None, dask_address
+        )
     if as_json:
         typer.echo(json.dumps(summary))
     else:
@@ -138,6 +154,10 @@ def segment(
             f"({result.blocks_computed} blocks computed, {result.blocks_skipped} already done, "
             f"{result.voxels_per_second / 1e6:.2f} Mvox/s)"
         )
+        if instances:
+            st = summary["stitch"]
+            typer.echo(f"instances: {st['instances']} ({st['objects']} objects, {st['dtype']})")
+            typer.echo(f"objects table: {st['table_csv']}")
 
 
 def _ensure_zarr(src: str, out: str | None) -> str:
@@ -146,7 +166,7 @@ def _ensure_zarr(src: str, out: str | None) -> str:
     if lowered.endswith((".zarr", ".zarr/")) or not lowered.endswith((".tif", ".tiff")):
         return src
     try:
-        from tasks.ingest import ingest_volume  # type: ignore[attr-defined]
+        from tasks.ingest import ingest_volume
     except ImportError as exc:  # pragma: no cover - ingest not installed
         raise typer.BadParameter("TIFF input needs the ingest step") from exc
     stem = src.rstrip("/").rsplit("/", 1)[-1].split(".")[0]

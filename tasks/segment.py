@@ -105,6 +105,8 @@ class SegmentPlan:
     scale: float
     key: str
     class_names: tuple[str, ...]
+    foreground_class: int = 1
+    suggested_min_size: int = 0
 
     @property
     def labels_path(self) -> str:
@@ -241,6 +243,8 @@ def plan_segmentation(
         scale=scale,
         key=params.run_key(meta.digest, stats),
         class_names=tuple(meta.names_for(config.n_classes)),
+        foreground_class=min(meta.foreground_class, config.n_classes - 1),
+        suggested_min_size=meta.object_stats.suggested_min_size if meta.object_stats else 0,
     )
 
 
@@ -296,7 +300,14 @@ def _label_metadata(plan: SegmentPlan, source: str) -> dict[str, Any]:
                 "source": {"image": source},
             },
         },
-        "segflow": {"model_digest": plan.model_digest, "key": plan.key, "complete": False},
+        "segflow": {
+            "model_digest": plan.model_digest,
+            "model": plan.model_path,
+            "key": plan.key,
+            "complete": False,
+            "foreground_class": plan.foreground_class,
+            "suggested_min_size": plan.suggested_min_size,
+        },
     }
 
 
@@ -403,9 +414,12 @@ def _require_array(
 
 
 def finalize_outputs(plan: SegmentPlan, tracker: DoneTracker) -> None:
-    """Mark the label image complete once every block is done."""
+    """Once every block is done: pyramid levels like the image's, then mark complete."""
     if not tracker.all_done():
         return
+    from tasks.pyramid import write_label_levels
+
+    write_label_levels(plan.out_url, plan.params.labels_name, plan.image.url)
     lgroup = open_group(plan.out_url, "r+")[plan.labels_path]
     meta = attributes(lgroup)
     meta.setdefault("segflow", {})["complete"] = True

@@ -1,0 +1,86 @@
+"""Stream a label image (or the image) from an OME-Zarr store into a BigTIFF / OME-TIFF."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from tasks.store import LABELS_GROUP, attributes, filesystem, get_array, is_remote, open_group
+from unet_core.errors import InvalidVolumeError
+
+_UNITS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "angstrom": "Å"}
+
+
+def export_tiff(
+    store: str,
+    to: str,
+    labels: str | None = "instances",
+    compression: str | None = "zlib",
+    progress: Callable[[int, int], None] | None = None,
+) -> str:
+    """Write ``labels/<labels>/0`` (or the image itself when ``labels`` is None) to ``to``.
+
+    Pages are written one z-slab of chunks at a time, so memory stays at one slab however
+    large the volume. The file is an OME-TIFF (BigTIFF) with the physical voxel sizes.
+    """
+    root = open_group(store, "r")
+    path = f"{LABELS_GROUP}/{labels}" if labels else ""
+    group = root[path] if path else root
+    try:
+        meta = attributes(group)["ome"]["multiscales"][0]
+    except KeyError:
+        raise InvalidVolumeError(f"{store}: '{path or '/'}' has no multiscales metadata") from None
+    arr = get_array(root, f"{path}/0" if path else "0", store)
+    axes = "".join(a["name"] for a in meta["axes"]).upper()
+    scale = next(
+        t["scale"] for t in meta["datasets"][0]["coordinateTransformations"] if t["type"] == "scale"
+    )
+    ome: dict[str, Any] = {"axes": axes}
+    for a, s, info in zip(axes, scale, meta["axes"], strict=True):
+        if a in "ZYX":
+            ome[f"PhysicalSize{a}"] = float(s)
+            unit = info.get("unit")
+            if unit:
+                ome[f"PhysicalSize{a}Unit"] = _UNITS.get(unit, unit)
+
+    def pages() -> Iterator[np.ndarray]:
+        depth = arr.shape[0] if arr.ndim == 2 else int(arr.chunks[0])
+        if arr.ndim == 2:
+            yield np.asarray(arr[...])
+            return
+        for z in range(0, arr.shape[0], depth):
+            slab = np.asarray(arr[z : z + depth])
+            yield from slab.reshape(-1, *arr.shape[-2:])
+            if progress is not None:
+                progress(min(z + depth, arr.shape[0]), arr.shape[0])
+
+    local = to
+    tmpdir = None
+    if is_remote(to):
+        tmpdir = tempfile.mkdtemp(prefix="segflow-export-")
+        local = os.path.join(tmpdir, os.path.basename(to))
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
+    try:
+        partial = local + ".partial"
+        with tifffile.TiffWriter(partial, bigtiff=True, ome=True) as tif:
+            tif.write(
+                pages(),
+                shape=tuple(arr.shape),
+                dtype=arr.dtype,
+                metadata=ome,
+                compression=compression,
+            )
+        os.replace(partial, local)
+        if tmpdir is not None:
+            filesystem(to).put(local, to)
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    return to

@@ -1,0 +1,549 @@
+"""Instances from a semantic mask: connected components chunk by chunk, merged across faces.
+
+Three passes, each a set of independent Dask tasks over the output chunks:
+
+1. **label** — every chunk labels its foreground with ``scipy.ndimage.label`` (local ids
+   1..n) into a scratch array, and returns n plus per-object sums (voxels, bounding box,
+   coordinate sums). Provisional global id = local id + the chunk's offset (an exclusive
+   cumulative sum of the n's, computed on the client).
+2. **faces** — for every chunk and axis, the two voxel planes on either side of the chunk's
+   upper boundary (plus a one-voxel margin on the other axes, so edge and corner contacts
+   count with full connectivity) give the pairs of provisional ids that touch.
+3. **relabel** — union-find over those pairs (scipy's connected components over only the
+   ids that touch a face) gives, for merged ids, their representative; final ids are made
+   consecutive by subtracting the number of absorbed ids below them. Each chunk receives only
+   the part of that sparse table in its own id range, and writes ``labels/<name>/0``.
+
+Nothing is capped: ids are uint32 while the provisional count fits and uint64 beyond, and
+neither the number of chunks nor of objects is bounded by a dense table in memory.
+The partition equals ``scipy.ndimage.label`` on the whole volume (same structure).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from scipy import ndimage, sparse
+
+from tasks.store import (
+    LABELS_GROUP,
+    attributes,
+    get_array,
+    is_remote,
+    multiscales,
+    open_group,
+)
+from unet_core.errors import ConfigError
+from unet_core.geometry import Box
+
+log = logging.getLogger(__name__)
+
+SCRATCH = "segflow-scratch"
+
+
+@dataclass(frozen=True)
+class StitchPlan:
+    store: str
+    semantic_path: str  # e.g. labels/semantic/0
+    out_name: str  # e.g. instances
+    foreground: tuple[int, ...]
+    connectivity: int
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    scale: tuple[float, ...]
+    axes: str
+    unit: str | None
+    min_size: int
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(-(-n // c) for n, c in zip(self.shape, self.chunks, strict=True))
+
+    @property
+    def scratch_path(self) -> str:
+        return f"{SCRATCH}/{self.out_name}-local"
+
+    @property
+    def out_path(self) -> str:
+        return f"{LABELS_GROUP}/{self.out_name}/0"
+
+    def chunk_box(self, index: Sequence[int]) -> Box:
+        begin = tuple(i * c for i, c in zip(index, self.chunks, strict=True))
+        return Box(begin, self.chunks).intersect(Box.of_shape(self.shape))
+
+    def structure(self) -> np.ndarray:
+        return ndimage.generate_binary_structure(len(self.shape), self.connectivity)
+
+
+@dataclass
+class StitchResult:
+    store: str
+    labels_path: str
+    objects: int
+    dtype: str
+    table_csv: str | None
+    table_parquet: str | None
+    seconds: float
+    table: pd.DataFrame
+
+
+def id_dtype(n: int) -> np.dtype:
+    """uint32 while ids fit, uint64 beyond."""
+    return np.dtype(np.uint32 if n < 2**32 else np.uint64)
+
+
+# ------------------------------------------------------------------------- pass 1
+
+
+def label_chunk(plan: StitchPlan, index: tuple[int, ...]) -> dict[str, Any]:
+    """Label one chunk's foreground into the scratch array; per-object sums for the table."""
+    box = plan.chunk_box(index)
+    root = open_group(plan.store, "r+")
+    semantic = np.asarray(get_array(root, plan.semantic_path, plan.store)[box.to_slices()])
+    mask = np.isin(semantic, plan.foreground)
+    local, n = ndimage.label(mask, structure=plan.structure())
+    get_array(root, plan.scratch_path, plan.store)[box.to_slices()] = local.astype(np.uint32)
+    return {"index": index, "n": int(n), "objects": _object_sums(local, int(n), box)}
+
+
+def _object_sums(local: np.ndarray, n: int, box: Box) -> dict[str, np.ndarray]:
+    """Voxel counts, coordinate sums and bounding boxes of local objects 1..n (global coords)."""
+    if n == 0:
+        return {"count": np.zeros(0, np.int64)}
+    flat = local.reshape(-1)
+    count = np.bincount(flat, minlength=n + 1)[1:].astype(np.int64)
+    out: dict[str, np.ndarray] = {"count": count}
+    slices = ndimage.find_objects(local, max_label=n)
+    for axis in range(local.ndim):
+        coords = np.arange(local.shape[axis], dtype=np.float64) + box.begin[axis]
+        shape = [1] * local.ndim
+        shape[axis] = -1
+        grid = np.broadcast_to(coords.reshape(shape), local.shape).reshape(-1)
+        out[f"sum{axis}"] = np.bincount(flat, weights=grid, minlength=n + 1)[1:]
+        out[f"min{axis}"] = np.array([s[axis].start + box.begin[axis] for s in slices], np.int64)
+        out[f"max{axis}"] = np.array([s[axis].stop + box.begin[axis] for s in slices], np.int64)
+    return out
+
+
+# ------------------------------------------------------------------------- pass 2
+
+
+def face_pairs(
+    plan: StitchPlan, index: tuple[int, ...], axis: int, offsets: np.ndarray
+) -> np.ndarray:
+    """Pairs (2, k) of provisional global ids touching across the chunk's upper face."""
+    box = plan.chunk_box(index)
+    boundary = box.end[axis]
+    if boundary >= plan.shape[axis]:
+        return np.zeros((2, 0), dtype=np.uint64)
+    begin = [max(b - 1, 0) for b in box.begin]
+    end = [min(e + 1, n) for e, n in zip(box.end, plan.shape, strict=True)]
+    begin[axis], end[axis] = boundary - 1, boundary + 1
+    region = Box.from_bounds(begin, end)
+    root = open_group(plan.store, "r")
+    local = np.asarray(get_array(root, plan.scratch_path, plan.store)[region.to_slices()])
+    ids = _globalize(local, region, plan, offsets)
+    a_plane = np.take(ids, 0, axis=axis)
+    b_plane = np.take(ids, 1, axis=axis)
+    pairs = []
+    structure = plan.structure()
+    others = [a for a in range(len(plan.shape)) if a != axis]
+    for d in np.argwhere(structure):
+        delta = d - 1
+        if delta[axis] != 1:
+            continue
+        shift = [int(delta[a]) for a in others]
+        a_sl, b_sl = [], []
+        for s, n in zip(shift, a_plane.shape, strict=True):
+            a_sl.append(slice(max(0, -s), n - max(0, s)))
+            b_sl.append(slice(max(0, s), n - max(0, -s)))
+        a = a_plane[tuple(a_sl)].reshape(-1)
+        b = b_plane[tuple(b_sl)].reshape(-1)
+        keep = (a > 0) & (b > 0)
+        pairs.append(np.stack([a[keep], b[keep]]))
+    if not pairs:
+        return np.zeros((2, 0), dtype=np.uint64)
+    both = np.concatenate(pairs, axis=1)
+    return np.unique(both, axis=1) if both.size else both.astype(np.uint64)
+
+
+def _globalize(local: np.ndarray, region: Box, plan: StitchPlan, offsets: np.ndarray) -> np.ndarray:
+    """Local ids -> provisional global ids (uint64) for a region spanning several chunks."""
+    chunk_idx = [
+        (np.arange(b, e) // c).reshape([-1 if a == ax else 1 for a in range(local.ndim)])
+        for ax, (b, e, c) in enumerate(zip(region.begin, region.end, plan.chunks, strict=True))
+    ]
+    off = offsets[tuple(np.broadcast_arrays(*chunk_idx))]
+    ids = local.astype(np.uint64)
+    return np.where(ids > 0, ids + off.astype(np.uint64), np.uint64(0))
+
+
+# ------------------------------------------------------------------------- pass 3
+
+
+def relabel_chunk(
+    plan: StitchPlan,
+    index: tuple[int, ...],
+    offset: int,
+    merged_ids: np.ndarray,
+    merged_final: np.ndarray,
+    absorbed: np.ndarray,
+    dropped: np.ndarray,
+    dtype: str,
+) -> int:
+    """Write final ids for one chunk. ``merged_ids``/``merged_final`` is the part of the
+    sparse merge table in this chunk's id range; ``absorbed`` the absorbed ids below it."""
+    box = plan.chunk_box(index)
+    root = open_group(plan.store, "r+")
+    local = np.asarray(get_array(root, plan.scratch_path, plan.store)[box.to_slices()])
+    g = local.astype(np.uint64)
+    fg = g > 0
+    g[fg] += np.uint64(offset)
+    # Consecutive numbering: subtract the number of absorbed ids below each id.
+    final = g.copy()
+    final[fg] = g[fg] - np.searchsorted(absorbed, g[fg], side="left").astype(np.uint64)
+    if merged_ids.size:
+        pos = np.searchsorted(merged_ids, g[fg])
+        pos_c = np.minimum(pos, merged_ids.size - 1)
+        hit = merged_ids[pos_c] == g[fg]
+        vals = final[fg]
+        vals[hit] = merged_final[pos_c[hit]]
+        final[fg] = vals
+    if dropped.size:
+        final[np.isin(final, dropped)] = 0
+    get_array(root, plan.out_path, plan.store)[box.to_slices()] = final.astype(dtype)
+    return int(fg.sum())
+
+
+# ------------------------------------------------------------------------ the whole
+
+
+def plan_stitch(
+    store: str,
+    labels: str = "semantic",
+    out_name: str = "instances",
+    foreground: Sequence[int] | None = None,
+    connectivity: int = 1,
+    min_size: int | None = None,
+) -> StitchPlan:
+    root = open_group(store, "r")
+    semantic_path = f"{LABELS_GROUP}/{labels}/0"
+    arr = get_array(root, semantic_path, store)
+    group_attrs = attributes(root[f"{LABELS_GROUP}/{labels}"])
+    ndim = arr.ndim
+    if not 1 <= connectivity <= ndim:
+        raise ConfigError(f"connectivity must be between 1 and {ndim} for a {ndim}D mask")
+    seg = group_attrs.get("segflow", {})
+    fg = tuple(foreground) if foreground else (int(seg.get("foreground_class", 1)),)
+    if min_size is None:
+        min_size = int(seg.get("suggested_min_size", 0))
+    ms = group_attrs.get("ome", {}).get("multiscales", [{}])[0]
+    axes = "".join(a["name"] for a in ms.get("axes", [])) or "zyx"[-ndim:]
+    scale = [1.0] * ndim
+    for t in ms.get("datasets", [{}])[0].get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = [float(s) for s in t["scale"]]
+    units = {a.get("unit") for a in ms.get("axes", []) if a.get("type") == "space"}
+    if out_name == labels:
+        raise ConfigError(f"the instance labels cannot overwrite '{labels}'")
+    return StitchPlan(
+        store=str(store),
+        semantic_path=semantic_path,
+        out_name=out_name,
+        foreground=fg,
+        connectivity=connectivity,
+        shape=tuple(int(n) for n in arr.shape),
+        chunks=tuple(int(c) for c in arr.chunks),
+        scale=tuple(scale),
+        axes=axes,
+        unit=units.pop() if len(units) == 1 else None,
+        min_size=max(int(min_size), 0),
+    )
+
+
+def stitch(
+    store: str,
+    labels: str = "semantic",
+    out_name: str = "instances",
+    foreground: Sequence[int] | None = None,
+    connectivity: int = 1,
+    min_size: int | None = None,
+    client: Any = None,
+    dask_address: str | None = None,
+    write_table: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    id_offset: int = 0,
+) -> StitchResult:
+    """Instance labels ``labels/<out_name>/0`` and an object table from a semantic mask.
+
+    Ids are consecutive from ``id_offset + 1`` (an offset keeps ids unique across volumes).
+    """
+    from tasks.segment import dask_client
+
+    t0 = time.perf_counter()
+    plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size)
+    root = open_group(plan.store, "r+")
+    from zarr.codecs import ZstdCodec
+
+    root.require_group(SCRATCH).create_array(
+        plan.scratch_path.split("/", 1)[1],
+        shape=plan.shape,
+        chunks=plan.chunks,
+        dtype="uint32",
+        fill_value=0,
+        compressors=ZstdCodec(level=1),
+        overwrite=True,
+    )
+    indices = [tuple(int(i) for i in idx) for idx in np.ndindex(*plan.grid)]
+    with dask_client(client, dask_address) as c:
+        shared = c.scatter(plan, broadcast=True, hash=False)
+        # Pass 1: local labels.
+        results = _gather(c.map(label_chunk, [shared] * len(indices), indices), "label", progress)
+        n = np.zeros(plan.grid, dtype=np.int64)
+        sums: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+        for r in results:
+            n[tuple(r["index"])] = r["n"]
+            sums[tuple(r["index"])] = r["objects"]
+        offsets = (np.cumsum(n.reshape(-1)) - n.reshape(-1)).reshape(plan.grid) + int(id_offset)
+        total = int(n.sum()) + int(id_offset)
+        # Pass 2: pairs across faces.
+        jobs = [(idx, ax) for idx in indices for ax in range(len(plan.shape))]
+        off_f = c.scatter(offsets, broadcast=True, hash=False)
+        pair_futs = c.map(
+            face_pairs,
+            [shared] * len(jobs),
+            [j[0] for j in jobs],
+            [j[1] for j in jobs],
+            [off_f] * len(jobs),
+        )
+        pairs = _gather(pair_futs, "faces", progress)
+        merged_ids, merged_final, absorbed = _union(pairs, total)
+        n_final = total - absorbed.size
+        table = _object_table(plan, sums, offsets, merged_ids, merged_final, absorbed)
+        dropped = np.zeros(0, dtype=np.uint64)
+        if plan.min_size > 1 and len(table):
+            small = table["voxels"] < plan.min_size
+            dropped = np.sort(table.loc[small, "id"].to_numpy(dtype=np.uint64))
+            table = table.loc[~small].reset_index(drop=True)
+        dtype = id_dtype(total)
+        _prepare_instances(plan, dtype, labels)
+        # Pass 3: relabel, each chunk with only its slice of the sparse tables.
+        rel = []
+        for idx in indices:
+            lo = int(offsets[idx])
+            hi = lo + int(n[idx])
+            a, b = np.searchsorted(merged_ids, [lo + 1, hi + 1])
+            rel.append(
+                c.submit(
+                    relabel_chunk,
+                    shared,
+                    idx,
+                    lo,
+                    merged_ids[a:b],
+                    merged_final[a:b],
+                    absorbed[: np.searchsorted(absorbed, hi + 1)],
+                    dropped,
+                    dtype.name,
+                    pure=False,
+                )
+            )
+        _gather(rel, "relabel", progress)
+    del root[SCRATCH]
+    image_url = _image_url(plan, labels)
+    if image_url:
+        from tasks.pyramid import write_label_levels
+
+        write_label_levels(plan.store, plan.out_name, image_url)
+    _finish_instances(plan, n_final, len(table))
+    csv_path = parquet_path = None
+    if write_table:
+        csv_path, parquet_path = write_object_table(plan, table)
+    return StitchResult(
+        store=plan.store,
+        labels_path=plan.out_path,
+        objects=len(table),
+        dtype=dtype.name,
+        table_csv=csv_path,
+        table_parquet=parquet_path,
+        seconds=time.perf_counter() - t0,
+        table=table,
+    )
+
+
+def _image_url(plan: StitchPlan, labels: str) -> str | None:
+    """The image the labels belong to (for pyramid levels), if it can be found."""
+    root = open_group(plan.store, "r")
+    if "multiscales" in attributes(root).get("ome", {}):
+        return plan.store
+    source = attributes(root).get("segflow", {}).get("source_image")
+    return str(source) if source else None
+
+
+def _gather(
+    futures: list[Any], stage: str, progress: Callable[[str, int, int], None] | None
+) -> list[Any]:
+    from distributed import as_completed
+
+    out = []
+    for i, fut in enumerate(as_completed(futures), 1):
+        out.append(fut.result())
+        if progress is not None:
+            progress(stage, i, len(futures))
+    return out
+
+
+def _union(pairs: list[np.ndarray], total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(merged ids sorted, their final ids, absorbed ids sorted) from touching pairs."""
+    allp = [p for p in pairs if p.size]
+    if not allp:
+        empty = np.zeros(0, dtype=np.uint64)
+        return empty, empty, empty
+    edges = np.concatenate(allp, axis=1).astype(np.uint64)
+    ids, inverse = np.unique(edges.reshape(-1), return_inverse=True)
+    inverse = inverse.reshape(2, -1)
+    graph = sparse.coo_matrix(
+        (np.ones(inverse.shape[1], dtype=np.int8), (inverse[0], inverse[1])),
+        shape=(ids.size, ids.size),
+    )
+    _, comp = sparse.csgraph.connected_components(graph, directed=False)
+    # Representative = smallest provisional id of each component.
+    rep = np.full(comp.max() + 1, np.iinfo(np.uint64).max, dtype=np.uint64)
+    np.minimum.at(rep, comp, ids)
+    representative = rep[comp]
+    absorbed = np.sort(ids[representative != ids])
+    final_of_rep = representative - np.searchsorted(absorbed, representative).astype(np.uint64)
+    return ids, final_of_rep, absorbed
+
+
+def _object_table(
+    plan: StitchPlan,
+    sums: dict[tuple[int, ...], dict[str, np.ndarray]],
+    offsets: np.ndarray,
+    merged_ids: np.ndarray,
+    merged_final: np.ndarray,
+    absorbed: np.ndarray,
+) -> pd.DataFrame:
+    ndim = len(plan.shape)
+    frames = []
+    for idx, s in sums.items():
+        count = s["count"]
+        if not count.size:
+            continue
+        g = np.arange(1, count.size + 1, dtype=np.uint64) + np.uint64(offsets[idx])
+        final = g - np.searchsorted(absorbed, g).astype(np.uint64)
+        if merged_ids.size:
+            pos = np.minimum(np.searchsorted(merged_ids, g), merged_ids.size - 1)
+            hit = merged_ids[pos] == g
+            final[hit] = merged_final[pos[hit]]
+        data = {"id": final, "voxels": count}
+        for a in range(ndim):
+            data[f"sum{a}"] = s[f"sum{a}"]
+            data[f"min{a}"] = s[f"min{a}"]
+            data[f"max{a}"] = s[f"max{a}"]
+        frames.append(pd.DataFrame(data))
+    names = plan.axes[-ndim:]
+    columns = ["id", "voxels", "volume"]
+    columns += [f"centroid_{n}" for n in names]
+    columns += [f"bbox_min_{n}" for n in names] + [f"bbox_max_{n}" for n in names]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
+    raw = pd.concat(frames, ignore_index=True)
+    agg: dict[str, str] = {"voxels": "sum"}
+    for a in range(ndim):
+        agg.update({f"sum{a}": "sum", f"min{a}": "min", f"max{a}": "max"})
+    grouped = raw.groupby("id", sort=True).agg(agg).reset_index()
+    table = pd.DataFrame({"id": grouped["id"].astype(np.uint64), "voxels": grouped["voxels"]})
+    table["volume"] = grouped["voxels"] * float(np.prod(plan.scale))
+    for a, name in enumerate(names):
+        table[f"centroid_{name}"] = grouped[f"sum{a}"] / grouped["voxels"]
+    for a, name in enumerate(names):
+        table[f"bbox_min_{name}"] = grouped[f"min{a}"]
+    for a, name in enumerate(names):
+        table[f"bbox_max_{name}"] = grouped[f"max{a}"]
+    return table[columns]
+
+
+def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) -> None:
+    from zarr.codecs import ZstdCodec
+
+    root = open_group(plan.store, "r+")
+    labels_group = root.require_group(LABELS_GROUP)
+    names = list(attributes(labels_group).get("ome", {}).get("labels", []))
+    if plan.out_name not in names:
+        names.append(plan.out_name)
+    labels_group.attrs.update({"ome": {"version": "0.5", "labels": names}})
+    group = labels_group.require_group(plan.out_name)
+    source_attrs = attributes(root[f"{LABELS_GROUP}/{source_labels}"])
+    source = source_attrs.get("ome", {}).get("image-label", {}).get("source", {"image": "../../"})
+    group.attrs.update(
+        {
+            "ome": {
+                "version": "0.5",
+                "multiscales": multiscales(
+                    plan.axes, plan.scale, [], unit=plan.unit, name=plan.out_name
+                ),
+                "image-label": {"version": "0.5", "source": source},
+            },
+            "segflow": {
+                "complete": False,
+                "from": source_labels,
+                "foreground": list(plan.foreground),
+                "connectivity": plan.connectivity,
+                "min_size": plan.min_size,
+            },
+        }
+    )
+    group.create_array(
+        "0",
+        shape=plan.shape,
+        chunks=plan.chunks,
+        dtype=dtype,
+        fill_value=0,
+        compressors=ZstdCodec(level=3),
+        dimension_names=list(plan.axes[-len(plan.shape) :]),
+        overwrite=True,
+    )
+
+
+def _finish_instances(plan: StitchPlan, provisional_final: int, objects: int) -> None:
+    group = open_group(plan.store, "r+")[f"{LABELS_GROUP}/{plan.out_name}"]
+    meta = attributes(group)
+    meta["segflow"].update({"complete": True, "objects": objects, "max_id": provisional_final})
+    group.attrs.update({"segflow": meta["segflow"]})
+
+
+def table_paths(store: str, name: str) -> tuple[str, str]:
+    """Object table files beside the store: ``<store without .ome.zarr>.<name>.csv|parquet``."""
+    base = str(store).rstrip("/")
+    for suffix in (".ome.zarr", ".zarr"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return f"{base}.{name}.csv", f"{base}.{name}.parquet"
+
+
+def write_object_table(plan: StitchPlan, table: pd.DataFrame) -> tuple[str, str]:
+    csv_path, parquet_path = table_paths(plan.store, plan.out_name)
+    if is_remote(plan.store):
+        from tasks.store import filesystem
+
+        fs = filesystem(plan.store)
+        with fs.open(csv_path, "w") as f:
+            table.to_csv(f, index=False)
+        with fs.open(parquet_path, "wb") as f:
+            table.to_parquet(f, index=False)
+    else:
+        table.to_csv(csv_path, index=False)
+        table.to_parquet(parquet_path, index=False)
+    return csv_path, parquet_path
+
+
+def read_instances(store: str, name: str = "instances") -> zarr.Array:
+    return get_array(open_group(store, "r"), f"{LABELS_GROUP}/{name}/0", store)
