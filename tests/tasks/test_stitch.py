@@ -277,7 +277,7 @@ def test_cli_segment_with_instances_then_export(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     objects = summary["stitch"]["objects"]
     sem = zarr.open_group(url, mode="r")["labels/semantic/0"][...]
-    ref, n = ndimage.label(sem == 1, ndimage.generate_binary_structure(3, 2))
+    _, n = ndimage.label(sem == 1, ndimage.generate_binary_structure(3, 2))
     assert objects == n
     tif = tmp_path / "out.tif"
     exp = subprocess.run([*exe, "export", url, "--to", str(tif)], capture_output=True, text=True)
