@@ -62,7 +62,7 @@ def ingest(
     ] = None,
     unit_mib: Annotated[
         float, typer.Option(help="Most MiB of the image one task holds at a time.")
-    ] = 32.0,
+    ] = 8.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Stream SRC into a chunked, compressed OME-Zarr image (zarr v3, NGFF 0.5) at DST.

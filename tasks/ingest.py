@@ -35,15 +35,18 @@ compression) into an existing DST raises :class:`StoreConflictError` unless ``ov
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import itertools
 import json
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -72,7 +75,7 @@ COMPRESSIONS = ("zstd", "blosc", "none")
 DEFAULT_CHUNKS_3D = (64, 128, 128)
 DEFAULT_CHUNKS_2D = (1024, 1024)
 #: Default byte budget of one write unit (the most a task holds of the image at once).
-DEFAULT_UNIT_MIB = 32
+DEFAULT_UNIT_MIB = 8
 #: Bins of the histogram of float (and 32-bit integer) images.
 FLOAT_BINS = 65536
 #: Test hook: seconds each unit sleeps before its work (to interrupt an ingest on purpose).
@@ -372,7 +375,9 @@ def _segflow_attrs(
 def _array(url: str, path: str, mode: str = "r+") -> zarr.Array:
     full = join(url, path)
     arr = zarr.open_array(full, mode=mode, storage_options=storage_options(full))
-    return arr
+    # every chunk is written, even one that holds only zeros: no per-chunk comparison
+    # (it costs time and temporaries), and a written unit is complete in the store
+    return arr.with_config({"write_empty_chunks": True})
 
 
 def _partials(dst: str, name: str, shape: tuple[int, ...], dtype: str, key: str) -> zarr.Array:
@@ -403,7 +408,7 @@ def _partials(dst: str, name: str, shape: tuple[int, ...], dtype: str, key: str)
 # -------------------------------------------------------------------------- tasks
 
 
-def _pieces(block: np.ndarray, voxels: int = 1 << 20) -> Iterator[np.ndarray]:
+def _pieces(block: np.ndarray, voxels: int = 1 << 18) -> Iterator[np.ndarray]:
     """Small sub-arrays covering ``block`` (bounded temporaries for statistics)."""
     if block.ndim == 0 or block.size <= voxels:
         yield block
@@ -463,13 +468,37 @@ def _slices(box: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in box)
 
 
+def _write_chunks(
+    arr: zarr.Array,
+    box: Sequence[tuple[int, int]],
+    chunks: Sequence[int],
+    block: np.ndarray,
+) -> None:
+    """Write ``block`` (the data of ``box``) one zarr chunk at a time.
+
+    One chunk in flight per task keeps the encoder's buffers small (zarr would otherwise
+    encode up to ``async.concurrency`` chunks of the box at once); the parallelism comes
+    from running several units at a time.
+    """
+    ranges = [range(a, b, c) for (a, b), c in zip(box, chunks, strict=True)]
+    for origin in itertools.product(*ranges):
+        local = tuple(
+            slice(o - a, min(o + c, b) - a)
+            for o, (a, b), c in zip(origin, box, chunks, strict=True)
+        )
+        target = tuple(
+            slice(o, min(o + c, b)) for o, (_, b), c in zip(origin, box, chunks, strict=True)
+        )
+        arr[target] = block[local]
+
+
 def ingest_unit(plan: IngestPlan, index: tuple[int, ...]) -> int:
     """Read one unit from the TIFF, write its chunks and partial statistics, mark it done."""
     _test_delay()
     grid = plan.level0
     box = grid.box(index)
     block = read_box(plan.source, box)
-    _array(plan.dst, "0")[_slices(box)] = block
+    _write_chunks(_array(plan.dst, "0"), box, grid.chunks, block)
     row = grid.flat(index)
     if plan.exact_stats:
         moments, hist = _exact_partials(block)
@@ -544,19 +573,27 @@ def level_unit(plan: LevelPlan, index: tuple[int, ...]) -> int:
 class Runner:
     """Runs tasks on Dask: a local scheduler by name, a scheduler address, or a Client.
 
-    ``scheduler``: None or "threads" (threads in this process), "processes", "sync", an
-    address such as "tcp://10.0.0.1:8786", or a ``distributed.Client``.
+    ``scheduler``: None or "threads" (Dask's threaded scheduler in this process, on a pool
+    of ``workers`` threads, by default one per core), "processes" (Dask's multiprocessing
+    scheduler), "sync" (one task at a time, for debugging), an address such as
+    "tcp://10.0.0.1:8786", or a ``distributed.Client``. Tasks get descriptors only; each
+    opens the files it reads itself.
     """
 
     def __init__(self, scheduler: Any = None, workers: int | None = None) -> None:
-        self.scheduler = scheduler if scheduler is not None else "threads"
+        self.scheduler = "threads" if scheduler is None else scheduler
+        if self.scheduler == "synchronous":
+            self.scheduler = "sync"
         self.workers = workers
         self._client: Any = None
         self._own_client = False
+        self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Runner:
         s = self.scheduler
-        if isinstance(s, str) and s not in ("threads", "processes", "sync", "synchronous"):
+        if s == "threads":
+            self._pool = ThreadPoolExecutor(self.workers or os.cpu_count() or 1)
+        elif isinstance(s, str) and s not in ("processes", "sync"):
             from distributed import Client
 
             self._client = Client(s)
@@ -568,6 +605,9 @@ class Runner:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # its threads' open files go with them
+        release_files()
         if self._own_client and self._client is not None:
             self._client.close()
 
@@ -586,13 +626,14 @@ class Runner:
             return 0
         if self._client is not None:
             return self._run_distributed(fn, calls, phase, progress)
-        import dask
+        # a plain task graph for Dask's local schedulers (dask.compute would also import
+        # distributed, some 30 MB, for nothing)
         from dask.callbacks import Callback
 
-        tasks = [
-            dask.delayed(fn, pure=False)(*args, dask_key_name=f"{phase}-{i}")
-            for i, args in enumerate(calls)
-        ]
+        graph: dict[Any, Any] = {
+            (phase, i): (functools.partial(fn, *args),) for i, args in enumerate(calls)
+        }
+        keys = list(graph)
         done = [0]
 
         def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
@@ -600,14 +641,19 @@ class Runner:
             if progress:
                 progress(phase, done[0], total)
 
-        name = "sync" if self.scheduler == "synchronous" else self.scheduler
-        kwargs: dict[str, Any] = {"scheduler": name}
-        if self.workers and name != "sync":
-            kwargs["num_workers"] = self.workers
         with Callback(posttask=posttask):
-            results = dask.compute(*tasks, **kwargs)
-        if name == "threads":
-            release_files()
+            if self.scheduler == "threads":
+                import dask.threaded
+
+                results = dask.threaded.get(graph, keys, pool=self._pool)
+            elif self.scheduler == "processes":
+                import dask.multiprocessing
+
+                results = dask.multiprocessing.get(graph, keys, num_workers=self.workers)
+            else:
+                import dask.local
+
+                results = dask.local.get_sync(graph, keys)
         return int(sum(results))
 
     def _run_distributed(
@@ -702,7 +748,7 @@ def _collect_stats(
         acc = StatsAccumulator(np.dtype(plan.dtype), value_range=value_range, bins=FLOAT_BINS)
     hist_arr = _array(plan.dst, f"{DONE_GROUP}/{STEP}-hist", "r")
     hist = np.zeros(plan.bins, dtype=np.int64)
-    step = 32
+    step = 4  # rows of 256 or 65536 bins at a time
     for start in range(0, grid.n_units, step):
         hist += np.asarray(hist_arr[start : start + step]).sum(axis=0)
     acc.add_parts(
@@ -826,6 +872,21 @@ def ingest_status(dst: str) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------- prefect
 
-from prefect import task  # noqa: E402  (the thin wrapper sits below the plain function)
+if TYPE_CHECKING:
+    from prefect import Task
 
-ingest_task = task(name="ingest", retries=1)(ingest_volume)
+    #: The Prefect task wrapping :func:`ingest_volume` (name "ingest", one retry: a retry
+    #: resumes where the failed attempt stopped).
+    ingest_task: Task[..., ImageInfo]
+
+
+def __getattr__(name: str) -> Any:
+    # ``ingest_task`` is made on first use, so that the plain function (the CLI, Dask
+    # workers, the benchmark) does not import Prefect.
+    if name == "ingest_task":
+        from prefect import task
+
+        value = task(name="ingest", retries=1)(ingest_volume)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -86,6 +86,8 @@ _UNIT_UM = {
 }
 #: TIFF ResolutionUnit values with a physical meaning for microscopy (inch is mostly "72 dpi").
 _RESUNIT_UM = {3: 1e4, 4: 1e3, 5: 1.0}
+#: Largest row band read whole when a box needs only some of its columns.
+_BAND_BYTES = 1 << 20
 #: Number of files a thread keeps open between boxes.
 _CACHE_FILES = 4
 
@@ -296,6 +298,9 @@ class _OpenTiff:
         except Exception as exc:
             self.fh.close()
             raise _tiff_error(fid.url, exc) from None
+
+    def __del__(self) -> None:
+        self.close()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -798,12 +803,20 @@ def _read_contiguous(
             _readinto(handle, start, target)
             if swap:
                 target.byteswap(inplace=True)
-        else:
+        elif (y1 - y0) * row_bytes <= _BAND_BYTES:
             band = np.empty((y1 - y0, cols, n_contig), dtype=dtype)
             _readinto(handle, start, band)
             if swap:
                 band.byteswap(inplace=True)
             target[...] = band[:, x0:x1, c0:c1]
+        else:  # wide rows: read just the columns of the box, row by row
+            row = np.empty((x1 - x0, n_contig), dtype=dtype)
+            skip = x0 * n_contig * dtype.itemsize
+            for r in range(y1 - y0):
+                _readinto(handle, start + r * row_bytes + skip, row)
+                if swap:
+                    row.byteswap(inplace=True)
+                target[r] = row[:, c0:c1]
 
 
 def _read_segments(

@@ -202,7 +202,7 @@ class StatsAccumulator:
         )
 
 
-def integer_histogram(a: np.ndarray, piece: int = 1 << 20) -> np.ndarray:
+def integer_histogram(a: np.ndarray, piece: int = 1 << 18) -> np.ndarray:
     """Exact histogram of an integer array of at most 16 bits, one bin per value of its dtype
     starting at the dtype's minimum (256 or 65536 int64 bins). Works piecewise, so the extra
     memory stays small whatever the size of ``a``."""

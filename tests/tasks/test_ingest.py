@@ -286,6 +286,11 @@ def test_read_box_reads_any_box_of_any_layout(tmp_path):
             },
         ),
     }
+    # 600 rows of 2 kB are over the 1 MiB band: a box of some columns is read row by row
+    cases["wide.tif"] = (
+        rng.integers(0, 60000, (2, 600, 1000), dtype=np.uint16),
+        {"photometric": "minisblack", "metadata": {"axes": "ZYX"}},
+    )
     for name, (a, kw) in cases.items():
         tifffile.imwrite(tmp_path / name, a, **kw)
         source = open_source(str(tmp_path / name))
@@ -296,6 +301,9 @@ def test_read_box_reads_any_box_of_any_layout(tmp_path):
                 box.append((lo, int(rng.integers(lo + 1, n + 1))))
             got = read_box(source, box)
             assert np.array_equal(got, a[tuple(slice(*b) for b in box)]), name
+        x1 = min(700, source.shape[-1] - 1)
+        box = [(0, n) for n in source.shape[:-1]] + [(3, x1)]
+        assert np.array_equal(read_box(source, box), a[..., 3:x1]), name
 
 
 def test_units_bound_memory_and_split_x_when_rows_are_wide():
