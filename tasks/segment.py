@@ -539,9 +539,12 @@ def run_blocks(
     indices: Sequence[Sequence[int]],
     client: Any,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    timeout_s: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run blocks on a Dask client; results in completion order. Raises on the first failure
-    after the other submitted blocks finished (their work is kept and marked)."""
+    after the other submitted blocks finished (their work is kept and marked). With
+    ``timeout_s``, blocks still unfinished after that long are cancelled and a
+    ``TimeoutError`` is raised."""
     from distributed import as_completed
 
     # The plan is small (no block list), shipped once to every worker.
@@ -555,15 +558,22 @@ def run_blocks(
     ]
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []
-    for fut in as_completed(futures):
-        try:
-            res = fut.result()
-        except Exception as exc:  # keep going: finished blocks stay done
-            errors.append(exc)
-            continue
-        results.append(res)
-        if progress is not None:
-            progress(res)
+    try:
+        for fut in as_completed(futures, timeout=timeout_s):
+            try:
+                res = fut.result()
+            except Exception as exc:  # keep going: finished blocks stay done
+                errors.append(exc)
+                continue
+            results.append(res)
+            if progress is not None:
+                progress(res)
+    except TimeoutError:
+        client.cancel([f for f in futures if not f.done()])
+        raise TimeoutError(
+            f"{len(indices) - len(results) - len(errors)} block(s) of {plan.image.url} did not "
+            f"finish within {timeout_s} s; they were cancelled"
+        ) from None
     if errors:
         raise errors[0]
     return results

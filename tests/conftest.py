@@ -12,6 +12,8 @@ os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / "test"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", str(ROOT / ".dask-scratch"))
+for _folder in (os.environ["PREFECT_HOME"], os.environ["DASK_TEMPORARY_DIRECTORY"]):
+    os.makedirs(_folder, exist_ok=True)
 
 
 @pytest.fixture(autouse=True)
