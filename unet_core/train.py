@@ -34,6 +34,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -621,6 +622,15 @@ def _amp_dtype(device: torch.device, config: TrainConfig) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _model_from(unet: UNetConfig, state: dict[str, torch.Tensor]) -> UNet:
+    """A model with these weights, built without touching the global random state (so
+    that saving or loading a checkpoint mid-run does not change the dropout masks)."""
+    with torch.random.fork_rng(devices=[]):
+        model = UNet(unet)
+    model.load_state_dict(state)
+    return model
+
+
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
 
@@ -678,7 +688,8 @@ def train(
             Path(resume), model, optimizer, scaler, unet, config
         )
         if start and best_metric is not None and out is not None and Path(out).is_file():
-            best_model, _ = load_checkpoint(out)
+            with torch.random.fork_rng(devices=[]):
+                best_model, _ = load_checkpoint(out)
             best_state = _cpu_state(best_model)
         if history:
             best_report = next(
@@ -731,12 +742,13 @@ def train(
     epoch_losses: list[float] = []
     digest = ""
     model.train()
-    for step in range(start, config.steps):
+    batches = _batches(sampler, start, config.steps, prefetch=device.type == "cuda")
+    for step, (x, y, w) in zip(range(start, config.steps), batches, strict=True):
         lr = _lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y, w = sampler.batch(step)
-        x, y, w = (t.to(device, non_blocking=True) for t in (x, y, w))
+        if device.type == "cuda":
+            x, y, w = (t.pin_memory().to(device, non_blocking=True) for t in (x, y, w))
         with _autocast(device, amp_dtype):
             logits = model(x)
         loss = segmentation_loss(config.loss, logits.float(), y, w)
@@ -806,9 +818,7 @@ def train(
 
     if best_state is None:  # resumed a finished run
         best_state = _cpu_state(model)
-    final = UNet(unet)
-    final.load_state_dict(best_state)
-    final.eval()
+    final = _model_from(unet, best_state).eval()
     if has_val and not validation:
         # A resumed run that found no better model: predict with the best one again.
         best_report, validation = _validate(final, data, torch.device("cpu"), False)
@@ -831,6 +841,25 @@ def train(
     )
 
 
+def _batches(
+    sampler: PatchSampler, start: int, stop: int, prefetch: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The batches of steps ``start .. stop - 1``. With ``prefetch`` (on a GPU) the next
+    batch is cut and augmented in a thread while the device computes; on a CPU that thread
+    would only compete with PyTorch's for the same cores."""
+    if not prefetch:
+        for step in range(start, stop):
+            yield sampler.batch(step)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="segflow-patches") as pool:
+        pending = pool.submit(sampler.batch, start) if start < stop else None
+        for step in range(start, stop):
+            assert pending is not None
+            ahead = pool.submit(sampler.batch, step + 1) if step + 1 < stop else None
+            yield pending.result()
+            pending = ahead
+
+
 def _box_json(box: Box | None) -> dict[str, list[int]] | None:
     return None if box is None else {"offset": list(box.offset), "shape": list(box.shape)}
 
@@ -849,9 +878,7 @@ def _save_best(
     state: dict[str, torch.Tensor],
     meta: CheckpointMeta,
 ) -> str:
-    model = UNet(unet)
-    model.load_state_dict(state)
-    return save_checkpoint(out, model, meta)
+    return save_checkpoint(out, _model_from(unet, state), meta)
 
 
 def _save_state(
@@ -902,7 +929,8 @@ def _resume(
     (step, history, losses, best metric, best step)."""
     side = state_path(checkpoint)
     if not side.is_file():
-        loaded, _ = load_checkpoint(checkpoint)
+        with torch.random.fork_rng(devices=[]):
+            loaded, _ = load_checkpoint(checkpoint)
         if loaded.config != unet:
             raise CheckpointError(
                 f"{checkpoint}: its network ({_describe(loaded.config)}) differs from the one "
@@ -959,11 +987,3 @@ def _describe(c: UNetConfig) -> str:
         f"{c.ndim}D, depth {c.depth}, {c.base_channels} channels, {c.n_classes} classes, "
         f"{c.in_channels} input channel(s), {c.padding}, norm {c.norm}"
     )
-
-
-def iter_batches(
-    sampler: PatchSampler, start: int, stop: int
-) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The training batches of steps ``start .. stop - 1`` (for inspection and tests)."""
-    for step in range(start, stop):
-        yield sampler.batch(step)

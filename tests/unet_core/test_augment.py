@@ -115,7 +115,8 @@ def test_grey_values():
     assert grey_values(x, np.random.default_rng(0), AugmentConfig.off()) is x
     a = grey_values(x, np.random.default_rng(4), AugmentConfig())
     b = grey_values(x, np.random.default_rng(4), AugmentConfig())
-    assert a.dtype == np.float32 and np.array_equal(a, b)
+    assert a.dtype == np.float32
+    assert np.array_equal(a, b)
     assert not np.allclose(a, x)
     # Without noise the mapping is monotone: grey values change, their order does not.
     c = grey_values(x, np.random.default_rng(4), AugmentConfig(noise=0.0))

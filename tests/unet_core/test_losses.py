@@ -39,14 +39,14 @@ def test_weight_map_on_two_single_pixel_objects_by_hand():
                 term(r5, r5),
                 term(math.sqrt(10), math.sqrt(2)),
                 term(1, r17),
-            ],  # fmt: skip
+            ],
             [
                 term(2, math.sqrt(20)),
                 term(r5, r13),
                 term(r8, r8),
                 term(r13, r5),
                 term(2, math.sqrt(20)),
-            ],  # fmt: skip
+            ],
         ]
     )
     np.testing.assert_allclose(w, expected, rtol=1e-6)

@@ -76,7 +76,8 @@ def test_matching_is_one_to_one():
     merged[0:4, 0:8] = 7  # one object over both true ones: IoU 0.5 with each
     s = match_instances(merged, gt)
     assert (s.tp, s.fp, s.fn) == (1, 0, 1)
-    assert s.precision == 1.0 and s.recall == 0.5
+    assert s.precision == 1.0
+    assert s.recall == 0.5
     assert s.f1 == pytest.approx(2 / 3)
     # Ids need not be consecutive; the report adds Rand error and foreground Dice.
     r = instance_report(merged, gt)
@@ -137,4 +138,6 @@ def test_instances_from_mask_drops_small_objects():
     lab = instances_from_mask(mask)
     assert lab.max() == 2
     lab = instances_from_mask(mask, min_size=2)
-    assert lab.max() == 1 and lab[8, 8] == 0 and lab[0, 0] == 1
+    assert lab.max() == 1
+    assert lab[8, 8] == 0
+    assert lab[0, 0] == 1
