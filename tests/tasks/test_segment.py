@@ -318,3 +318,29 @@ def test_cuda_autocast_channels_last_matches_cpu(tmp_path, dask_client):
         tol = 1e-4 if precision == "fp32" else 5e-2
         assert np.abs(probs - ref).max() < tol
         assert (labels == ref.argmax(0)).mean() > 0.97
+
+
+def test_dask_address_of_a_process_cluster(tmp_path):
+    """Worker processes (not threads): the plan travels pickled, each worker loads the model."""
+    from distributed import Client, LocalCluster
+
+    vol = np.random.default_rng(13).normal(size=(9, 40, 44)).astype(np.float32)
+    src = str(tmp_path / "img.ome.zarr")
+    write_image(src, vol, "zyx", chunks=(4, 16, 16))
+    model = make_model(tmp_path / "m.ckpt", ndim=3)
+    ref = reference(model, src, vol)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        p = SegmentParams(probabilities=True, probabilities_dtype="float32", tile=(60, 60, 60))
+        out = str(tmp_path / "o.zarr")
+        res = segment_image(
+            src, str(model), out=out, params=p, dask_address=cluster.scheduler_address
+        )
+        assert res.blocks_total == res.blocks_computed > 1
+        with Client(cluster) as client:
+            loads = client.run(lambda: __import__("tasks.segment").segment.model_loads)
+    probs, _ = outputs(out)
+    assert np.array_equal(probs, ref)
+    assert all(n <= 1 for n in loads.values())
+    assert sum(loads.values()) >= 1
