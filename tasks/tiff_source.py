@@ -386,7 +386,7 @@ def _describe_file(src: str, fid: FileId, axes: str | None) -> TiffSource:
             page_shape = sshape[: len(sshape) - n_page_level]
             if (
                 tuple(sshape[len(page_shape) :]) != tuple(kf.shape)
-                or math.prod(page_shape) != len(series)
+                or (math.prod(page_shape) != len(series) and not series.is_truncated)
                 or any(n == 1 for n in page_shape)
             ):
                 raise InvalidVolumeError(
@@ -394,7 +394,8 @@ def _describe_file(src: str, fid: FileId, axes: str | None) -> TiffSource:
                     f"axes '{saxes}' over {len(series)} pages of shape {tuple(kf.shape)})"
                 )
             contiguous_base = None
-            if series.is_truncated and len(series) > 1:
+            if series.is_truncated and math.prod(page_shape) > 1:
+                # one IFD describes a run of equal pages (ImageJ hyperstacks > 4 GiB)
                 contiguous_base = series.dataoffset
                 if contiguous_base is None:
                     raise InvalidVolumeError(f"{fid.url}: unsupported truncated TIFF series")

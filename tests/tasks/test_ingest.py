@@ -153,6 +153,24 @@ def _make(kind: str, tmp: Path):
             metadata={"spacing": 1.5, "unit": "micron", "axes": "ZYX"},
         )
         return tmp / "ij.tif", a, "zyx", (1.5, 0.5, 0.5), "micrometer"
+    if kind == "imagej-one-ifd":
+        # what ImageJ writes over 4 GiB: one IFD, the pages follow it contiguously
+        a = _volume((9, 40, 30), "uint16")
+        tifffile.imwrite(
+            tmp / "hyper.tif",
+            a,
+            imagej=True,
+            truncate=True,
+            resolution=(4.0, 4.0),
+            metadata={"axes": "ZYX", "unit": "um", "spacing": 1.0},
+        )
+        return tmp / "hyper.tif", a, "zyx", (1.0, 0.25, 0.25), "micrometer"
+    if kind == "rgb-slices-glob":
+        a = _volume((4, 20, 30, 3), "uint8")
+        for i in range(len(a)):
+            tifffile.imwrite(tmp / f"rgb{i + 1}.tif", a[i], photometric="rgb")
+        tifffile.imwrite(tmp / "other.tif", a[0], photometric="rgb")
+        return tmp / "rgb*.tif", np.moveaxis(a, -1, 0), "czyx", (1.0,) * 4, None
     if kind == "slices-folder":
         a = _volume((12, 31, 45), "uint16")
         folder = tmp / "slices"
@@ -178,7 +196,9 @@ KINDS = [
     "bigtiff-tiled",
     "ome-physical",
     "imagej",
+    "imagej-one-ifd",
     "slices-folder",
+    "rgb-slices-glob",
     "multichannel-ome",
     "rgb",
 ]
