@@ -540,7 +540,11 @@ def test_process_scheduler_and_distributed_client(tmp_path):
         Client(cluster) as client,
     ):
         ingest(src, tmp_path / "d.zarr", dask_client_or_scheduler=client, unit_mib=0.01, levels=1)
+        # the same cluster by its address (a Client is made and closed for the ingest)
+        address = cluster.scheduler_address
+        ingest(src, tmp_path / "a.zarr", dask_client_or_scheduler=address, unit_mib=0.01)
     assert np.array_equal(level0(tmp_path / "d.zarr"), ref)
+    assert np.array_equal(level0(tmp_path / "a.zarr"), ref)
 
 
 # --------------------------------------------------------------------- resume
