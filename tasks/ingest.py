@@ -24,6 +24,7 @@ What the store holds while and after ingesting (see :mod:`tasks.store`)::
     dst/segflow-done/ingest-hist     per unit histogram (exact for <= 16-bit integers;
                                      for other types filled by a read-back pass over
                                      level 0 once the global min/max are known)
+    dst/segflow-done/ingest-stats    markers of that read-back pass (float images)
     dst/segflow-done/ingest-level<N> markers of the downsampled levels
 
 A killed ingest leaves no ``ome.multiscales``, so :func:`tasks.store.read_image_info`
