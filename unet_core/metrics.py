@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_core.errors import InvalidShapeError
+from unet_core.errors import InvalidShapeError, InvalidVolumeError
 from unet_core.targets import components, relabel_sequential
 
 
@@ -28,6 +28,12 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> np.nda
     """``(n_classes, n_classes)`` counts, rows = ground truth, columns = prediction."""
     p, g = np.asarray(pred), np.asarray(gt)
     _same_shape(p, g)
+    for name, a in (("prediction", p), ("ground truth", g)):
+        if a.size and (int(a.max()) >= n_classes or int(a.min()) < 0):
+            raise InvalidVolumeError(
+                f"the {name} holds class ids {int(a.min())}..{int(a.max())}, "
+                f"not all in 0..{n_classes - 1}"
+            )
     idx = g.reshape(-1).astype(np.int64) * n_classes + p.reshape(-1).astype(np.int64)
     return np.bincount(idx, minlength=n_classes * n_classes)[: n_classes * n_classes].reshape(
         n_classes, n_classes

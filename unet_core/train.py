@@ -69,6 +69,7 @@ from unet_core.normalize import IntensityStats, Normalization, StatsAccumulator,
 from unet_core.predict import Predictor, read_mirrored, resolve_device, softmax
 from unet_core.targets import (
     LabelMode,
+    Targets,
     class_names_for,
     n_classes_for,
     object_sizes,
@@ -388,7 +389,7 @@ def prepare(
     fg = config.foreground_class if config.foreground_class is not None else 1
     if fg >= n_classes:
         raise ConfigError(f"foreground class {fg} is not one of the {n_classes} classes")
-    targets = [to_targets(lab, mode, n_classes) for lab in labels]
+    targets = [_targets(lab, mode, n_classes, lab.ndim > config.ndim) for lab in labels]
     split = _plan_split([lab.shape for lab in labels], config)
     train_parts = [
         t.classes[tb.to_slices()] for t, (tb, _) in zip(targets, split, strict=True) if tb
@@ -407,7 +408,7 @@ def prepare(
         objects = None
         if use_border and t.instances is not None:
             objects = np.where(t.classes == fg, t.instances, 0)
-        w = weight_map(t.classes, objects, cw, config.w0, config.border_sigma)
+        w = _weight_map(t.classes, objects, cw, config)
         if vb is not None:
             # Never train on validation labels: outside the training box weights are 0.
             held = np.ones(t.classes.shape, dtype=bool)
@@ -439,6 +440,42 @@ def prepare(
         object_sizes=np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64),
         in_channels=in_channels,
     )
+
+
+def _targets(label: np.ndarray, mode: LabelMode, n_classes: int, slicewise: bool) -> Targets:
+    """Targets of one annotation; slice by slice (2D objects, 2D neighbourhoods) for a 2D
+    network on a stack, with object ids kept unique across slices."""
+    if not slicewise:
+        return to_targets(label, mode, n_classes)
+    parts = [to_targets(s, mode, n_classes) for s in label]
+    classes = np.stack([p.classes for p in parts])
+    if any(p.instances is None for p in parts):
+        return Targets(classes, None)
+    stacked, offset = [], 0
+    for p in parts:
+        assert p.instances is not None
+        inst = p.instances.astype(np.int32, copy=True)
+        inst[inst > 0] += offset
+        offset = max(offset, int(inst.max(initial=0)))
+        stacked.append(inst)
+    return Targets(classes, np.stack(stacked))
+
+
+def _weight_map(
+    classes: np.ndarray, objects: np.ndarray | None, cw: np.ndarray, config: TrainConfig
+) -> np.ndarray:
+    if classes.ndim == config.ndim:
+        return weight_map(classes, objects, cw, config.w0, config.border_sigma)
+    # A 2D network on a stack: distances within each slice.
+    return np.stack(
+        [
+            weight_map(
+                classes[z], None if objects is None else objects[z], cw, config.w0,
+                config.border_sigma,
+            )
+            for z in range(classes.shape[0])
+        ]
+    )  # fmt: skip
 
 
 def _build_tables(pairs: Sequence[_Pair], n_classes: int, seed: int, cap: int = 50_000) -> None:

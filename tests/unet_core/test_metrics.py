@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unet_core.errors import InvalidShapeError
+from unet_core.errors import InvalidShapeError, InvalidVolumeError
 from unet_core.metrics import (
     adapted_rand_error,
     class_report,
@@ -130,6 +130,8 @@ def test_class_report_and_confusion():
     assert r["iou"]["bg"] == pytest.approx(1 / 2)
     with pytest.raises(InvalidShapeError):
         dice(pred, gt[:1])
+    with pytest.raises(InvalidVolumeError, match="class ids"):
+        dice(pred, gt, 2)
 
 
 def test_instances_from_mask_drops_small_objects():

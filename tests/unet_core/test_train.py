@@ -18,11 +18,13 @@ from segflow.cli import _register, app
 from unet_core import load_checkpoint
 from unet_core.augment import AugmentConfig
 from unet_core.errors import CheckpointError, ConfigError, InvalidVolumeError
+from unet_core.losses import weight_map
 from unet_core.metrics import class_report, instance_report, instances_from_mask
 from unet_core.normalize import compute_stats
 from unet_core.predict import predict
 from unet_core.synthetic import blobs
-from unet_core.train import TrainConfig, TrainProgress, state_path, train
+from unet_core.targets import to_targets
+from unet_core.train import TrainConfig, TrainProgress, prepare, state_path, train
 
 _register()
 runner = CliRunner()
@@ -200,6 +202,14 @@ def test_segflow_segment_reproduces_the_validation_prediction(pair, tmp_path):
 
 def test_2d_network_on_a_stack_holds_out_slices():
     image, labels = blobs((10, 40, 48), rng=4, radius=(3.0, 6.0))
+    # Targets and weight maps are 2D, slice by slice: neighbours in z do not count.
+    data = prepare([image], [labels], tiny(steps=2, patch=(44, 44)))
+    target = to_targets(labels[3], "instances")
+    assert target.instances is not None
+    objects = np.where(target.classes == 1, target.instances, 0)  # the gaps are background
+    expected = weight_map(target.classes, objects, data.class_weight)
+    np.testing.assert_array_equal(data.pairs[0].weight[3], expected)
+    np.testing.assert_array_equal(data.pairs[0].classes[3], target.classes)
     r = train([image], [labels], tiny(steps=2, patch=(44, 44)))
     assert len(r.validation) == 1
     assert r.validation[0].box.offset == (8, 0, 0)
