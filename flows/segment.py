@@ -316,7 +316,8 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     summary["seconds"] = time.perf_counter() - t0
     summary["voxels_per_second"] = plan.voxels / max(timings.get("segment", 0.0), 1e-9)
     summary["timings"] = timings
-    report_step(summary, plan.image.url, plan.out_url, params.labels_name)
+    shown = "instances" if summary.get("instances") else params.labels_name
+    report_step(summary, plan.image.url, plan.out_url, shown)
     if failed:
         raise RuntimeError(
             f"{name}: regions {sorted(failed)} failed after retries; re-run (or retry this flow "
