@@ -280,3 +280,15 @@ def test_evaluate_cli(tmp_path):
     res = runner.invoke(app, ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "nope.tif")])
     assert res.exit_code == 1
     assert "nope.tif" in res.output
+
+
+def test_paper_preset_is_the_papers_geometry():
+    from unet_core import UNetConfig
+
+    for ndim, out in ((2, (388, 388)), (3, (28, 44, 44))):
+        c = TrainConfig.paper(ndim=ndim)
+        unet = UNetConfig(ndim=ndim, depth=c.depth, base_channels=c.base_channels)
+        assert c.patch is not None
+        assert unet.output_shape(c.patch) == out
+    assert TrainConfig.paper(steps=5).steps == 5
+    assert TrainConfig.paper().base_channels == 64
