@@ -9,6 +9,7 @@ retried run and retried task skip finished work.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from typing import Any, Literal, cast
@@ -16,6 +17,7 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -194,6 +196,11 @@ def report_step(summary: dict[str, Any], image: str, out: str, labels: str) -> d
     slug = re.sub(r"[^a-z0-9-]+", "-", summary["volume"].lower()).strip("-")[:40] or "volume"
     try:
         summary["preview"] = write_preview(image, out, labels)
+        link = summary["preview"]
+        link = link if "://" in link else "file://" + os.path.abspath(link)
+        create_link_artifact(
+            link, link_text="preview (middle slice)", key=f"segflow-preview-{slug}"
+        )
     except Exception as exc:  # a missing preview must not fail a finished run
         get_run_logger().warning("no preview: %s", exc)
     create_markdown_artifact(

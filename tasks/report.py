@@ -107,6 +107,10 @@ def markdown_report(summary: dict[str, Any]) -> str:
     ):
         if summary.get(key) is not None:
             lines.append(f"| {key.replace('_', ' ')} | `{summary[key]}` |")
+    if summary.get("preview"):
+        target = str(summary["preview"])
+        url = target if "://" in target else "file://" + target
+        lines += ["", f"Preview of the middle slice: [{target}]({url})"]
     lines += ["", "## Work", "", "| | |", "|---|---|"]
     for key in (
         "regions",

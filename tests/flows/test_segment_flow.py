@@ -94,7 +94,7 @@ def test_flow_end_to_end_from_tiff(tmp_path, model, dask_client):
         artifacts = client.read_artifacts()
     assert run.name == "segment-sample"
     keys = {a.key for a in artifacts}
-    assert "segflow-report-sample" in keys
+    assert {"segflow-report-sample", "segflow-preview-sample"} <= keys
     assert any(a.type == "progress" for a in artifacts)
     logs = run_logs(state.state_details.flow_run_id)
     assert any("region 0:" in m and "blocks computed" in m for m in logs)
