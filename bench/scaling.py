@@ -1,0 +1,213 @@
+"""Scaling: blocks per second with 1 and 2 Dask worker processes, and Prefect's overhead.
+
+    python -m bench.scaling [--shape 64,512,512] [--chunks 4,256,256] [--workers 1,2]
+
+One uint16 volume in an OME-Zarr store and a small 2D U-Net (depth 2, 4 base channels,
+valid padding: the engine benchmark's). For each worker count k, a
+``distributed.LocalCluster(n_workers=k, threads_per_worker=1, processes=True)`` with one
+torch thread per worker segments the whole volume through ``tasks.segment.segment_image``
+(``client=``). Every worker loads the model before the clock starts. Reported: blocks per
+second, voxels per second, the speed-up from 1 to 2 workers, and the summed per-block
+compute (forward passes) against the wall time, so a reader can extrapolate to a cluster
+(blocks are independent: throughput should grow with workers until storage saturates).
+
+Prefect: in a separate process, the same volume is segmented (tiny network, in-process
+cluster, warm) once by ``segment_image`` (Dask only) and once by the ``segment-volume`` flow
+(``flows.segment.segment_volume``: one Prefect task per region, stitch off). The overhead
+per region is (the flow's region-phase wall time - the Dask-only wall time) / regions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+
+from bench.common import OUT, emit, load_average, machine, run_child
+
+WORK = OUT / "scaling"
+
+
+def _warm(plan) -> int:
+    """On a worker: one torch thread, the model loaded (not timed)."""
+    import torch
+
+    from tasks.segment import get_predictor
+
+    torch.set_num_threads(1)
+    get_predictor(plan)
+    return torch.get_num_threads()
+
+
+def run_workers(k: int, src: str, ckpt: str, out: str, params) -> dict:
+    from distributed import Client, LocalCluster
+
+    from tasks.segment import plan_segmentation, segment_image
+
+    plan = plan_segmentation(src, ckpt, out, params)
+    blocks: list[dict] = []
+    with (
+        LocalCluster(
+            n_workers=k, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        threads = client.run(_warm, plan)
+        t0 = time.perf_counter()
+        res = segment_image(
+            src,
+            ckpt,
+            out,
+            params,
+            client=client,
+            force=True,
+            plan=plan,
+            progress=lambda r, _n: blocks.append(r),
+        )
+        wall = time.perf_counter() - t0
+    compute = sum(b["compute_s"] for b in blocks)
+    return {
+        "workers": k,
+        "torch_threads_per_worker": sorted(set(threads.values())),
+        "blocks": res.blocks_computed,
+        "wall_s": round(wall, 2),
+        "blocks_per_s": round(res.blocks_computed / wall, 3),
+        "voxels_per_s": round(res.voxels / wall, 1),
+        "summed_compute_s": round(compute, 2),
+        "summed_read_s": round(sum(b["read_s"] for b in blocks), 2),
+        "summed_write_s": round(sum(b["write_s"] for b in blocks), 2),
+        "compute_share_of_worker_time": round(compute / (wall * k), 3),
+    }
+
+
+def prefect_overhead(src: str, workdir: str) -> dict:
+    """In a child process: the same blocks through ``segment_image`` (Dask only) and through
+    the ``segment-volume`` flow (one Prefect task per region); the difference per region."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("flows.segment") is None:
+        return {
+            "prefect_overhead_per_region_s": None,
+            "reason": "TODO: flows/segment.py (segment_volume flow) does not exist yet",
+        }
+    from bench.common import ROOT
+
+    os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    import torch
+
+    from flows.segment import SegmentVolumeParams, segment_volume
+    from tasks.segment import SegmentParams, segment_image
+    from unet_core import UNet, UNetConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    config = UNetConfig(ndim=2, depth=1, base_channels=2)
+    ckpt = f"{workdir}/tiny.ckpt"
+    save_checkpoint(ckpt, UNet(config))
+    params = SegmentParams(device="cpu")
+    segment_image(src, ckpt, f"{workdir}/warm.zarr", params)  # model loaded, caches warm
+    t0 = time.perf_counter()
+    direct = segment_image(src, ckpt, f"{workdir}/direct.zarr", params, force=True)
+    direct_s = time.perf_counter() - t0
+    flow_params = SegmentVolumeParams(
+        source=src, model=ckpt, output=f"{workdir}/flow.zarr", device="cpu", instances=False
+    )
+    t0 = time.perf_counter()
+    summary = segment_volume(flow_params)
+    flow_total = time.perf_counter() - t0
+    regions = int(summary["regions"])
+    seg_phase = float(summary["timings"]["segment"])
+    return {
+        "prefect_overhead_per_region_s": round((seg_phase - direct.seconds) / regions, 4),
+        "prefect": {
+            "model": config.model_dump(include={"ndim", "depth", "base_channels"}),
+            "regions": regions,
+            "blocks_per_region": summary["blocks_per_region"],
+            "flow_wall_s": round(flow_total, 2),
+            "flow_region_phase_s": round(seg_phase, 2),
+            "summed_region_task_s": round(float(summary["region_seconds"]), 2),
+            "summed_block_s": round(float(summary["block_seconds"]), 2),
+            "dask_only_s": round(direct.seconds, 2),
+            "dask_only_wall_s": round(direct_s, 2),
+            "definition": (
+                "(wall time of the flow's region phase - wall time of segment_image over "
+                "the same blocks on the same kind of in-process cluster) / regions; "
+                "flow_wall_s also includes the ephemeral Prefect server start, planning "
+                "and the report"
+            ),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="64,512,512")
+    parser.add_argument("--chunks", default="4,256,256")
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--child-flow", nargs=2, metavar=("SRC", "WORK"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_flow:
+        print(json.dumps(prefect_overhead(*args.child_flow)))
+        return
+
+    import torch
+
+    from bench.common import write_image_store
+    from tasks.segment import SegmentParams
+    from unet_core import UNet, UNetConfig, save_checkpoint
+
+    shape = tuple(int(s) for s in args.shape.split(","))
+    chunks = tuple(int(s) for s in args.chunks.split(","))
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    src = str(WORK / "volume.ome.zarr")
+    write_image_store(src, shape, chunks)
+    config = UNetConfig(ndim=2, depth=2, base_channels=4)
+    torch.manual_seed(0)
+    ckpt = str(WORK / "model.ckpt")
+    save_checkpoint(ckpt, UNet(config))
+    params = SegmentParams(device="cpu")
+    runs = [
+        run_workers(int(k), src, ckpt, str(WORK / f"out-{k}.zarr"), params)
+        for k in args.workers.split(",")
+    ]
+    by_k = {r["workers"]: r for r in runs}
+    speedup = None
+    if 1 in by_k and 2 in by_k:
+        speedup = round(by_k[2]["blocks_per_s"] / by_k[1]["blocks_per_s"], 3)
+    try:
+        prefect = run_child("bench.scaling", ["--child-flow", src, str(WORK)])
+        for key in ("child_peak_rss_mib", "child_wall_s"):
+            prefect.setdefault("prefect", {})[key] = prefect.pop(key)
+    except RuntimeError as exc:
+        prefect = {"prefect_overhead_per_region_s": None, "reason": str(exc)[-500:]}
+    if not args.keep:
+        shutil.rmtree(WORK, ignore_errors=True)
+    emit(
+        {
+            "benchmark": "scaling",
+            "volume_shape": list(shape),
+            "chunks": list(chunks),
+            "model": config.model_dump(include={"ndim", "depth", "base_channels", "padding"}),
+            "runs": runs,
+            "speedup_2_over_1_workers": speedup,
+            **prefect,
+            "notes": (
+                "wall time from the first block submitted to the last written (cluster "
+                "start and model loading excluded); compute = forward passes only; on a "
+                "2-core machine shared with other work the ideal 2-worker speed-up is 2"
+            ),
+            "machine": machine(),
+            "load_average_after": load_average(),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
