@@ -585,19 +585,59 @@ def readme_section(results: dict[str, Any], table: str, images: list[str]) -> st
         '(`pip install -e ".[bench]"`: MONAI) and are not part of `make test`.',
         machine_line(results),
         table,
+        NOTES,
     ]
     parts += [f"![{name}](bench/{name})" for name in images]
     return "\n\n".join(parts)
 
 
+NOTES = """How to read it (details and every figure: `bench/results.json`, module docstrings):
+
+- **peers**: a 2D `padding="same"` U-Net (depth 2, 4 base channels) run slice by slice;
+  segflow's tile = MONAI's `roi_size` = 300×300 (its kept centre is one 256×256 chunk),
+  overlap 0.25, gaussian blending, batch 4, 2 torch threads in every path. Every path reads
+  the store and writes labels and float32 probabilities. MONAI and naive Dask differ from
+  segflow's whole-volume pass mostly because their pooling grid starts at another phase
+  (segflow mirror-extends by the tile margin); the "plain pass" figure (the model on each
+  whole slice, zero padded) isolates their blending / halo error.
+- **memory**: `segflow segment` with a tiny network, CLI defaults; the limited run uses
+  `prlimit --data` (RLIMIT_DATA), `--batch-size 1` and `MALLOC_ARENA_MAX=2`.
+- **stitch**: peak RSS includes imports; segflow's stitch process imports PyTorch through
+  `tasks.segment` (about 180 MiB of its ~340 MiB floor) and holds the object table, which
+  grows with the number of objects; scipy's path grows with the voxels.
+- **scaling** and every wall time: the machine is shared with other work (load averages
+  above); a second Dask worker only helps when a second core is free.
+- **gpu** runs only on a CUDA machine (`python -m bench.gpu`); here it reports the FLOP
+  counts."""
+
+
 # ---------------------------------------------------------------------------- main
+
+
+def render(where: Path, results: dict[str, Any], readme: bool) -> str:
+    """results.md, the plots and (full runs) the README section; returns the table."""
+    table = markdown_table(results)
+    images = plots(results, where)
+    md = "# segflow benchmarks\n\n" + machine_line(results) + "\n\n" + table + "\n\n"
+    md += NOTES.replace("`bench/results.json`", "`results.json`") + "\n"
+    md += "".join(f"\n![{n}]({n})\n" for n in images)
+    (where / "results.md").write_text(md)
+    if readme:
+        update_readme(readme_section(results, table, images))
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes; bench/out only")
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the table, plots and README"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        render(BENCH, json.loads((BENCH / "results.json").read_text()), readme=True)
+        return
     names = discover()
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -634,13 +674,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     )
     results_path.write_text(json.dumps(results, indent=1) + "\n")
-    table = markdown_table(results)
-    images = plots(results, where)
-    md = "# segflow benchmarks\n\n" + machine_line(results) + "\n\n" + table + "\n"
-    md += "".join(f"\n![{n}]({n})\n" for n in images)
-    (where / "results.md").write_text(md)
-    if not args.quick:
-        update_readme(readme_section(results, table, images))
+    table = render(where, results, readme=not args.quick)
     print(table)
     print(f"\nwrote {results_path.relative_to(ROOT)} and results.md in {where.relative_to(ROOT)}")
     failed = [n for n in names if "result" not in results["benchmarks"][n]]
