@@ -111,7 +111,7 @@ def write_mask_store(url: str, shape: tuple[int, ...], chunks: tuple[int, ...], 
 
 
 def child_segflow(url: str) -> dict:
-    from tasks.segment import dask_client
+    from tasks.cluster import dask_client
     from tasks.stitch import stitch
 
     with dask_client() as client:

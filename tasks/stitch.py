@@ -109,24 +109,26 @@ def label_chunk(plan: StitchPlan, index: tuple[int, ...]) -> dict[str, Any]:
     semantic = np.asarray(get_array(root, plan.semantic_path, plan.store)[box.to_slices()])
     mask = np.isin(semantic, plan.foreground)
     local, n = ndimage.label(mask, structure=plan.structure())
-    get_array(root, plan.scratch_path, plan.store)[box.to_slices()] = local.astype(np.uint32)
+    del semantic, mask
+    get_array(root, plan.scratch_path, plan.store)[box.to_slices()] = local.view(np.uint32)
     return {"index": index, "n": int(n), "objects": _object_sums(local, int(n), box)}
 
 
 def _object_sums(local: np.ndarray, n: int, box: Box) -> dict[str, np.ndarray]:
-    """Voxel counts, coordinate sums and bounding boxes of local objects 1..n (global coords)."""
+    """Voxel counts, coordinate sums and bounding boxes of local objects 1..n (global coords).
+
+    Works on the foreground voxels only, so memory follows the objects, not the chunk.
+    """
     if n == 0:
         return {"count": np.zeros(0, np.int64)}
-    flat = local.reshape(-1)
-    count = np.bincount(flat, minlength=n + 1)[1:].astype(np.int64)
+    coords = np.nonzero(local)
+    ids = local[coords]
+    count = np.bincount(ids, minlength=n + 1)[1:].astype(np.int64)
     out: dict[str, np.ndarray] = {"count": count}
     slices = ndimage.find_objects(local, max_label=n)
     for axis in range(local.ndim):
-        coords = np.arange(local.shape[axis], dtype=np.float64) + box.begin[axis]
-        shape = [1] * local.ndim
-        shape[axis] = -1
-        grid = np.broadcast_to(coords.reshape(shape), local.shape).reshape(-1)
-        out[f"sum{axis}"] = np.bincount(flat, weights=grid, minlength=n + 1)[1:]
+        sums = np.bincount(ids, weights=coords[axis], minlength=n + 1)[1:]
+        out[f"sum{axis}"] = sums + count * float(box.begin[axis])
         out[f"min{axis}"] = np.array([s[axis].start + box.begin[axis] for s in slices], np.int64)
         out[f"max{axis}"] = np.array([s[axis].stop + box.begin[axis] for s in slices], np.int64)
     return out
@@ -202,23 +204,21 @@ def relabel_chunk(
     sparse merge table in this chunk's id range; ``absorbed`` the absorbed ids below it."""
     box = plan.chunk_box(index)
     root = open_group(plan.store, "r+")
-    local = np.asarray(get_array(root, plan.scratch_path, plan.store)[box.to_slices()])
-    g = local.astype(np.uint64)
-    fg = g > 0
-    g[fg] += np.uint64(offset)
+    out = np.asarray(get_array(root, plan.scratch_path, plan.store)[box.to_slices()]).astype(dtype)
+    fg = out > 0
+    g = out[fg]  # local ids of the foreground, in the output dtype
+    g += g.dtype.type(offset)  # provisional global ids
     # Consecutive numbering: subtract the number of absorbed ids below each id.
-    final = g.copy()
-    final[fg] = g[fg] - np.searchsorted(absorbed, g[fg], side="left").astype(np.uint64)
+    final = g - np.searchsorted(absorbed, g, side="left").astype(g.dtype)
     if merged_ids.size:
-        pos = np.searchsorted(merged_ids, g[fg])
-        pos_c = np.minimum(pos, merged_ids.size - 1)
-        hit = merged_ids[pos_c] == g[fg]
-        vals = final[fg]
-        vals[hit] = merged_final[pos_c[hit]]
-        final[fg] = vals
+        pos = np.minimum(np.searchsorted(merged_ids, g), merged_ids.size - 1)
+        hit = merged_ids[pos] == g
+        final[hit] = merged_final[pos[hit]].astype(g.dtype)
+        del pos, hit
     if dropped.size:
         final[np.isin(final, dropped)] = 0
-    get_array(root, plan.out_path, plan.store)[box.to_slices()] = final.astype(dtype)
+    out[fg] = final
+    get_array(root, plan.out_path, plan.store)[box.to_slices()] = out
     return int(fg.sum())
 
 
@@ -285,7 +285,7 @@ def stitch(
 
     Ids are consecutive from ``id_offset + 1`` (an offset keeps ids unique across volumes).
     """
-    from tasks.segment import dask_client
+    from tasks.cluster import dask_client
 
     t0 = time.perf_counter()
     plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size)

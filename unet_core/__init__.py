@@ -10,7 +10,13 @@ does not pull in PyTorch.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# OpenMP threads that spin while waiting collapse (measured 30x slower) when they share the
+# cores with Dask's I/O threads or other processes; sleeping waits cost little here. Set
+# before PyTorch loads its OpenMP runtime; an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
     from unet_core.checkpoint import (

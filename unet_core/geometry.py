@@ -12,9 +12,10 @@ part, ``context`` voxels in from every side) and writes a sub-box of the block::
     │   ┌───────────────┬───────────────┬───────┐   │
     │   │ tile 0 writes │ tile 1 writes │ tile 2│   │   tile k reads its write box grown by
     │   │               │               │ writes│   │   the context; tile origins lie on the
-    │   ├───────────────┼───────────────┼───────┤   │   2**depth grid anchored at -context,
-    │   │ ...           │               │       │   │   so every tile computes exactly what
-    │   └───────────────┴───────────────┴───────┘   │   one pass over the whole volume would.
+    │   ├───────────────┼───────────────┼───────┤   │   2**depth grid anchored where the
+    │   │ ...           │               │       │   │   whole-volume pass starts, so every
+    │   └───────────────┴───────────────┴───────┘   │   tile computes exactly what one pass
+    │                                               │   over the whole volume would.
     │           write box of the block              │
     └───────────────────────────────────────────────┘
 
@@ -22,7 +23,8 @@ Everything is in volume coordinates: voxel 0 is the first voxel of the volume; b
 reach below 0 or beyond the volume, where data is mirror-extended.
 
 The reference pass (no tiling) is the special case of one tile whose input starts at
-``-context`` and is the smallest valid size covering ``volume + 2 * context``.
+the anchor (``-context`` for a valid network) and is the smallest valid size covering the
+volume plus the margins.
 """
 
 from __future__ import annotations
@@ -197,6 +199,21 @@ class TileSpec:
         begin, end = self.config.exact_region_1d(size)
         return begin, size - end
 
+    def anchor(self, axis: int) -> int:
+        """Where the whole-volume pass starts (volume coordinates); tile origins sit on
+        ``anchor + k * grid``.
+
+        A valid network starts ``context`` before the volume (the paper's mirrored border).
+        A same network starts a whole number of grid steps before it, so its pooling grid
+        lines up with ``model(volume)`` run directly: away from the volume border the two
+        agree exactly.
+        """
+        before = self.before(axis)
+        if axis < self.slice_axes or self.config.padding == "valid":
+            return -before
+        g = self.config.grid
+        return -g * (-(-before // g))
+
     def before(self, axis: int) -> int:
         """Margin before the usable output; the same for every valid tile size."""
         return self.margins_1d(axis, self.valid_size(axis, 1))[0]
@@ -244,8 +261,8 @@ def _axis_tiles(
         return 1, [(i, i, i + 1) for i in range(begin, end)]
     g = spec.grid[axis]
     before = spec.before(axis)
-    anchor = -before  # the reference pass starts here; every tile origin is anchor + k*g
-    first = anchor + g * (begin // g)
+    anchor = spec.anchor(axis)  # the reference pass starts here; origins are anchor + k*g
+    first = anchor + g * ((begin - before - anchor) // g)
     needed = spec.valid_size(axis, end - first, usable=end - first - before)
     size = needed if tile is None else min(spec.valid_size(axis, tile), needed)
     usable = spec.usable_1d(axis, size)
