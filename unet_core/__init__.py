@@ -18,6 +18,12 @@ from typing import TYPE_CHECKING, Any
 # before PyTorch loads its OpenMP runtime; an explicit OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Large convolution buffers are reused instead of re-faulted on every forward pass
+# (measured 2x faster exact CPU inference); see unet_core._malloc.
+from unet_core import _malloc
+
+_malloc.tune()
+
 if TYPE_CHECKING:
     from unet_core.checkpoint import (
         CheckpointMeta,

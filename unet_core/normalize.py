@@ -68,7 +68,8 @@ class Normalization(BaseModel):
 
 def apply_affine(x: np.ndarray, offset: float, scale: float) -> np.ndarray:
     """float32 ``(x - offset) * scale``; the same arithmetic everywhere (bitwise exactness)."""
-    out = np.asarray(x, dtype=np.float32) - np.float32(offset)
+    out = np.array(x, dtype=np.float32)  # one copy, then in place
+    out -= np.float32(offset)
     out *= np.float32(scale)
     return out
 

@@ -8,7 +8,13 @@ import torch
 
 from unet_core import InvalidVolumeError, UNet, UNetConfig
 from unet_core.geometry import Box
-from unet_core.predict import exact_numerics, mirror_indices, predict, read_mirrored
+from unet_core.predict import (
+    class_labels,
+    exact_numerics,
+    mirror_indices,
+    predict,
+    read_mirrored,
+)
 
 
 def net(seed=0, **kw):
@@ -65,3 +71,16 @@ def test_channels_and_bad_inputs():
         predict(model, x[..., 0])
     with pytest.raises(InvalidVolumeError, match="spatial shape"):
         predict(net(ndim=2), np.zeros((0, 5), np.float32))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 300])
+def test_class_labels_equal_numpy_argmax_with_ties(k):
+    rng = np.random.default_rng(k)
+    scores = rng.normal(size=(k, 6, 9, 11)).astype(np.float32)
+    tied = rng.random((6, 9, 11)) < 0.3  # ties between the first and the last class
+    scores[-1][tied] = scores[0][tied]
+    labels, counts = class_labels(scores)
+    ref = np.argmax(scores, axis=0)
+    assert labels.dtype == (np.uint8 if k <= 256 else np.uint16)
+    assert np.array_equal(labels, ref)
+    assert counts.tolist() == np.bincount(ref.ravel(), minlength=k).tolist()
