@@ -141,10 +141,15 @@ def _rss_mib(pid: int) -> float:
         return 0.0
 
 
-def run_child(module: str, args: list[str], timeout: float | None = None) -> dict[str, Any]:
+def run_child(
+    module: str,
+    args: list[str],
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run ``python -m module *args`` (a benchmark's child mode) and return its JSON,
     with ``child_peak_rss_mib`` and ``child_wall_s`` measured from outside."""
-    res = run_measured([sys.executable, "-m", module, *args], timeout=timeout)
+    res = run_measured([sys.executable, "-m", module, *args], timeout=timeout, env=env)
     if res["rc"] != 0:
         raise RuntimeError(
             f"{module} {' '.join(args)} failed (rc {res['rc']}):\n{res['stderr'][-3000:]}"

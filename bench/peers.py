@@ -1,11 +1,12 @@
 """segflow's engine vs MONAI's sliding window and vs a naive ``dask.array.map_overlap``.
 
-    python -m bench.peers [--shape 256,512,512] [--chunks 16,256,256] [--tile 300,300]
+    python -m bench.peers [--shape 256,512,512] [--chunks 16,256,256] [--tile auto]
                           [--depth 2] [--base 4] [--batch-size 4] [--threads 2]
 
 One uint16 volume (default 256×512×512, 128 MiB) in an OME-Zarr store, one checkpoint of a
 2D ``padding="same"`` U-Net (depth 2, 4 base channels; it runs slice by slice along z), one
-tile (default 300×300: its usable centre, 300 - 2·22, is exactly one 256×256 chunk). Every
+tile (default ``auto``: the tile segflow plans for one chunk, 304×304 for 256×256 chunks: 22
+voxels of margin each side, and the tile's origin on the network's pooling grid). Every
 path reads the store, normalises with the same global statistics, computes class
 probabilities and writes uint8 labels plus float32 probabilities to zarr with the same chunks
 and compressor. Each runs in its own subprocess with ``torch.set_num_threads(--threads)``:
@@ -18,9 +19,15 @@ and compressor. Each runs in its own subprocess with ``torch.set_num_threads(--t
 - ``segflow_fast``: the same with ``exact=False`` (oneDNN, like the peers);
 - ``monai``: the whole volume in memory as a batch of slices, MONAI's
   ``sliding_window_inference`` (roi = segflow's tile, overlap 0.25, gaussian blending,
-  ``sw_batch_size`` = segflow's batch size), torch defaults (oneDNN on), then softmax;
+  ``sw_batch_size`` = segflow's batch size), torch defaults (oneDNN on), then softmax; run
+  as its users run it, with glibc's default allocator settings
+  (``SEGFLOW_MALLOC_TUNING=0``: the child imports ``unet_core`` for the model, which would
+  otherwise apply segflow's allocator tuning, see ``unet_core._malloc``);
+- ``monai_tuned``: the same under segflow's allocator tuning, to separate the engine from
+  the allocator;
 - ``naive_dask``: ``dask.array.map_overlap`` over the image chunks, depth = the network's
-  context, ``boundary="reflect"``, the model run on each chunk with its halo;
+  context, ``boundary="reflect"``, the model run on each chunk with its halo; default
+  allocator like ``monai``, and ``naive_dask_tuned`` with segflow's;
 - ``plain``: ``model(slices)`` on each whole slice with the network's own zero padding and
   torch defaults, the single pass a MONAI user would compare with (not timed against the
   others either).
@@ -32,7 +39,8 @@ single passes differ from each other by design: segflow's mirror-extends by the 
 (22 voxels here), so its pooling grid starts at -22, the plain pass's at 0; for an
 untrained network that alone changes probabilities by up to ~0.5. MONAI's windows sit on
 the plain pass's grid (and naive Dask's chunks plus halo too), so "vs plain" isolates their
-blending/halo error. Target: segflow wall <= 0.6x MONAI.
+blending/halo error. Target: segflow wall <= 0.6x MONAI (as its users run it); the ratios
+to the tuned peers are reported beside it.
 """
 
 from __future__ import annotations
@@ -296,7 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="256,512,512")
     parser.add_argument("--chunks", default="16,256,256")
-    parser.add_argument("--tile", default="300,300", help="tile input shape (y, x)")
+    parser.add_argument(
+        "--tile", default="auto", help="tile input shape (y, x); auto: segflow's for one chunk"
+    )
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--base", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -312,11 +322,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench.common import write_image_store
     from unet_core import UNet, UNetConfig, save_checkpoint
-    from unet_core.geometry import TileSpec
+    from unet_core.geometry import Box, TileSpec, plan_tiles
 
     shape = tuple(int(s) for s in args.shape.split(","))
     chunks = tuple(int(s) for s in args.chunks.split(","))
-    tile2d = tuple(int(s) for s in args.tile.split(","))
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     src = str(WORK / "volume.ome.zarr")
@@ -326,7 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = str(WORK / "model.ckpt")
     save_checkpoint(ckpt, UNet(config))
     spec = TileSpec(config, 3)
-    tile = spec.valid_tile_shape((1, *tile2d))
+    if args.tile == "auto":
+        _, chunk_tiles = plan_tiles(spec, Box.of_shape((1, *chunks[1:])), None)
+        tile = chunk_tiles[0].read.shape
+    else:
+        tile = spec.valid_tile_shape((1, *(int(s) for s in args.tile.split(","))))
     margins = spec.margins_1d(1, tile[1])
     base = {
         "src": src,
@@ -336,17 +349,21 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
     }
 
-    def run(path: str, name: str, **extra) -> dict:
+    untuned = {"SEGFLOW_MALLOC_TUNING": "0"}
+
+    def run(path: str, name: str, env: dict[str, str] | None = None, **extra) -> dict:
         opts = {**base, "out": str(WORK / f"{name}.zarr"), **extra}
-        res = run_child("bench.peers", ["--child", path, json.dumps(opts)])
+        res = run_child("bench.peers", ["--child", path, json.dumps(opts)], env=env)
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}
 
     results = {
         "reference": run("reference", "reference"),
         "segflow": run("segflow", "segflow", exact=True),
         "segflow_fast": run("segflow", "segflow_fast", exact=False),
-        "monai": run("monai", "monai"),
-        "naive_dask": run("naive", "naive_dask"),
+        "monai": run("monai", "monai", env=untuned),
+        "monai_tuned": run("monai", "monai_tuned"),
+        "naive_dask": run("naive", "naive_dask", env=untuned),
+        "naive_dask_tuned": run("naive", "naive_dask_tuned"),
         "plain": run("plain", "plain"),
     }
     paths: dict[str, tuple[str, str, str]] = {
@@ -367,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in paths:
         results[name].update(diffs[name])
         results[name]["max_abs_diff"] = diffs[name]["vs_reference"]["max_abs_diff"]
-    seg, fast, mon, nai = (results[k] for k in ("segflow", "segflow_fast", "monai", "naive_dask"))
+    names = ("segflow", "segflow_fast", "monai", "naive_dask", "monai_tuned", "naive_dask_tuned")
+    seg, fast, mon, nai, mon_t, nai_t = (results[k] for k in names)
     ratios = {
         "segflow_wall_over_monai": round(seg["seconds"] / mon["seconds"], 3),
         "segflow_rss_over_monai": round(seg["peak_rss_mib"] / mon["peak_rss_mib"], 3),
@@ -377,6 +395,10 @@ def main(argv: list[str] | None = None) -> None:
         "segflow_rss_over_naive_dask": round(seg["peak_rss_mib"] / nai["peak_rss_mib"], 3),
         "segflow_fast_wall_over_naive_dask": round(fast["seconds"] / nai["seconds"], 3),
         "segflow_fast_rss_over_naive_dask": round(fast["peak_rss_mib"] / nai["peak_rss_mib"], 3),
+        "segflow_wall_over_monai_tuned": round(seg["seconds"] / mon_t["seconds"], 3),
+        "segflow_fast_wall_over_monai_tuned": round(fast["seconds"] / mon_t["seconds"], 3),
+        "segflow_wall_over_naive_dask_tuned": round(seg["seconds"] / nai_t["seconds"], 3),
+        "segflow_fast_wall_over_naive_dask_tuned": round(fast["seconds"] / nai_t["seconds"], 3),
     }
     emit(
         {

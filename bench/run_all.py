@@ -41,7 +41,7 @@ FULL_ARGS: dict[str, list[str]] = {
 QUICK_ARGS: dict[str, list[str]] = {
     "engine": ["--shape", "16,512,512"],
     "peers": ["--shape", "16,512,512", "--chunks", "8,256,256"],
-    "memory": ["--base", "16,512,512", "--factors", "1,2", "--limit-mib", "0"],
+    "memory": ["--base", "16,512,512", "--factors", "1,2", "--limit-mib", "0", "--no-untuned"],
     "scaling": ["--shape", "16,512,512"],
     "stitch": ["--sizes", "64"],
     "ingest": ["--repeat", "1"],
@@ -235,7 +235,7 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
         vol = _shape(r["volume_shape"])
         rows += [
             (
-                f"wall time segflow / MONAI ({vol}, exact mode)",
+                f"wall time segflow / MONAI ({vol}, exact mode; MONAI as users run it)",
                 _fmt(q["segflow_wall_over_monai"], 3) + _met(r.get("target_met")),
                 f"≤ {r.get('target_wall_over_monai')}",
             ),
@@ -243,6 +243,12 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 "wall time segflow --fast / MONAI (both oneDNN)",
                 _fmt(q["segflow_fast_wall_over_monai"], 3) + _met(r.get("target_met_fast")),
                 f"≤ {r.get('target_wall_over_monai')}",
+            ),
+            (
+                "wall time segflow / MONAI under segflow's allocator tuning (exact; --fast)",
+                f"{_fmt(q.get('segflow_wall_over_monai_tuned'), 3)}; "
+                f"{_fmt(q.get('segflow_fast_wall_over_monai_tuned'), 3)}",
+                "reported",
             ),
             (
                 "peak RSS segflow / MONAI (exact; --fast)",
@@ -269,6 +275,12 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 "",
             ),
             (
+                "wall time segflow / naive Dask under segflow's allocator tuning (exact; --fast)",
+                f"{_fmt(q.get('segflow_wall_over_naive_dask_tuned'), 3)}; "
+                f"{_fmt(q.get('segflow_fast_wall_over_naive_dask_tuned'), 3)}",
+                "",
+            ),
+            (
                 "peak RSS segflow / naive Dask (exact; --fast)",
                 f"{_fmt(q['segflow_rss_over_naive_dask'], 3)}; "
                 f"{_fmt(q['segflow_fast_rss_over_naive_dask'], 3)}",
@@ -281,11 +293,17 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 "",
             ),
             (
-                "seconds: segflow / --fast / MONAI / naive Dask",
+                "seconds: segflow / --fast / MONAI / naive Dask (tuned: MONAI / naive Dask)",
                 " / ".join(
                     _fmt(p[k]["seconds"], 1)
                     for k in ("segflow", "segflow_fast", "monai", "naive_dask")
-                ),
+                )
+                + " ("
+                + " / ".join(
+                    _fmt(p[k]["seconds"], 1) if k in p else "-"
+                    for k in ("monai_tuned", "naive_dask_tuned")
+                )
+                + ")",
                 "",
             ),
             (
@@ -315,6 +333,17 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"≤ {r.get('target_ratio')}",
             )
         )
+        unt = r.get("untuned_allocator", {})
+        if unt.get("runs"):
+            rows.append(
+                (
+                    "same with glibc's default allocator (`SEGFLOW_MALLOC_TUNING=0`): peak RSS "
+                    "MiB " + " / ".join(f"{x['factor']}x" for x in unt["runs"]) + "; ratio",
+                    " / ".join(_fmt(x["peak_rss_mib"], 0) for x in unt["runs"])
+                    + f"; {_fmt(unt['rss_ratio_largest_to_smallest'], 3)}",
+                    "",
+                )
+            )
         lim = r.get("memory_limit_run", {})
         if "limit_mib" in lim:
             data = lim["attempts"].get("RLIMIT_DATA (prlimit --data)", {})
@@ -592,17 +621,21 @@ def readme_section(results: dict[str, Any], table: str, images: list[str]) -> st
 NOTES = """How to read it (details and every figure: `bench/results.json`, module docstrings):
 
 - **peers**: a 2D `padding="same"` U-Net (depth 2, 4 base channels) run slice by slice;
-  segflow's tile = MONAI's `roi_size` = 300×300 (its kept centre is one 256×256 chunk),
-  overlap 0.25, gaussian blending, batch 4, 2 torch threads in every path. Every path reads
-  the store and writes labels and float32 probabilities. MONAI and naive Dask differ from
+  segflow's tile = MONAI's `roi_size` = 304×304 (the tile segflow plans for one 256×256
+  chunk), overlap 0.25, gaussian blending, batch 4, 2 torch threads in every path. Every
+  path reads the store and writes labels and float32 probabilities. MONAI and naive Dask run
+  with glibc's default allocator, as their users run them; "tuned" runs them under
+  segflow's allocator settings (`unet_core._malloc`), which speed up every PyTorch CPU
+  path here, to separate the engine from the allocator. MONAI and naive Dask differ from
   segflow's whole-volume pass mostly because their pooling grid starts at another phase
   (segflow mirror-extends by the tile margin); the "plain pass" figure (the model on each
   whole slice, zero padded) isolates their blending / halo error.
 - **memory**: `segflow segment` with a tiny network, CLI defaults; the limited run uses
   `prlimit --data` (RLIMIT_DATA), `--batch-size 1` and `MALLOC_ARENA_MAX=2`.
-- **stitch**: peak RSS includes imports; segflow's stitch process imports PyTorch through
-  `tasks.segment` (about 180 MiB of its ~340 MiB floor) and holds the object table, which
-  grows with the number of objects; scipy's path grows with the voxels.
+- **stitch**: peak RSS includes imports (segflow's process starts at about 165 MiB with
+  Dask's distributed, zarr, pandas and scipy loaded, the in-memory one at about 105 MiB);
+  segflow's then holds the object table, which grows with the number of objects, scipy's
+  path grows with the voxels. At 512 MiB that floor alone is a fifth of the in-memory peak.
 - **scaling** and every wall time: the machine is shared with other work (load averages
   above); a second Dask worker only helps when a second core is free.
 - **gpu** runs only on a CUDA machine (`python -m bench.gpu`); here it reports the FLOP

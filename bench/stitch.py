@@ -15,7 +15,8 @@ plenty cross chunk faces. Then each path runs in its own subprocess:
 
 Chunks default to 64×128×128 (the ingest default). Reported per size: seconds, peak RSS
 (the child's ``ru_maxrss``, imports included; ``rss_after_imports_mib`` is the floor before
-any work: segflow's child imports PyTorch through ``tasks.segment``), their ratios and the
+any work: segflow's child also imports Dask's distributed for its in-process cluster), their
+ratios and the
 object counts (which must be equal). For the first size a third process checks that the two
 partitions are identical (one-to-one ids, chunk by chunk). Default sizes are 512 MiB (the
 issue's minimum) and 2 GiB, to show how each path grows. Target: segflow's peak RSS <= 1/4
@@ -253,8 +254,8 @@ def main(argv: list[str] | None = None) -> None:
             "target_met": largest["ratio_rss_segflow_to_inmemory"] <= 0.25,
             "notes": (
                 "peak RSS = the child process's ru_maxrss, interpreter and imports included "
-                "(segflow's child imports torch through tasks.segment). Headline figures are "
-                "for the largest size."
+                "(segflow's child also imports distributed for its in-process cluster). "
+                "Headline figures are for the largest size."
             ),
             "load_average_after": load_average(),
         }

@@ -44,7 +44,9 @@ def segment(
         str | None, typer.Option(help="Write outputs to this store instead of SRC's labels/.")
     ] = None,
     chunks: Annotated[str | None, typer.Option(help="Output chunks, e.g. 64,128,128.")] = None,
-    tile: Annotated[str | None, typer.Option(help="Tile input shape (default: per model).")] = None,
+    tile: Annotated[
+        str | None, typer.Option(help="Largest tile input shape (default: per model).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Tiles per forward pass.")] = 4,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",

@@ -265,6 +265,20 @@ def _axis_tiles(
     first = anchor + g * ((begin - before - anchor) // g)
     needed = spec.valid_size(axis, end - first, usable=end - first - before)
     size = needed if tile is None else min(spec.valid_size(axis, tile), needed)
+
+    def count(size: int) -> int:
+        rest = end - first - before - spec.usable_1d(axis, size)
+        return 1 if rest <= 0 else 1 + -(-rest // ((spec.usable_1d(axis, size) // g) * g))
+
+    n = count(size)
+    if n > 1:
+        # Balance: the smallest tile that still needs only n tiles (a requested tile is an
+        # upper bound), so the last tile does not recompute most of its neighbour.
+        per_tile = -(-(end - first - before) // n)
+        share = g * -(-per_tile // g)
+        balanced = spec.valid_size(axis, 1, usable=share)
+        if balanced < size and count(balanced) == n:
+            size = balanced
     usable = spec.usable_1d(axis, size)
     step = (usable // g) * g
     origins = [first]

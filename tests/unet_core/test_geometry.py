@@ -38,10 +38,26 @@ def test_block_halo_is_derived():
 def test_paper_tile_on_a_large_image():
     spec = TileSpec(UNetConfig(ndim=2, depth=4), 2)
     read, tiles = plan_tiles(spec, Box.of_shape((1000, 1000)), (572, 572))
-    assert {t.read.shape for t in tiles} == {(572, 572)}
-    # 388 usable, advancing by 384 (a multiple of 16): three tiles per axis.
+    # 572 (388 usable, advancing by 384, a multiple of 16) needs three tiles per axis; the
+    # tiles are then shrunk to the smallest valid size that still needs three: 1000 / 3
+    # -> 336 on the grid -> 524 (340 usable).
+    assert {t.read.shape for t in tiles} == {(524, 524)}
     assert len(tiles) == 9
     assert read.begin == (-92, -92)
+
+
+def test_requested_tile_is_an_upper_bound_balanced_over_the_block():
+    # A same net (context 20 -> margins 22, pooling grid 4) and a 256-wide block: a 300 tile
+    # leaves 256 usable but starts 2 voxels early on the grid, so it needs two tiles per
+    # axis; they shrink to 176 instead of computing two 300-wide tiles.
+    spec = TileSpec(UNetConfig(ndim=2, depth=2, padding="same"), 3)
+    write = Box((0, 256, 0), (4, 256, 256))
+    _, tiles = plan_tiles(spec, write, (1, 300, 300))
+    assert {t.read.shape for t in tiles} == {(1, 176, 176)}
+    assert len(tiles) == 4 * 2 * 2
+    _, tiles = plan_tiles(spec, write, None)  # no tile asked: one per slice
+    assert {t.read.shape for t in tiles} == {(1, 304, 304)}
+    assert len(tiles) == 4
 
 
 def _check_partition(spec, shape, block_shape, tile):
