@@ -7,7 +7,7 @@ page by page, so making it needs little memory), then runs each path in its own
 subprocess and prints one JSON object: throughput (MiB of image per second, the work only,
 not the interpreter start) and peak RSS (the subprocess's ru_maxrss, imports included) of
 
-- ``ingest``: ``tasks.ingest.ingest_volume`` with its defaults (Dask threads on all cores,
+- ``ingest``: ``tasks.ingest.ingest_volume`` with its defaults (Dask threads, two per core,
   64×128×128 chunks, zstd, global statistics),
 - ``naive``: ``tifffile.imread`` of the whole file, then one ``zarr`` write with the same
   chunks and compressor (and no statistics).

@@ -58,7 +58,7 @@ def ingest(
         typer.Option(help="Dask scheduler: threads, processes, sync, or a scheduler address."),
     ] = "threads",
     workers: Annotated[
-        int | None, typer.Option(min=1, help="Parallel tasks (default: all cores).")
+        int | None, typer.Option(min=1, help="Parallel tasks (default: two per core).")
     ] = None,
     unit_mib: Annotated[
         float, typer.Option(help="Most MiB of the image one task holds at a time.")
