@@ -486,11 +486,34 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _where_measured(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """ "commit `X`" (plus the benchmarks re-run at other commits by ``--only``) and the
+    1-minute load over every benchmark's own run."""
+    entries = results["benchmarks"]
+    commits: dict[str, list[str]] = {}
+    for name, entry in entries.items():
+        commits.setdefault(entry.get("commit") or results.get("commit") or "?", []).append(name)
+    main = max(commits, key=lambda c: len(commits[c]))
+    text = f"commit `{main}`"
+    others = [f"{', '.join(n)} re-run at `{c}`" for c, n in commits.items() if c != main]
+    if others:
+        text += " (" + "; ".join(others) + ")"
+    loads = [e["load_1min_during"] for e in entries.values() if e.get("load_1min_during")]
+    if not loads:
+        return text, results.get("load_1min_during", {})
+    load = {
+        "min": min(x["min"] for x in loads),
+        "mean": round(sum(x["mean"] for x in loads) / len(loads), 2),
+        "max": max(x["max"] for x in loads),
+    }
+    return text, load
+
+
 def machine_line(results: dict[str, Any]) -> str:
     m = results["machine"]
-    load = results.get("load_1min_during", {})
+    where, load = _where_measured(results)
     return (
-        f"Measured {results['generated'][:10]} at commit `{results.get('commit')}` on "
+        f"Measured {results['generated'][:10]} at {where} on "
         f"{m.get('cpu', 'an unknown CPU')} ({m.get('cpu_count')} cores, "
         f"{m.get('memory_gib')} GiB RAM, no GPU{'' if not m.get('cuda') else ': ' + m['cuda']}), "
         f"Python {m.get('python')}, torch {m.get('torch')}, MONAI {m.get('monai')}. "
@@ -687,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
     with LoadSampler(every=30.0) as sampler:
         for name in names:
             extra = (QUICK_ARGS if args.quick else FULL_ARGS).get(name, [])
-            results["benchmarks"][name] = run_one(name, extra)
+            results["benchmarks"][name] = run_one(name, extra) | {"commit": _git_commit()}
     results["benchmarks"] = {
         n: results["benchmarks"][n] for n in discover() if n in results["benchmarks"]
     }
