@@ -58,7 +58,9 @@ class SegmentOptions(BaseModel):
     chunks: list[int] | None = Field(
         None, description="Output chunk shape, e.g. [64, 128, 128] (default: the image's)."
     )
-    tile: list[int] | None = Field(None, description="Tile input shape (default: per model).")
+    tile: list[int] | None = Field(
+        None, description="Largest tile input shape (default: per model)."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

@@ -63,7 +63,8 @@ class SegmentParams(BaseModel):
         None, description="Output chunk shape per spatial axis (default: the image's chunks)."
     )
     tile: tuple[int, ...] | None = Field(
-        None, description="Tile input shape per spatial axis (default: chosen from the model)."
+        None,
+        description="Largest tile input shape per spatial axis (default: chosen from the model).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
