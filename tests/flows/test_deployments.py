@@ -43,6 +43,17 @@ def _wait(url: str, timeout: float = 150.0) -> httpx.Response:
     raise TimeoutError(f"{url} not ready: {last}")
 
 
+def _api(method: str, url: str, **kw) -> httpx.Response:
+    """One API call, retried on 503 like Prefect's own client does: the server answers 503
+    when its SQLite database is briefly locked by its background services."""
+    for attempt in range(6):
+        r = httpx.request(method, url, timeout=30, **kw)
+        if r.status_code != 503:
+            return r
+        time.sleep(0.5 * 2**attempt)
+    return r
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A prefect server and a `segflow serve` process, both real, on loopback."""
@@ -107,7 +118,7 @@ def served(tmp_path_factory):
 
 def test_deployments_schema_and_nightly_schedule(served):
     api = served["api"]
-    dep = httpx.get(f"{api}/deployments/name/segment-volume/on-demand").json()
+    dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
     schema = dep["parameter_openapi_schema"]
     assert dep["enforce_parameter_schema"] is True
     props = schema["definitions"]["SegmentVolumeParams"]["properties"]
@@ -127,9 +138,9 @@ def test_deployments_schema_and_nightly_schedule(served):
 
 def test_out_of_bounds_parameter_is_rejected_by_the_server(served):
     api = served["api"]
-    dep = httpx.get(f"{api}/deployments/name/segment-volume/on-demand").json()
+    dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
     bad = {"params": {"source": "x.ome.zarr", "model": "m.ckpt", "batch_size": 0}}
-    r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": bad})
+    r = _api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": bad})
     assert r.status_code == 409, r.text
     assert "batch_size" in r.text
 
@@ -143,17 +154,17 @@ def test_triggered_run_completes(served):
         "zyx",
         chunks=(2, 32, 32),
     )
-    dep = httpx.get(f"{api}/deployments/name/segment-volume/on-demand").json()
+    dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
     params = {
         "params": {"source": src, "model": served["model"], "tile": [1, 60, 60], "device": "cpu"}
     }
-    r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
+    r = _api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
     assert r.status_code == 201, r.text
     run_id = r.json()["id"]
     deadline = time.time() + 300
     state = None
     while time.time() < deadline:
-        run = httpx.get(f"{api}/flow_runs/{run_id}").json()
+        run = _api("GET", f"{api}/flow_runs/{run_id}").json()
         state = run["state"]["type"]
         if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
