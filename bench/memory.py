@@ -119,17 +119,20 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = str(WORK / "tiny.ckpt")
     save_checkpoint(ckpt, UNet(config))
     base = tuple(int(s) for s in args.base.split(","))
-    runs = []
-    for f in (int(s) for s in args.factors.split(",")):
+
+    def measure(f: int, tag: str, env: dict[str, str] | None = None) -> dict:
+        """Write the f-times volume, segment it with the CLI, report the run."""
         shape = (base[0] * f, *base[1:])
-        src = str(WORK / f"x{f}.ome.zarr")
+        src = str(WORK / f"{tag}{f}.ome.zarr")
         write_image_store(src, shape, CHUNKS, seed=f)
-        run = segment_cli(src, ckpt, str(WORK / f"x{f}-out.zarr"))
+        run = segment_cli(src, ckpt, str(WORK / f"{tag}{f}-out.zarr"), env=env)
         run.update({"factor": f, "shape": list(shape), "volume_mib": _mib(shape)})
-        runs.append(run)
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)
-            shutil.rmtree(WORK / f"x{f}-out.zarr", ignore_errors=True)
+            shutil.rmtree(WORK / f"{tag}{f}-out.zarr", ignore_errors=True)
+        return run
+
+    runs = [measure(int(s), "x") for s in args.factors.split(",")]
     rss = {r["factor"]: r["peak_rss_mib"] for r in runs}
     lo, hi = min(rss), max(rss)
     ratio = round(rss[hi] / rss[lo], 3)
@@ -141,17 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     untuned_runs = []
     if args.untuned:
         for f in (lo, hi):
-            shape = (base[0] * f, *base[1:])
-            src = str(WORK / f"u{f}.ome.zarr")
-            write_image_store(src, shape, CHUNKS, seed=f)
-            run = segment_cli(
-                src, ckpt, str(WORK / f"u{f}-out.zarr"), env={"SEGFLOW_MALLOC_TUNING": "0"}
-            )
-            run.update({"factor": f, "shape": list(shape), "volume_mib": _mib(shape)})
+            run = measure(f, "u", env={"SEGFLOW_MALLOC_TUNING": "0"})
             run.pop("rss_timeline", None)
             untuned_runs.append(run)
-            shutil.rmtree(src, ignore_errors=True)
-            shutil.rmtree(WORK / f"u{f}-out.zarr", ignore_errors=True)
     untuned = (
         {
             "env": {"SEGFLOW_MALLOC_TUNING": "0"},

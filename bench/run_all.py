@@ -707,17 +707,18 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(results_path.read_text())
     uptime_before = _uptime()
     t0 = time.perf_counter()
+    commit = _git_commit()
     with LoadSampler(every=30.0) as sampler:
         for name in names:
             extra = (QUICK_ARGS if args.quick else FULL_ARGS).get(name, [])
-            results["benchmarks"][name] = run_one(name, extra) | {"commit": _git_commit()}
+            results["benchmarks"][name] = run_one(name, extra) | {"commit": commit}
     results["benchmarks"] = {
         n: results["benchmarks"][n] for n in discover() if n in results["benchmarks"]
     }
     results.update(
         {
             "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "commit": _git_commit(),
+            "commit": commit,
             "quick": args.quick,
             "ran": names,
             "total_wall_s": round(time.perf_counter() - t0, 1),

@@ -578,9 +578,8 @@ class Runner:
     of ``workers`` threads, by default two per core: a unit waits on its reads and on zarr's
     compression threads, so one per core left a 2-core machine 11% slower), "processes"
     (Dask's multiprocessing scheduler), "sync" (one task at a time, for debugging), an
-    address such as
-    "tcp://10.0.0.1:8786", or a ``distributed.Client``. Tasks get descriptors only; each
-    opens the files it reads itself.
+    address such as "tcp://10.0.0.1:8786", or a ``distributed.Client``. Tasks get
+    descriptors only; each opens the files it reads itself.
     """
 
     def __init__(self, scheduler: Any = None, workers: int | None = None) -> None:

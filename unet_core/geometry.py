@@ -266,24 +266,24 @@ def _axis_tiles(
     needed = spec.valid_size(axis, end - first, usable=end - first - before)
     size = needed if tile is None else min(spec.valid_size(axis, tile), needed)
 
-    def count(size: int) -> int:
-        rest = end - first - before - spec.usable_1d(axis, size)
-        return 1 if rest <= 0 else 1 + -(-rest // ((spec.usable_1d(axis, size) // g) * g))
+    def layout(size: int) -> tuple[int, int, list[int]]:
+        """Usable output, step and tile origins of tiles of ``size`` covering the axis."""
+        usable = spec.usable_1d(axis, size)
+        step = (usable // g) * g
+        origins = [first]
+        while origins[-1] + before + usable < end:
+            origins.append(origins[-1] + step)
+        return usable, step, origins
 
-    n = count(size)
-    if n > 1:
-        # Balance: the smallest tile that still needs only n tiles (a requested tile is an
-        # upper bound), so the last tile does not recompute most of its neighbour.
-        per_tile = -(-(end - first - before) // n)
-        share = g * -(-per_tile // g)
-        balanced = spec.valid_size(axis, 1, usable=share)
-        if balanced < size and count(balanced) == n:
+    usable, step, origins = layout(size)
+    if len(origins) > 1:
+        # Balance: the smallest tile that still needs only as many tiles (a requested tile
+        # is an upper bound), so the last tile does not recompute most of its neighbour.
+        per_tile = -(-(end - first - before) // len(origins))
+        balanced = spec.valid_size(axis, 1, usable=g * -(-per_tile // g))
+        if balanced < size and len(layout(balanced)[2]) == len(origins):
             size = balanced
-    usable = spec.usable_1d(axis, size)
-    step = (usable // g) * g
-    origins = [first]
-    while origins[-1] + before + usable < end:
-        origins.append(origins[-1] + step)
+            usable, step, origins = layout(size)
     if len(origins) > 1:
         # Pull the last tile back onto the grid so it reads no further than necessary.
         lowest = end - before - usable
