@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import time
-from typing import Any, Literal, cast
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
@@ -23,20 +23,16 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from flows import core_logs_to_prefect
-from tasks.regions import (
-    blocks_per_region,
-    forget_regions,
-    n_regions,
-    region_blocks,
-    region_status,
-    run_region,
-)
+from tasks.blockwise import Regions, Runner, blocks_per_region
+from tasks.regions import forget_regions, run_region
 from tasks.report import markdown_report, write_preview
+from tasks.runstate import Lease
 from tasks.segment import (
     SegmentParams,
     SegmentPlan,
@@ -45,40 +41,31 @@ from tasks.segment import (
     plan_segmentation,
     prepare_outputs,
 )
-from tasks.store import DoneTracker, is_remote
+from tasks.store import attributes, is_remote, open_group
+from unet_core.errors import ConfigError, SegflowError
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 
 
-class SegmentOptions(BaseModel):
-    """How to segment (the same knobs as ``segflow segment``)."""
+class SegmentOptions(SegmentParams):
+    """How to segment: the engine's parameters (:class:`SegmentParams`, shared with the CLI)
+    plus what only a flow run decides (instances, where Dask runs, regions, retries)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
-    chunks: list[int] | None = Field(
-        None, description="Output chunk shape, e.g. [64, 128, 128] (default: the image's)."
-    )
-    tile: list[int] | None = Field(
-        None, description="Largest tile input shape (default: per model)."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
-    batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
-    )
-    exact: bool = Field(True, description="CPU: bitwise equal to a whole-volume pass.")
-    probabilities: bool = Field(False, description="Also write class probabilities.")
     instances: bool = Field(True, description="Label objects across chunks (stitch).")
     min_size: int | None = Field(
         None, ge=0, description="Drop smaller objects (voxels; default: from the model)."
     )
     connectivity: int = Field(1, ge=1, le=3, description="1 faces, 2 +edges, 3 +corners.")
-    labels_name: str = Field("semantic", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     dask_address: str | None = Field(
         None, description="Dask scheduler address (default: a local cluster for this run)."
     )
     max_regions: int = Field(
         2000, ge=1, le=100_000, description="At most this many region tasks per volume."
+    )
+    regions_in_flight: int = Field(
+        8, ge=1, le=256, description="Region tasks running at once (the rest wait their turn)."
     )
     region_retries: int = Field(2, ge=0, le=10, description="Retries of a failed region.")
     retry_delay_s: float = Field(
@@ -88,17 +75,17 @@ class SegmentOptions(BaseModel):
         3600.0, gt=0, le=7 * 24 * 3600, description="A region taking longer fails (hung worker)."
     )
     ingest_levels: int = Field(0, ge=0, le=10, description="Pyramid levels made at ingest.")
+    lease_wait_s: float = Field(
+        0.0,
+        ge=0,
+        le=24 * 3600,
+        description="Wait this long for another run writing the same outputs, then refuse.",
+    )
 
     def engine(self) -> SegmentParams:
-        return SegmentParams(
-            chunks=tuple(self.chunks) if self.chunks else None,
-            tile=tuple(self.tile) if self.tile else None,
-            device=self.device,
-            batch_size=self.batch_size,
-            precision=self.precision,
-            exact=self.exact,
-            probabilities=self.probabilities,
-            labels_name=self.labels_name,
+        """The engine's parameters (every field of :class:`SegmentParams`, nothing else)."""
+        return SegmentParams.model_validate(
+            self.model_dump(include=set(SegmentParams.model_fields))
         )
 
 
@@ -163,7 +150,7 @@ def plan_step(image: str, model: str, output: str | None, options: SegmentOption
     return plan_segmentation(image, model, output, options.engine())
 
 
-@task(name="segment-region", task_run_name="region-{region}")
+@task(name="segment-region", task_run_name="region-{region}", cache_policy=NO_CACHE)
 def segment_region(
     plan: SegmentPlan, region: int, per_region: int, dask_address: str, timeout_s: float
 ) -> dict[str, Any]:
@@ -241,98 +228,146 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
             timings["ingest"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         plan = plan_step(image, params.model, output, params)
-        tracker = prepare_outputs(plan, force=params.force)
-        per_region = blocks_per_region(plan.n_blocks, params.max_regions)
-        count = n_regions(plan, per_region)
-        if params.regions:
-            forget_regions(plan, list(params.regions), per_region)
-        done = region_status(plan, per_region)
-        todo = [r for r in range(count) if not done[r]]
-        logger.info(
-            "%s: %d blocks in %d regions of %d; %d to compute, %d already done",
-            name,
-            plan.n_blocks,
-            count,
-            per_region,
-            len(todo),
-            count - len(todo),
-        )
-        progress_id = cast(
-            UUID,
-            create_progress_artifact(
-                100.0 * (count - len(todo)) / count, description=f"regions of {name} done"
-            ),
-        )
-        region_task = segment_region.with_options(
-            retries=params.region_retries,
-            retry_delay_seconds=exponential_backoff(backoff_factor=params.retry_delay_s)
-            if params.retry_delay_s > 0
-            else 0,
-        )
-        # The region timeout is enforced on the region's Dask futures (run_region), which
-        # cancels them; Prefect's own timeout cannot interrupt a task in a worker thread.
-        futures = [
-            region_task.submit(plan, r, per_region, address, params.region_timeout_s) for r in todo
-        ]
-        results: list[dict[str, Any]] = []
-        failed: list[int] = []
-        finished = count - len(todo)
-        for fut in as_completed(futures):
-            try:
-                results.append(fut.result())
-            except Exception as exc:
-                region = todo[futures.index(fut)]
-                failed.append(region)
-                logger.error("region %d failed for good: %s", region, exc)
-            finished += 1
-            update_progress_artifact(progress_id, 100.0 * finished / count)
-        timings["segment"] = time.perf_counter() - t1
-        finalize_outputs(plan, DoneTracker(plan.out_url, plan.done_step, plan.grid, plan.key))
-        del tracker
-        summary: dict[str, Any] = {
-            "volume": name,
-            "source": params.source,
-            "image": image,
-            "model": params.model,
-            "model_digest": plan.model_digest[:16],
-            "outputs": plan.out_url,
-            "labels": f"{plan.out_url}/{plan.labels_path}/0",
-            "regions": count,
-            "blocks_per_region": per_region,
-            "regions_computed": len(results),
-            "regions_skipped": count - len(todo),
-            "regions_failed": sorted(failed) or None,
-            "blocks": plan.n_blocks,
-            "blocks_computed": sum(r["computed"] for r in results),
-            "voxels": plan.voxels,
-            "region_seconds": sum(r["seconds"] for r in results),
-            "block_seconds": sum(r["block_seconds"] for r in results),
-            "class_voxels": _class_voxels(plan, results) if len(results) == count else None,
-            "parameters": params.model_dump(),
-        }
-        if not failed and params.instances:
-            t2 = time.perf_counter()
-            st = stitch_step(
-                plan.out_url, params.labels_name, params.min_size, params.connectivity, address
-            )
-            timings["stitch"] = time.perf_counter() - t2
-            summary.update(
-                instances=st["instances"],
-                objects=st["objects"],
-                objects_table=st["table_csv"],
-                top_objects=st["top"],
-            )
+        with Lease(plan.out_url, "segment-volume", wait_s=params.lease_wait_s) as lease:
+            summary, failed = _segment_regions(plan, params, address, name, logger)
+            timings["segment"] = time.perf_counter() - t1
+            lease.check()
+            complete = finalize_outputs(plan, Runner(client))
+            summary["complete"] = complete
+            if complete and params.instances:
+                t2 = time.perf_counter()
+                st = stitch_step(
+                    plan.out_url, params.labels_name, params.min_size, params.connectivity, address
+                )
+                timings["stitch"] = time.perf_counter() - t2
+                summary.update(
+                    instances=st["instances"],
+                    objects=st["objects"],
+                    objects_table=st["table_csv"],
+                    top_objects=st["top"],
+                    stitch_reused=st["reused"],
+                )
     summary["seconds"] = time.perf_counter() - t0
     summary["voxels_per_second"] = plan.voxels / max(timings.get("segment", 0.0), 1e-9)
     summary["timings"] = timings
     shown = "instances" if summary.get("instances") else params.labels_name
-    report_step(summary, plan.image.url, plan.out_url, shown)
+    if complete:
+        report_step(summary, plan.image.url, plan.out_url, shown)
     if failed:
         raise RuntimeError(
             f"{name}: regions {sorted(failed)} failed after retries; re-run (or retry this flow "
             "run) to recompute only them"
         )
     return summary
+
+
+def _segment_regions(
+    plan: SegmentPlan,
+    params: SegmentVolumeParams,
+    address: str,
+    name: str,
+    logger: Any,
+) -> tuple[dict[str, Any], list[int]]:
+    """Run the unfinished regions, at most ``regions_in_flight`` Prefect tasks at a time."""
+    previous_key = _labels_key(plan)
+    if params.regions and previous_key not in (None, plan.key):
+        raise ConfigError(
+            f"{plan.out_url}: regions {params.regions} belong to labels made with other "
+            "parameters, model or image; re-running only those regions with these parameters "
+            "would mix two results (run without regions to recompute everything)"
+        )
+    prepare_outputs(plan, force=params.force)
+    regions = Regions(plan.grid, blocks_per_region(plan.n_blocks, params.max_regions))
+    count = regions.count
+    step = plan.step()
+    if params.regions:
+        forget_regions(plan, regions, list(params.regions))
+    done = regions.done(step)
+    todo = [r for r in range(count) if not done[r]]
+    logger.info(
+        "%s: %d blocks in %d regions of %d; %d to compute, %d already done",
+        name,
+        plan.n_blocks,
+        count,
+        regions.per_region,
+        len(todo),
+        count - len(todo),
+    )
+    progress_id = cast(
+        UUID,
+        create_progress_artifact(
+            100.0 * (count - len(todo)) / count, description=f"regions of {name} done"
+        ),
+    )
+    region_task = segment_region.with_options(
+        retries=params.region_retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=params.retry_delay_s)
+        if params.retry_delay_s > 0
+        else 0,
+    )
+    results: list[dict[str, Any]] = []
+    failed: list[int] = []
+    finished = count - len(todo)
+    waiting = list(reversed(todo))
+    running: dict[Any, int] = {}
+    # A bounded window of region tasks: a 2,000-region run must not start 2,000 threads.
+    while waiting or running:
+        while waiting and len(running) < params.regions_in_flight:
+            r = waiting.pop()
+            fut = region_task.submit(plan, r, regions.per_region, address, params.region_timeout_s)
+            running[fut] = r
+        for fut in as_completed(list(running)):
+            region = running.pop(fut)
+            try:
+                results.append(fut.result())
+            except Exception as exc:
+                failed.append(region)
+                logger.error("region %d failed for good: %s", region, exc)
+            finished += 1
+            break  # refill the window
+        update_progress_artifact(progress_id, 100.0 * (finished - len(failed)) / count)
+    summary: dict[str, Any] = {
+        "volume": name,
+        "source": params.source,
+        "image": plan.image.url,
+        "model": params.model,
+        "model_digest": plan.model_digest[:16],
+        "run_key": plan.key,
+        "outputs": plan.out_url,
+        "labels": f"{plan.out_url}/{plan.labels_path}/0",
+        "regions": count,
+        "blocks_per_region": regions.per_region,
+        "regions_computed": len(results),
+        "regions_skipped": count - len(todo),
+        "regions_failed": sorted(failed) or None,
+        "blocks": plan.n_blocks,
+        "blocks_computed": sum(r["computed"] for r in results),
+        "blocks_reused": plan.n_blocks
+        - sum(r["computed"] for r in results)
+        - sum(len(regions.blocks(r)) for r in failed),
+        "voxels": plan.voxels,
+        "region_seconds": sum(r["seconds"] for r in results),
+        "block_seconds": sum(r["block_seconds"] for r in results),
+        "class_voxels": _class_voxels(plan, results) if len(results) == count else None,
+        "parameters": params.model_dump(),
+    }
+    logger.info(
+        "%s: %d blocks computed, %d reused from earlier runs under the same key",
+        name,
+        summary["blocks_computed"],
+        summary["blocks_reused"],
+    )
+    return summary, failed
+
+
+def _labels_key(plan: SegmentPlan) -> str | None:
+    """The run key of the labels already in the output store, if any."""
+    try:
+        group = open_group(plan.out_url, "r")[plan.labels_path]
+    except (KeyError, SegflowError):
+        return None
+    key = attributes(group).get("segflow", {}).get("key")
+    return str(key) if key else None
 
 
 def _class_voxels(plan: SegmentPlan, results: list[dict[str, Any]]) -> dict[str, int]:
@@ -350,4 +385,4 @@ def _beside(path: str, name: str) -> str:
     return name
 
 
-__all__ = ["SegmentOptions", "SegmentVolumeParams", "region_blocks", "segment_volume"]
+__all__ = ["SegmentOptions", "SegmentVolumeParams", "segment_volume"]

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from segflow.cli import app, clean_errors, parse_shape
+from segflow.progress import BlockProgress
 
 
 def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -55,7 +56,7 @@ def ingest(
     ] = None,
     scheduler: Annotated[
         str,
-        typer.Option(help="Dask scheduler: threads, processes, sync, or a scheduler address."),
+        typer.Option(help="Where units run: threads, sync, or a Dask scheduler address."),
     ] = "threads",
     workers: Annotated[
         int | None, typer.Option(min=1, help="Parallel tasks (default: two per core).")
@@ -70,28 +71,11 @@ def ingest(
     Never holds the whole volume in memory; computes global intensity statistics on the
     way; a re-run resumes an interrupted ingest and skips what is already written.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     from tasks.ingest import ingest_volume
 
     chunk_shape = parse_shape(chunks, "chunks")
     voxels = _parse_floats(voxel_size, "voxel size")
-    bars = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=False,
-        disable=quiet,
-    )
-    ids: dict[str, Any] = {}
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if phase not in ids:
-            ids[phase] = bars.add_task(phase, total=total)
-        bars.update(ids[phase], completed=done, total=total)
-
-    with bars:
+    with BlockProgress(quiet=quiet) as progress:
         info = ingest_volume(
             src,
             dst,

@@ -10,29 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from segflow.cli import app, clean_errors, parse_shape
-
-
-def _progress_bar(total_voxels: int) -> tuple[Any, Any]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    progress = Progress(
-        TextColumn("[bold]segment[/bold]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("blocks"),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    )
-    return progress, total_voxels
+from segflow.progress import BlockProgress
 
 
 @app.command()
@@ -98,26 +76,7 @@ def segment(
     )
     image = _ensure_zarr(src, out)
     plan = plan_segmentation(image, str(model), out, params)
-    callback = None
-    progress: Any = None
-    if not quiet and not as_json:
-        progress, _ = _progress_bar(plan.voxels)
-    if progress is not None:
-        task_id = progress.add_task("segment", total=plan.n_blocks, rate="")
-        state: dict[str, float] = {"voxels": 0.0, "t0": -1.0}
-
-        def callback(res: dict[str, Any], todo: int) -> None:
-            import time
-
-            if state["t0"] < 0:
-                state["t0"] = time.perf_counter()
-                progress.update(task_id, total=todo)
-            state["voxels"] += res["voxels"]
-            dt = max(time.perf_counter() - state["t0"], 1e-9)
-            progress.update(task_id, advance=1, rate=f"{state['voxels'] / dt / 1e6:.2f} Mvox/s")
-
-        progress.start()
-    try:
+    with BlockProgress(quiet=quiet or as_json) as progress:
         result = segment_image(
             image,
             str(model),
@@ -125,12 +84,9 @@ def segment(
             params=params,
             dask_address=dask_address,
             force=force,
-            progress=callback,
+            progress=progress,
             plan=plan,
         )
-    finally:
-        if progress is not None:
-            progress.stop()
     summary: dict[str, Any] = {
         "out": result.out_url,
         "labels": result.labels_path + "/0",

@@ -5,6 +5,7 @@ Kept free of torch and Prefect imports so light steps (stitch, export) stay ligh
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 
@@ -39,4 +40,20 @@ class dask_client:  # noqa: N801 - used like a function in a with statement
         self._owned.clear()
 
 
-__all__ = ["dask_client"]
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(address: str) -> Any:
+    """A Dask client for a scheduler address, one per process (reused across tasks)."""
+    from distributed import Client
+
+    with _clients_lock:
+        client = _clients.get(address)
+        if client is None or client.status not in ("running", "connecting"):
+            client = Client(address, set_as_default=False)
+            _clients[address] = client
+        return client
+
+
+__all__ = ["client_for", "dask_client"]

@@ -36,31 +36,31 @@ compression) into an existing DST raises :class:`StoreConflictError` unless ``ov
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
+from tasks.blockwise import Markers, ProgressFn, Runner, Step
+from tasks.cluster import client_for
+from tasks.runstate import OWNER, Lease, delete_owned_store, owned_by_segflow, store_exists
 from tasks.store import (
     DONE_GROUP,
     NGFF_VERSION,
-    DoneTracker,
     ImageInfo,
     attributes,
     check_access,
-    filesystem,
-    is_remote,
+    every_chunk,
     join,
     multiscales,
     open_group,
@@ -69,6 +69,7 @@ from tasks.store import (
 )
 from tasks.tiff_source import TiffSource, open_source, read_box, release_files
 from unet_core.errors import ConfigError, InvalidVolumeError, SegflowError, StoreConflictError
+from unet_core.geometry import Box
 from unet_core.normalize import IntensityStats, StatsAccumulator, integer_histogram
 
 COMPRESSIONS = ("zstd", "blosc", "none")
@@ -84,7 +85,7 @@ DELAY_ENV = "SEGFLOW_TEST_INGEST_DELAY"
 STEP = "ingest"
 FORMAT_VERSION = 1
 
-Progress = Callable[[str, int, int], None]
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -261,34 +262,6 @@ def _compressors(compression: str, dtype: str) -> Any:
     return None
 
 
-def _exists(url: str) -> bool:
-    """Whether ``url`` holds anything (an empty local folder counts as nothing)."""
-    if is_remote(url):
-        fs = filesystem(url)
-        try:
-            return bool(fs.exists(url)) and bool(fs.ls(url, refresh=True))
-        except FileNotFoundError:
-            return False
-    if os.path.isdir(url):
-        return bool(os.listdir(url))
-    return os.path.exists(url)
-
-
-def _is_zarr(url: str) -> bool:
-    if is_remote(url):
-        return bool(filesystem(url).exists(join(url, "zarr.json")))
-    return os.path.isfile(os.path.join(url, "zarr.json"))
-
-
-def _delete(url: str) -> None:
-    if is_remote(url):
-        filesystem(url).rm(url, recursive=True)
-    elif os.path.isdir(url):
-        shutil.rmtree(url)
-    else:
-        os.remove(url)
-
-
 def _previous_ingest(url: str) -> dict[str, Any] | None:
     try:
         attrs = attributes(open_group(url, "r"))
@@ -298,12 +271,17 @@ def _previous_ingest(url: str) -> dict[str, Any] | None:
     return seg if isinstance(seg, dict) else None
 
 
-def _prepare_store(plan: IngestPlan, overwrite: bool) -> bool:
-    """Create DST, or check that it is a (partial) ingest of the same data. True = resume."""
+def _prepare_store(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> bool:
+    """Create DST, or check that it is a (partial) ingest of the same data. True = resume.
+
+    ``refresh``: DST is an ingest segflow made from this same source whose file changed
+    since: ingest it again in place (its labels stay; their run keys hold the image's
+    identity, so they are recomputed only if the content really changed).
+    """
     dst = plan.dst
     check_access(dst)
-    if _exists(dst):
-        previous = _previous_ingest(dst) if _is_zarr(dst) else None
+    if store_exists(dst):
+        previous = _previous_ingest(dst) if owned_by_segflow(dst) else None
         same = previous is not None and previous.get("ingest", {}).get("data_key") == plan.data_key
         if same and not overwrite:
             group = open_group(dst, "r+")
@@ -314,26 +292,34 @@ def _prepare_store(plan: IngestPlan, overwrite: bool) -> bool:
                 and tuple(arr.chunks) == plan.level0.chunks
             ):
                 return True
+        same_source = (
+            previous is not None
+            and previous.get("source", {}).get("url") == plan.source.url
+            and "ingest" in previous
+        )
+        if refresh and same_source and not overwrite:
+            _restart_in_place(plan)
+            return False
         if not overwrite:
             if previous and previous.get("source", {}).get("url"):
                 what = f"an image ingested from {previous['source']['url']}"
                 if same:
                     what = "a damaged ingest of this source"
-                elif previous["source"].get("url") == plan.source.url:
+                elif same_source:
                     what = "an ingest of this source with other settings or an older version"
-            elif _is_zarr(dst):
-                what = "a zarr store with other data"
+            elif store_exists(dst) and owned_by_segflow(dst):
+                what = "other segflow outputs"
             else:
-                what = "other files"
+                what = "other data (not made by segflow)"
             raise StoreConflictError(f"{dst}: already holds {what}; pass --overwrite to replace it")
-        if not _is_zarr(dst):
-            raise StoreConflictError(
-                f"{dst}: exists and is not a zarr store, so it is not deleted even with "
-                "--overwrite; choose another destination"
-            )
-        _delete(dst)
+        delete_owned_store(dst)
     root = open_group(dst, "w")
     root.attrs.update({"segflow": _segflow_attrs(plan, "incomplete", 0)})
+    _create_level0(root, plan)
+    return False
+
+
+def _create_level0(root: zarr.Group, plan: IngestPlan) -> None:
     root.create_array(
         "0",
         shape=plan.level0.shape,
@@ -342,15 +328,38 @@ def _prepare_store(plan: IngestPlan, overwrite: bool) -> bool:
         compressors=_compressors(plan.compression, plan.dtype),
         fill_value=0,
         dimension_names=list(plan.axes),
+        overwrite=True,
     )
-    return False
+
+
+def _restart_in_place(plan: IngestPlan) -> None:
+    """Mark DST as an unfinished ingest of the new data, keeping what else it holds."""
+    root = open_group(plan.dst, "r+")
+    attrs = attributes(root)
+    attrs.pop("ome", None)  # not an image again until the new ingest has finished
+    attrs["segflow"] = _segflow_attrs(plan, "incomplete", 0)
+    root.attrs.put(attrs)
+    arr = root.get("0")
+    if not (
+        isinstance(arr, zarr.Array)
+        and tuple(arr.shape) == plan.level0.shape
+        and tuple(arr.chunks) == plan.level0.chunks
+        and arr.dtype == np.dtype(plan.dtype)
+    ):
+        _create_level0(root, plan)
+    log.info("%s: the source changed since it was ingested; ingesting it again", plan.dst)
 
 
 def _segflow_attrs(
-    plan: IngestPlan, status: str, levels: int, stats: IntensityStats | None = None
+    plan: IngestPlan,
+    status: str,
+    levels: int,
+    stats: IntensityStats | None = None,
+    digest: str | None = None,
 ) -> dict[str, Any]:
     src = plan.source
     attrs: dict[str, Any] = {
+        "created_by": OWNER,
         "source": {
             **src.identity(),
             "series_kind": src.series_kind,
@@ -361,6 +370,7 @@ def _segflow_attrs(
         "ingest": {
             "status": status,
             "data_key": plan.data_key,
+            "key": plan.key,
             "chunks": list(plan.level0.chunks),
             "compression": plan.compression,
             "levels": levels,
@@ -370,15 +380,14 @@ def _segflow_attrs(
     }
     if stats is not None:
         attrs["stats"] = stats.model_dump()
+    if digest is not None:
+        attrs["image_digest"] = digest
     return attrs
 
 
 def _array(url: str, path: str, mode: str = "r+") -> zarr.Array:
     full = join(url, path)
-    arr = zarr.open_array(full, mode=mode, storage_options=storage_options(full))
-    # every chunk is written, even one that holds only zeros: no per-chunk comparison
-    # (it costs time and temporaries), and a written unit is complete in the store
-    return arr.with_config({"write_empty_chunks": True})
+    return every_chunk(zarr.open_array(full, mode=mode, storage_options=storage_options(full)))
 
 
 def _partials(dst: str, name: str, shape: tuple[int, ...], dtype: str, key: str) -> zarr.Array:
@@ -507,14 +516,27 @@ def ingest_unit(plan: IngestPlan, index: tuple[int, ...]) -> int:
     else:
         moments = _moments(block)
     _array(plan.dst, f"{DONE_GROUP}/{STEP}-moments")[row] = moments
-    _array(plan.dst, f"{DONE_GROUP}/{STEP}")[tuple(index)] = 1
+    _array(plan.dst, f"{DONE_GROUP}/{STEP}-digest")[row] = [_checksum(block)]
     return int(block.nbytes)
 
 
-def histogram_unit(
-    plan: IngestPlan, index: tuple[int, ...], value_range: tuple[float, float]
-) -> int:
+def _checksum(block: np.ndarray) -> int:
+    """CRC-32 of a unit's voxels (its part of the image identity)."""
+    data = np.ascontiguousarray(block)
+    return zlib.crc32(data.data) if data.size else 0
+
+
+@dataclass(frozen=True)
+class HistPlan:
+    """The read-back pass of float images: the ingest plan and the global value range."""
+
+    plan: IngestPlan
+    value_range: tuple[float, float]
+
+
+def histogram_unit(hp: HistPlan, index: tuple[int, ...]) -> int:
     """Second pass for float images: histogram one unit of level 0 in the global range."""
+    plan, value_range = hp.plan, hp.value_range
     grid = plan.level0
     box = grid.box(index)
     block = np.asarray(_array(plan.dst, "0", "r")[_slices(box)])
@@ -525,7 +547,6 @@ def histogram_unit(
             h, _ = np.histogram(p, bins=FLOAT_BINS, range=acc.value_range)
             acc.hist += h
     _array(plan.dst, f"{DONE_GROUP}/{STEP}-hist")[grid.flat(index)] = acc.hist
-    _array(plan.dst, f"{DONE_GROUP}/{STEP}-stats")[tuple(index)] = 1
     return int(block.nbytes)
 
 
@@ -564,122 +585,46 @@ def level_unit(plan: LevelPlan, index: tuple[int, ...]) -> int:
     )
     block = np.asarray(_array(plan.dst, str(plan.level - 1), "r")[_slices(src_box)])
     _array(plan.dst, str(plan.level))[_slices(box)] = downsample(block, plan.factors)
-    _array(plan.dst, f"{DONE_GROUP}/{STEP}-level{plan.level}")[tuple(index)] = 1
     return int(block.nbytes)
 
 
 # ----------------------------------------------------------------------- running
 
 
-class Runner:
-    """Runs tasks on Dask: a local scheduler by name, a scheduler address, or a Client.
+def ingest_runner(
+    scheduler: Any = None, workers: int | None = None, progress: ProgressFn | None = None
+) -> Runner:
+    """The blockwise runner for an ingest.
 
-    ``scheduler``: None or "threads" (Dask's threaded scheduler in this process, on a pool
-    of ``workers`` threads, by default two per core: a unit waits on its reads and on zarr's
-    compression threads, so one per core left a 2-core machine 11% slower), "processes"
-    (Dask's multiprocessing scheduler), "sync" (one task at a time, for debugging), an
-    address such as "tcp://10.0.0.1:8786", or a ``distributed.Client``. Tasks get
-    descriptors only; each opens the files it reads itself.
+    ``scheduler``: None or "threads" (local threads, by default two per core: a unit waits
+    on its reads and on zarr's compression threads, so one per core left a 2-core machine
+    11% slower), "sync" (one unit at a time, for debugging), a scheduler address such as
+    "tcp://10.0.0.1:8786", or a ``distributed.Client``. Units get descriptors only; each
+    opens the files it reads itself.
     """
+    if scheduler is None or scheduler == "threads":
+        return Runner(None, threads=workers, progress=progress)
+    if scheduler in ("sync", "synchronous"):
+        return Runner(None, threads=1, progress=progress)
+    if isinstance(scheduler, str):
+        if "://" not in scheduler:
+            raise ConfigError(
+                f"scheduler '{scheduler}' is not threads, sync or a scheduler address "
+                "(e.g. tcp://host:8786)"
+            )
+        return Runner(client_for(scheduler), progress=progress)
+    if not hasattr(scheduler, "submit"):
+        raise ConfigError(f"scheduler {scheduler!r} is neither a name, an address nor a Client")
+    return Runner(scheduler, progress=progress)
 
-    def __init__(self, scheduler: Any = None, workers: int | None = None) -> None:
-        self.scheduler = "threads" if scheduler is None else scheduler
-        if self.scheduler == "synchronous":
-            self.scheduler = "sync"
-        self.workers = workers
-        self._client: Any = None
-        self._own_client = False
-        self._pool: ThreadPoolExecutor | None = None
 
-    def __enter__(self) -> Runner:
-        s = self.scheduler
-        if s == "threads":
-            self._pool = ThreadPoolExecutor(self.workers or 2 * (os.cpu_count() or 1))
-        elif isinstance(s, str) and s not in ("processes", "sync"):
-            from distributed import Client
+def _unit_box(plan: Any, index: tuple[int, ...]) -> Box:
+    grid: Grid = plan.grid if isinstance(plan, LevelPlan) else _ingest_plan(plan).level0
+    return Box.from_bounds([a for a, _ in grid.box(index)], [b for _, b in grid.box(index)])
 
-            self._client = Client(s)
-            self._own_client = True
-        elif not isinstance(s, str):
-            if not hasattr(s, "submit"):
-                raise ConfigError(f"scheduler {s!r} is neither a name, an address nor a Client")
-            self._client = s
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)  # its threads' open files go with them
-        release_files()
-        if self._own_client and self._client is not None:
-            self._client.close()
-
-    def run(
-        self,
-        fn: Callable[..., int],
-        calls: list[tuple[Any, ...]],
-        phase: str,
-        progress: Progress | None,
-    ) -> int:
-        """Run ``fn(*args)`` for each args; returns the sum of the results (bytes)."""
-        total = len(calls)
-        if progress:
-            progress(phase, 0, total)
-        if not calls:
-            return 0
-        if self._client is not None:
-            return self._run_distributed(fn, calls, phase, progress)
-        # a plain task graph for Dask's local schedulers (dask.compute would also import
-        # distributed, some 30 MB, for nothing)
-        from dask.callbacks import Callback
-
-        graph: dict[Any, Any] = {
-            (phase, i): (functools.partial(fn, *args),) for i, args in enumerate(calls)
-        }
-        keys = list(graph)
-        done = [0]
-
-        def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-            done[0] += 1
-            if progress:
-                progress(phase, done[0], total)
-
-        with Callback(posttask=posttask):
-            if self.scheduler == "threads":
-                import dask.threaded
-
-                results = dask.threaded.get(graph, keys, pool=self._pool)
-            elif self.scheduler == "processes":
-                import dask.multiprocessing
-
-                results = dask.multiprocessing.get(graph, keys, num_workers=self.workers)
-            else:
-                import dask.local
-
-                results = dask.local.get_sync(graph, keys)
-        return int(sum(results))
-
-    def _run_distributed(
-        self,
-        fn: Callable[..., int],
-        calls: list[tuple[Any, ...]],
-        phase: str,
-        progress: Progress | None,
-    ) -> int:
-        from distributed import as_completed
-
-        client = self._client
-        futures = [client.submit(fn, *args, pure=False) for args in calls]
-        total, done = 0, 0
-        try:
-            for fut in as_completed(futures):
-                total += int(fut.result())
-                done += 1
-                if progress:
-                    progress(phase, done, len(calls))
-        finally:
-            for fut in futures:
-                fut.cancel()
-        return total
+def _ingest_plan(plan: Any) -> IngestPlan:
+    return plan.plan if isinstance(plan, HistPlan) else plan
 
 
 # -------------------------------------------------------------------------- main
@@ -694,42 +639,50 @@ def ingest_volume(
     levels: int = 0,
     overwrite: bool = False,
     dask_client_or_scheduler: Any = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
     *,
     voxel_size: Sequence[float] | None = None,
     unit_mib: float = DEFAULT_UNIT_MIB,
     workers: int | None = None,
+    refresh: bool = False,
+    lease_wait_s: float = 0.0,
 ) -> ImageInfo:
     """Stream SRC (TIFF / OME-TIFF / BigTIFF file, folder or glob of slices) into DST.
 
     ``chunks``: zarr chunk shape, spatial (z,y,x / y,x) or per axis; default
     64×128×128 (3D) or 1024×1024 (2D), all channels in one chunk. ``axes`` overrides the
     TIFF's axes (e.g. "zyx", "zcyx"). ``levels``: downsampled pyramid levels to add.
-    ``progress(phase, done, total)`` is called as units finish. See the module docstring
-    for the store layout, resume and conflict rules.
+    ``progress`` receives a :class:`tasks.blockwise.Progress` as units finish (its step
+    names the phase). ``refresh``: re-ingest in place when DST is segflow's ingest of this
+    same source and the file changed (what the flows do). The ingest holds DST's lease.
+    See the module docstring for the store layout, resume and conflict rules.
     """
     if levels < 0:
         raise ConfigError(f"levels must be 0 or more, got {levels}")
     source = open_source(str(src), axes, voxel_size)
     plan = make_plan(source, str(dst), chunks, compression, unit_mib)
-    _prepare_store(plan, overwrite)
-    grid = plan.level0
-    tracker = DoneTracker(plan.dst, STEP, grid.grid, plan.key)
-    _partials(plan.dst, f"{STEP}-moments", (grid.n_units, 5), "float64", plan.key)
-    if plan.exact_stats:
-        _partials(plan.dst, f"{STEP}-hist", (grid.n_units, plan.bins), "int64", plan.key)
-    done = tracker.done_mask()
-    todo = [(plan, index) for index in grid.units() if not done[index]]
-    with Runner(dask_client_or_scheduler, workers) as runner:
-        runner.run(ingest_unit, todo, "ingest", progress)
-        stats = _collect_stats(plan, runner, progress)
-        factors = _build_levels(plan, levels, runner, progress, unit_mib)
-    _finalize(plan, levels, factors, stats)
+    check_access(plan.dst)
+    with Lease(plan.dst, "ingest", wait_s=lease_wait_s) as lease:
+        _prepare_store(plan, overwrite, refresh)
+        grid = plan.level0
+        _partials(plan.dst, f"{STEP}-moments", (grid.n_units, 5), "float64", plan.key)
+        _partials(plan.dst, f"{STEP}-digest", (grid.n_units, 1), "uint64", plan.key)
+        if plan.exact_stats:
+            _partials(plan.dst, f"{STEP}-hist", (grid.n_units, plan.bins), "int64", plan.key)
+        runner = ingest_runner(dask_client_or_scheduler, workers, progress)
+        try:
+            runner.run(Step(STEP, plan.dst, grid.grid, plan.key, ingest_unit, plan, _unit_box))
+            stats = _collect_stats(plan, runner, progress)
+            factors = _build_levels(plan, levels, runner, progress, unit_mib)
+        finally:
+            release_files()
+        lease.check()
+        _finalize(plan, levels, factors, stats)
     return read_image_info(plan.dst)
 
 
 def _collect_stats(
-    plan: IngestPlan, runner: Runner, progress: Progress | None
+    plan: IngestPlan, runner: Runner, progress: ProgressFn | None
 ) -> IntensityStats | None:
     grid = plan.level0
     moments = np.asarray(_array(plan.dst, f"{DONE_GROUP}/{STEP}-moments", "r")[...])
@@ -742,11 +695,9 @@ def _collect_stats(
     else:
         value_range = (float(moments[seen, 3].min()), float(moments[seen, 4].max()))
         key = _digest({"key": plan.key, "range": list(value_range)})
-        tracker = DoneTracker(plan.dst, f"{STEP}-stats", grid.grid, key)
         _partials(plan.dst, f"{STEP}-hist", (grid.n_units, plan.bins), "int64", key)
-        done = tracker.done_mask()
-        todo = [(plan, i, value_range) for i in grid.units() if not done[i]]
-        runner.run(histogram_unit, todo, "statistics", progress)
+        hp = HistPlan(plan, value_range)
+        runner.run(Step(f"{STEP}-stats", plan.dst, grid.grid, key, histogram_unit, hp, _unit_box))
         acc = StatsAccumulator(np.dtype(plan.dtype), value_range=value_range, bins=FLOAT_BINS)
     hist_arr = _array(plan.dst, f"{DONE_GROUP}/{STEP}-hist", "r")
     hist = np.zeros(plan.bins, dtype=np.int64)
@@ -782,7 +733,7 @@ def _build_levels(
     plan: IngestPlan,
     levels: int,
     runner: Runner,
-    progress: Progress | None,
+    progress: ProgressFn | None,
     unit_mib: float,
 ) -> list[tuple[int, ...]]:
     root = open_group(plan.dst, "r+")
@@ -815,11 +766,10 @@ def _build_levels(
                 dimension_names=list(plan.axes),
                 overwrite=True,
             )
-        tracker = DoneTracker(plan.dst, f"{STEP}-level{level}", grid.grid, key)
-        done = tracker.done_mask()
         lp = LevelPlan(plan.dst, level, factors, shape, grid)
-        todo = [(lp, i) for i in grid.units() if not done[i]]
-        runner.run(level_unit, todo, f"level {level}", progress)
+        runner.run(
+            Step(f"{STEP}-level{level}", plan.dst, grid.grid, key, level_unit, lp, _unit_box)
+        )
         factors_list.append(factors)
         shape = new_shape
         scale = [s * f for s, f in zip(scale, factors, strict=True)]
@@ -839,9 +789,14 @@ def _finalize(
     factors: list[tuple[int, ...]],
     stats: IntensityStats | None,
 ) -> None:
-    tracker = DoneTracker.open(plan.dst, STEP)
-    if tracker is None or not tracker.all_done():
+    markers = Markers.open(plan.dst, STEP)
+    if markers is None or not markers.all_done(plan.key):
         raise InvalidVolumeError(f"{plan.dst}: ingest finished with units missing")
+    crcs = np.asarray(_array(plan.dst, f"{DONE_GROUP}/{STEP}-digest", "r")[...]).reshape(-1)
+    identity = hashlib.sha256(
+        json.dumps([list(plan.level0.shape), plan.dtype, list(plan.level0.unit_shape)]).encode()
+        + crcs.astype("<u8").tobytes()
+    ).hexdigest()[:32]
     root = open_group(plan.dst, "r+")
     name = os.path.basename(plan.source.url.rstrip("/")) or "image"
     for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
@@ -856,7 +811,7 @@ def _finalize(
                     plan.axes, plan.source.scale, factors, plan.source.unit, name=name
                 ),
             },
-            "segflow": _segflow_attrs(plan, "complete", levels, stats),
+            "segflow": _segflow_attrs(plan, "complete", levels, stats, "crc-" + identity),
         }
     )
 
@@ -864,11 +819,12 @@ def _finalize(
 def ingest_status(dst: str) -> dict[str, Any]:
     """Progress of an ingest as stored in DST: status, units done and total."""
     seg = _previous_ingest(dst) or {}
-    tracker = DoneTracker.open(dst, STEP)
+    markers = Markers.open(dst, STEP)
+    key = str(seg.get("ingest", {}).get("key", ""))
     return {
         "status": seg.get("ingest", {}).get("status", "absent"),
-        "units_done": tracker.count() if tracker else 0,
-        "units": math.prod(tracker.grid) if tracker else 0,
+        "units_done": markers.count(key) if markers and key else 0,
+        "units": math.prod(markers.grid) if markers else 0,
     }
 
 

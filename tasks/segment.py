@@ -22,8 +22,7 @@ import json
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,13 +30,23 @@ import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.blockwise import Markers, ProgressFn, Runner, Step
 from tasks.cluster import dask_client
+from tasks.runstate import (
+    Lease,
+    StrictArray,
+    claim_store,
+    image_digest,
+    owned_by_segflow,
+    set_complete,
+)
 from tasks.store import (
     LABELS_GROUP,
     PROBABILITIES_GROUP,
-    DoneTracker,
     ImageInfo,
     attributes,
+    every_chunk,
+    filesystem,
     get_array,
     multiscales,
     open_group,
@@ -46,7 +55,7 @@ from tasks.store import (
 )
 from unet_core.checkpoint import load_checkpoint, read_checkpoint_header
 from unet_core.config import UNetConfig
-from unet_core.errors import ConfigError, InvalidVolumeError
+from unet_core.errors import ConfigError, InvalidVolumeError, StoreConflictError
 from unet_core.geometry import Block, Box, Tile, TileSpec, plan_tiles
 from unet_core.normalize import IntensityStats, StatsAccumulator, apply_affine
 from unet_core.predict import Predictor, class_labels, label_dtype, read_mirrored, softmax
@@ -82,14 +91,33 @@ class SegmentParams(BaseModel):
     )
     labels_name: str = Field("semantic", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
 
-    def run_key(self, digest: str, stats: IntensityStats | None) -> str:
-        """Identity of a result: model digest, everything that changes outputs, image stats."""
+    def output_fields(self) -> dict[str, Any]:
+        """The fields that change what is written (device and batch size do not)."""
         fields = self.model_dump(exclude={"device", "batch_size"})
-        blob = json.dumps(
-            {"model": digest, "params": fields, "stats": stats.model_dump() if stats else None},
-            sort_keys=True,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+        if not self.probabilities:
+            fields.pop("probabilities_dtype")
+        return fields
+
+
+def segment_key(
+    image_digest: str,
+    model_digest: str,
+    effective: dict[str, Any],
+    stats: IntensityStats | None,
+) -> str:
+    """Identity of a segmentation: the image's content, the model, the *effective*
+    output-affecting parameters (defaults resolved) and the normalisation statistics."""
+    blob = json.dumps(
+        {
+            "image": image_digest,
+            "model": model_digest,
+            "params": effective,
+            "stats": stats.model_dump() if stats else None,
+        },
+        sort_keys=True,
+        default=list,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -109,6 +137,7 @@ class SegmentPlan:
     scale: float
     key: str
     class_names: tuple[str, ...]
+    image_digest: str = ""
     foreground_class: int = 1
     suggested_min_size: int = 0
 
@@ -151,6 +180,21 @@ class SegmentPlan:
     def voxels(self) -> int:
         return int(np.prod(self.image.spatial_shape))
 
+    def write_box(self, index: Sequence[int]) -> Box:
+        return self.block(index).write
+
+    def step(self) -> Step:
+        """The segmentation as a step of the blockwise runner."""
+        return Step(
+            name=self.done_step,
+            store=self.out_url,
+            grid=self.grid,
+            key=self.key,
+            process=segment_block,
+            plan=self,
+            box=SegmentPlan.write_box,
+        )
+
 
 @dataclass
 class SegmentResult:
@@ -162,7 +206,8 @@ class SegmentResult:
     blocks_skipped: int
     voxels: int
     seconds: float
-    class_voxels: dict[str, int] = field(default_factory=dict)
+    class_voxels: dict[str, int] = field(default_factory=dict)  # only when all computed
+    complete: bool = False
 
     @property
     def voxels_per_second(self) -> float:
@@ -232,7 +277,14 @@ def plan_segmentation(
         log.warning("%s has no stored intensity statistics; computing them now", src)
         stats = compute_image_stats(info)
     offset, scale = meta.normalization.affine(stats)
-    out_url = str(out or src)
+    out_url = str(out or src).rstrip("/")
+    digest = image_digest(info.url)
+    effective = {
+        **params.output_fields(),
+        "chunks": list(chunks),
+        "tile": list(tile),
+        "channel": None if info.n_channels == 1 else params.channel,
+    }
     return SegmentPlan(
         image=info,
         model_path=str(model_path),
@@ -245,8 +297,9 @@ def plan_segmentation(
         tile=tile,
         offset=offset,
         scale=scale,
-        key=params.run_key(meta.digest, stats),
+        key=segment_key(digest, meta.digest, effective, stats),
         class_names=tuple(meta.names_for(config.n_classes)),
+        image_digest=digest,
         foreground_class=min(meta.foreground_class, config.n_classes - 1),
         suggested_min_size=meta.object_stats.suggested_min_size if meta.object_stats else 0,
     )
@@ -327,24 +380,36 @@ def _class_colors(n: int) -> list[list[int]]:
     return [palette[i % len(palette)] if i < len(palette) else palette[1 + i % 5] for i in range(n)]
 
 
-def prepare_outputs(plan: SegmentPlan, force: bool = False) -> DoneTracker:
-    """Create (or reuse, when resuming the same run) the output arrays; return the tracker.
+def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
+    """Create (or reuse, when resuming the same run) the output arrays; return the markers.
 
-    Arrays are reused only when they have the planned shape, chunks and dtype and the done
-    markers carry this run's key; otherwise they are recreated and every block recomputes.
+    The output store must be one segflow made (or an empty location, which it then makes).
+    Arrays with the planned shape, chunks and dtype are reused: blocks marked under this
+    run's key are kept, all others are recomputed. Labels of another key are marked
+    incomplete first, and outputs derived from them (instances, probabilities of another
+    key) are removed, so nothing stale stays marked complete beside the new labels.
     """
-    same_store = plan.out_url.rstrip("/") == plan.image.url.rstrip("/")
-    root = open_group(plan.out_url, "a")
-    if not same_store and not attributes(root).get("segflow"):
-        root.attrs.update(
-            {"segflow": {"source_image": plan.image.url, "role": "segmentation outputs"}}
-        )
-    tracker = DoneTracker(plan.out_url, plan.done_step, plan.grid, plan.key)
+    same_store = plan.out_url == plan.image.url.rstrip("/")
+    if same_store:
+        if not owned_by_segflow(plan.out_url):
+            raise StoreConflictError(
+                f"{plan.out_url}: segflow did not make this store and writes only into stores "
+                "it made; pass --out to write the labels to a new store"
+            )
+        root = open_group(plan.out_url, "r+")
+    else:
+        root = claim_store(plan.out_url, "segmentation outputs", source_image=plan.image.url)
+    step = plan.step()
+    markers = Markers.require(step)
     if force:
-        tracker.array[...] = 0
+        markers.clear(step.indices())
     spatial = plan.image.spatial_shape
     dims = list(plan.image.spatial_axes)
     labels_group = root.require_group(LABELS_GROUP)
+    previous = labels_group.get(plan.params.labels_name)
+    previous_key = attributes(previous).get("segflow", {}).get("key") if previous else None
+    if previous_key != plan.key:
+        remove_stale_outputs(plan, root)
     names = list(attributes(labels_group).get("ome", {}).get("labels", []))
     if plan.params.labels_name not in names:
         names.append(plan.params.labels_name)
@@ -352,9 +417,7 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> DoneTracker:
     source = "../../" if same_store else plan.image.url
     lgroup = labels_group.require_group(plan.params.labels_name)
     lgroup.attrs.update(_label_metadata(plan, source))
-    _require_array(
-        lgroup, "0", spatial, plan.chunks, label_dtype(plan.config.n_classes), dims, tracker
-    )
+    _require_array(lgroup, "0", spatial, plan.chunks, label_dtype(plan.config.n_classes), dims)
     if plan.params.probabilities:
         pgroup = root.require_group(PROBABILITIES_GROUP)
         pgroup.attrs.update(
@@ -369,7 +432,12 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> DoneTracker:
                         name="probabilities",
                     ),
                 },
-                "segflow": {"classes": list(plan.class_names), "key": plan.key},
+                "segflow": {
+                    "classes": list(plan.class_names),
+                    "key": plan.key,
+                    "from": plan.params.labels_name,
+                    "complete": False,
+                },
             }
         )
         _require_array(
@@ -379,9 +447,41 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> DoneTracker:
             (plan.config.n_classes, *plan.chunks),
             np.dtype(plan.params.probabilities_dtype),
             ["c", *dims],
-            tracker,
         )
-    return tracker
+    return markers
+
+
+def remove_stale_outputs(plan: SegmentPlan, root: zarr.Group) -> list[str]:
+    """Remove what an earlier run of these labels with another key left: instances
+    derived from them (and their object tables) and probabilities. Returns their paths."""
+    from tasks.stitch import table_paths
+
+    removed: list[str] = []
+    name = plan.params.labels_name
+    labels_group = root.get(LABELS_GROUP)
+    if isinstance(labels_group, zarr.Group):
+        names = list(attributes(labels_group).get("ome", {}).get("labels", []))
+        for child in list(names):
+            node = labels_group.get(child)
+            meta = attributes(node).get("segflow", {}) if node is not None else {}
+            if child != name and meta.get("from") == name:
+                del labels_group[child]
+                names.remove(child)
+                removed.append(f"{LABELS_GROUP}/{child}")
+                for path in table_paths(plan.out_url, child):
+                    fs = filesystem(path)
+                    if fs.exists(path):
+                        fs.rm(path)
+        if name in labels_group:
+            set_complete(plan.out_url, f"{LABELS_GROUP}/{name}", False, key=plan.key)
+        labels_group.attrs.update({"ome": {"version": "0.5", "labels": names}})
+    probs = root.get(PROBABILITIES_GROUP)
+    if probs is not None and attributes(probs).get("segflow", {}).get("from", name) == name:
+        del root[PROBABILITIES_GROUP]
+        removed.append(PROBABILITIES_GROUP)
+    if removed:
+        log.info("%s: removed outputs of an earlier run: %s", plan.out_url, ", ".join(removed))
+    return removed
 
 
 def _require_array(
@@ -391,7 +491,6 @@ def _require_array(
     chunks: Sequence[int],
     dtype: np.dtype,
     dims: list[str],
-    tracker: DoneTracker,
 ) -> zarr.Array:
     existing = group.get(name)
     if (
@@ -401,10 +500,10 @@ def _require_array(
         and existing.dtype == dtype
     ):
         return existing
-    if tracker.count():
-        tracker.array[...] = 0  # the outputs are new: nothing in them is done
     from zarr.codecs import ZstdCodec
 
+    # Markers hold the run key, so blocks of a recreated array are recomputed only if the
+    # key changed too; a changed shape, chunking or dtype always comes with a new key.
     return group.create_array(
         name,
         shape=tuple(shape),
@@ -417,17 +516,20 @@ def _require_array(
     )
 
 
-def finalize_outputs(plan: SegmentPlan, tracker: DoneTracker) -> None:
-    """Once every block is done: pyramid levels like the image's, then mark complete."""
-    if not tracker.all_done():
-        return
+def finalize_outputs(plan: SegmentPlan, runner: Runner | None = None) -> bool:
+    """Once every block is done: pyramid levels like the image's, then mark complete.
+
+    Returns whether the labels are complete."""
+    markers = Markers.open(plan.out_url, plan.done_step)
+    if markers is None or markers.grid != plan.grid or not markers.all_done(plan.key):
+        return False
     from tasks.pyramid import write_label_levels
 
-    write_label_levels(plan.out_url, plan.params.labels_name, plan.image.url)
-    lgroup = open_group(plan.out_url, "r+")[plan.labels_path]
-    meta = attributes(lgroup)
-    meta.setdefault("segflow", {})["complete"] = True
-    lgroup.attrs.update({"segflow": meta["segflow"]})
+    write_label_levels(plan.out_url, plan.params.labels_name, plan.image.url, plan.key, runner)
+    set_complete(plan.out_url, plan.labels_path, True, key=plan.key)
+    if plan.params.probabilities:
+        set_complete(plan.out_url, PROBABILITIES_GROUP, True, key=plan.key)
+    return True
 
 
 # ------------------------------------------------------------------------ block work
@@ -474,7 +576,7 @@ def get_predictor(plan: SegmentPlan) -> Predictor:
 def read_block_input(plan: SegmentPlan, read: Box) -> np.ndarray:
     """(C, *read.shape) float32: the read box, mirror-extended at the volume border only,
     normalised with the global statistics."""
-    arr = open_level(plan.image)
+    arr = StrictArray(open_level(plan.image), plan.image.url, "0")
     c_axis = plan.image.channel_axis
     data = read_mirrored(arr, read, plan.image.spatial_shape, leading=0 if c_axis is None else 1)
     if c_axis is None:
@@ -517,17 +619,19 @@ def _compute_block(
     del data
     labels, counts = class_labels(logits)
     root = open_group(plan.out_url, "r+")
-    get_array(root, f"{plan.labels_path}/0", plan.out_url)[block.write.to_slices()] = labels
+    labels_arr = every_chunk(get_array(root, f"{plan.labels_path}/0", plan.out_url))
+    labels_arr[block.write.to_slices()] = labels
     if plan.params.probabilities:
         probs = softmax(logits).astype(plan.params.probabilities_dtype)
-        get_array(root, f"{PROBABILITIES_GROUP}/0", plan.out_url)[
-            (slice(None), *block.write.to_slices())
-        ] = probs
+        probs_arr = every_chunk(get_array(root, f"{PROBABILITIES_GROUP}/0", plan.out_url))
+        probs_arr[(slice(None), *block.write.to_slices())] = probs
     return counts, (t0, t1, t2)
 
 
-def run_block(plan: SegmentPlan, index: Sequence[int]) -> dict[str, Any]:
-    """Compute and write one block; returns per-class voxel counts and timings."""
+def segment_block(plan: SegmentPlan, index: Sequence[int]) -> dict[str, Any]:
+    """Compute and write one block; returns per-class voxel counts and timings.
+
+    The runner marks the block done after this returns (its writes are stored)."""
     block = plan.block(index)
     if _fault_hook is not None:
         _fault_hook(plan, block)
@@ -550,10 +654,6 @@ def run_block(plan: SegmentPlan, index: Sequence[int]) -> dict[str, Any]:
         counts, (t0, t1, t2) = _compute_block(
             plan, predictor, read, tiles, block, _device_locks[str(predictor.device)]
         )
-    tracker = DoneTracker.open(plan.out_url, plan.done_step, mode="r+")
-    if tracker is None:
-        raise InvalidVolumeError(f"{plan.out_url}: the done markers disappeared during the run")
-    tracker.mark(block.index)
     t3 = time.perf_counter()
     return {
         "index": list(block.index),
@@ -568,59 +668,6 @@ def run_block(plan: SegmentPlan, index: Sequence[int]) -> dict[str, Any]:
 # ------------------------------------------------------------------------ whole runs
 
 
-def pending_blocks(
-    plan: SegmentPlan, tracker: DoneTracker, only: Iterable[Sequence[int]] | None = None
-) -> list[tuple[int, ...]]:
-    done = tracker.done_mask()
-    wanted = plan.indices() if only is None else [tuple(int(j) for j in i) for i in only]
-    return [i for i in wanted if not done[i]]
-
-
-def run_blocks(
-    plan: SegmentPlan,
-    indices: Sequence[Sequence[int]],
-    client: Any,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-    timeout_s: float | None = None,
-) -> list[dict[str, Any]]:
-    """Run blocks on a Dask client; results in completion order. Raises on the first failure
-    after the other submitted blocks finished (their work is kept and marked). With
-    ``timeout_s``, blocks still unfinished after that long are cancelled and a
-    ``TimeoutError`` is raised."""
-    from distributed import as_completed
-
-    # The plan is small (no block list), shipped once to every worker.
-    shared = client.scatter(plan, broadcast=True, hash=False)
-    run = uuid.uuid4().hex[:8]
-    futures = [
-        client.submit(
-            run_block, shared, tuple(i), key=f"segflow-block-{run}-{'-'.join(map(str, i))}"
-        )
-        for i in indices
-    ]
-    results: list[dict[str, Any]] = []
-    errors: list[BaseException] = []
-    try:
-        for fut in as_completed(futures, timeout=timeout_s):
-            try:
-                res = fut.result()
-            except Exception as exc:  # keep going: finished blocks stay done
-                errors.append(exc)
-                continue
-            results.append(res)
-            if progress is not None:
-                progress(res)
-    except TimeoutError:
-        client.cancel([f for f in futures if not f.done()])
-        raise TimeoutError(
-            f"{len(indices) - len(results) - len(errors)} block(s) of {plan.image.url} did not "
-            f"finish within {timeout_s} s; they were cancelled"
-        ) from None
-    if errors:
-        raise errors[0]
-    return results
-
-
 def segment_image(
     src: str,
     model_path: str,
@@ -629,53 +676,55 @@ def segment_image(
     client: Any = None,
     dask_address: str | None = None,
     force: bool = False,
-    progress: Callable[[dict[str, Any], int], None] | None = None,
+    progress: ProgressFn | None = None,
     block_shape: Sequence[int] | None = None,
     plan: SegmentPlan | None = None,
+    lease_wait_s: float = 0.0,
 ) -> SegmentResult:
     """Segment ``src`` (an OME-Zarr image) with the checkpoint at ``model_path``.
 
     Writes ``labels/<labels_name>/0`` (and ``probabilities/0`` when asked) into ``out``
-    (default: into ``src``). Blocks already done for the same model and parameters are
-    skipped unless ``force``. Uses ``client``, else a client of ``dask_address``, else an
-    in-process LocalCluster. A ``plan`` from :func:`plan_segmentation` may be passed in.
+    (default: into ``src``). Blocks already done under the same run key (image, model,
+    effective parameters) are skipped unless ``force``. The run holds the output store's
+    lease (waiting up to ``lease_wait_s`` for another run). Uses ``client``, else a client
+    of ``dask_address``, else an in-process LocalCluster. ``progress`` receives a
+    :class:`tasks.blockwise.Progress` per block.
     """
     t0 = time.perf_counter()
     plan = plan or plan_segmentation(src, model_path, out, params, block_shape)
-    tracker = prepare_outputs(plan, force=force)
-    todo = pending_blocks(plan, tracker)
+    with Lease(plan.out_url, "segment", wait_s=lease_wait_s) as lease:
+        prepare_outputs(plan, force=force)
+        with dask_client(client, dask_address) as c:
+            runner = Runner(c, progress=progress)
+            result = runner.run(plan.step())
+            lease.check()
+            complete = finalize_outputs(plan, runner)
     log.info(
-        "%s: %d blocks (%d to compute), block %s, tile %s, chunks %s",
+        "%s: %d blocks (%d computed, %d already done), block %s, tile %s, chunks %s",
         plan.image.url,
         plan.n_blocks,
-        len(todo),
+        result.computed,
+        result.skipped,
         plan.block_shape,
         plan.tile,
         plan.chunks,
     )
     counts = np.zeros(plan.config.n_classes, dtype=np.int64)
-
-    def on_result(res: dict[str, Any]) -> None:
-        counts[:] += np.asarray(res["counts"])
-        if progress is not None:
-            progress(res, len(todo))
-
-    if todo:
-        with dask_client(client, dask_address) as c:
-            run_blocks(plan, todo, c, on_result)
-    finalize_outputs(plan, tracker)
+    for r in result.results:
+        counts += np.asarray(r["counts"])
     return SegmentResult(
         out_url=plan.out_url,
         labels_path=plan.labels_path,
         probabilities_path=f"{PROBABILITIES_GROUP}/0" if plan.params.probabilities else None,
         blocks_total=plan.n_blocks,
-        blocks_computed=len(todo),
-        blocks_skipped=plan.n_blocks - len(todo),
-        voxels=plan.voxels,
+        blocks_computed=result.computed,
+        blocks_skipped=result.skipped,
+        voxels=sum(int(r["voxels"]) for r in result.results),
         seconds=time.perf_counter() - t0,
-        class_voxels={n: int(c) for n, c in zip(plan.class_names, counts, strict=True)},
+        class_voxels=(
+            {n: int(c) for n, c in zip(plan.class_names, counts, strict=True)}
+            if result.computed == plan.n_blocks
+            else {}
+        ),
+        complete=complete,
     )
-
-
-def read_labels(out_url: str, labels_name: str = "semantic") -> zarr.Array:
-    return get_array(open_group(out_url, "r"), f"{LABELS_GROUP}/{labels_name}/0", out_url)

@@ -21,9 +21,11 @@ The partition equals ``scipy.ndimage.label`` on the whole volume (same structure
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +33,16 @@ import numpy as np
 import pandas as pd
 import zarr
 from scipy import ndimage, sparse
+from zarr.codecs import ZstdCodec
 
+from tasks.blockwise import ProgressFn, Runner, Step
+from tasks.runstate import Lease, StrictArray, require_complete, set_complete, write_beside
 from tasks.store import (
     LABELS_GROUP,
     attributes,
+    every_chunk,
+    filesystem,
     get_array,
-    is_remote,
     multiscales,
     open_group,
 )
@@ -61,6 +67,8 @@ class StitchPlan:
     axes: str
     unit: str | None
     min_size: int
+    key: str = ""
+    id_offset: int = 0
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -81,6 +89,24 @@ class StitchPlan:
     def structure(self) -> np.ndarray:
         return ndimage.generate_binary_structure(len(self.shape), self.connectivity)
 
+    def step(self, name: str, process: Any, plan: Any, grid: tuple[int, ...]) -> Step:
+        """A pass of the stitch as a step of the blockwise runner."""
+        return Step(
+            name=f"stitch-{self.out_name}-{name}",
+            store=self.store,
+            grid=grid,
+            key=self.key,
+            process=process,
+            plan=plan,
+            box=_pass_box,
+            resumable=name == "relabel",
+        )
+
+
+def _pass_box(plan: Any, index: tuple[int, ...]) -> Box:
+    base: StitchPlan = plan if isinstance(plan, StitchPlan) else plan.plan
+    return base.chunk_box(index[: len(base.shape)])
+
 
 @dataclass
 class StitchResult:
@@ -92,6 +118,7 @@ class StitchResult:
     table_parquet: str | None
     seconds: float
     table: pd.DataFrame
+    reused: bool = False
 
 
 def id_dtype(n: int) -> np.dtype:
@@ -106,11 +133,14 @@ def label_chunk(plan: StitchPlan, index: tuple[int, ...]) -> dict[str, Any]:
     """Label one chunk's foreground into the scratch array; per-object sums for the table."""
     box = plan.chunk_box(index)
     root = open_group(plan.store, "r+")
-    semantic = np.asarray(get_array(root, plan.semantic_path, plan.store)[box.to_slices()])
+    semantic = StrictArray(
+        get_array(root, plan.semantic_path, plan.store), plan.store, plan.semantic_path
+    )[box.to_slices()]
     mask = np.isin(semantic, plan.foreground)
     local, n = ndimage.label(mask, structure=plan.structure())
     del semantic, mask
-    get_array(root, plan.scratch_path, plan.store)[box.to_slices()] = local.view(np.uint32)
+    scratch = every_chunk(get_array(root, plan.scratch_path, plan.store))
+    scratch[box.to_slices()] = local.view(np.uint32)
     return {"index": index, "n": int(n), "objects": _object_sums(local, int(n), box)}
 
 
@@ -137,6 +167,19 @@ def _object_sums(local: np.ndarray, n: int, box: Box) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------- pass 2
 
 
+@dataclass(frozen=True)
+class FacePlan:
+    """Pass 2: the stitch plan and the provisional id offset of every chunk."""
+
+    plan: StitchPlan
+    offsets: np.ndarray
+
+
+def face_block(fp: FacePlan, index: tuple[int, ...]) -> np.ndarray:
+    """Pass 2 block: ``index`` is a chunk index followed by the axis of its upper face."""
+    return face_pairs(fp.plan, index[:-1], index[-1], fp.offsets)
+
+
 def face_pairs(
     plan: StitchPlan, index: tuple[int, ...], axis: int, offsets: np.ndarray
 ) -> np.ndarray:
@@ -150,7 +193,10 @@ def face_pairs(
     begin[axis], end[axis] = boundary - 1, boundary + 1
     region = Box.from_bounds(begin, end)
     root = open_group(plan.store, "r")
-    local = np.asarray(get_array(root, plan.scratch_path, plan.store)[region.to_slices()])
+    scratch = StrictArray(
+        get_array(root, plan.scratch_path, plan.store), plan.store, plan.scratch_path
+    )
+    local = scratch[region.to_slices()]
     ids = _globalize(local, region, plan, offsets)
     a_plane = np.take(ids, 0, axis=axis)
     b_plane = np.take(ids, 1, axis=axis)
@@ -190,6 +236,37 @@ def _globalize(local: np.ndarray, region: Box, plan: StitchPlan, offsets: np.nda
 # ------------------------------------------------------------------------- pass 3
 
 
+@dataclass(frozen=True)
+class RelabelPlan:
+    """Pass 3: the sparse tables every chunk takes its part of (shipped once)."""
+
+    plan: StitchPlan
+    offsets: np.ndarray
+    counts: np.ndarray
+    merged_ids: np.ndarray
+    merged_final: np.ndarray
+    absorbed: np.ndarray
+    dropped: np.ndarray
+    dtype: str
+
+
+def relabel_block(rp: RelabelPlan, index: tuple[int, ...]) -> int:
+    """Pass 3 block: this chunk's slice of the sparse tables, then :func:`relabel_chunk`."""
+    lo = int(rp.offsets[index])
+    hi = lo + int(rp.counts[index])
+    a, b = np.searchsorted(rp.merged_ids, [lo + 1, hi + 1])
+    return relabel_chunk(
+        rp.plan,
+        index,
+        lo,
+        rp.merged_ids[a:b],
+        rp.merged_final[a:b],
+        rp.absorbed[: np.searchsorted(rp.absorbed, hi + 1)],
+        rp.dropped,
+        rp.dtype,
+    )
+
+
 def relabel_chunk(
     plan: StitchPlan,
     index: tuple[int, ...],
@@ -204,7 +281,10 @@ def relabel_chunk(
     sparse merge table in this chunk's id range; ``absorbed`` the absorbed ids below it."""
     box = plan.chunk_box(index)
     root = open_group(plan.store, "r+")
-    out = np.asarray(get_array(root, plan.scratch_path, plan.store)[box.to_slices()]).astype(dtype)
+    scratch = StrictArray(
+        get_array(root, plan.scratch_path, plan.store), plan.store, plan.scratch_path
+    )
+    out = scratch[box.to_slices()].astype(dtype)
     fg = out > 0
     g = out[fg]  # local ids of the foreground, in the output dtype
     g += g.dtype.type(offset)  # provisional global ids
@@ -218,7 +298,8 @@ def relabel_chunk(
     if dropped.size:
         final[np.isin(final, dropped)] = 0
     out[fg] = final
-    get_array(root, plan.out_path, plan.store)[box.to_slices()] = out
+    target = every_chunk(get_array(root, plan.out_path, plan.store))
+    target[box.to_slices()] = out
     return int(fg.sum())
 
 
@@ -232,10 +313,13 @@ def plan_stitch(
     foreground: Sequence[int] | None = None,
     connectivity: int = 1,
     min_size: int | None = None,
+    id_offset: int = 0,
 ) -> StitchPlan:
+    store = str(store).rstrip("/")
     root = open_group(store, "r")
     semantic_path = f"{LABELS_GROUP}/{labels}/0"
     arr = get_array(root, semantic_path, store)
+    require_complete(store, f"{LABELS_GROUP}/{labels}", f"'{labels}' labels")
     group_attrs = attributes(root[f"{LABELS_GROUP}/{labels}"])
     ndim = arr.ndim
     if not 1 <= connectivity <= ndim:
@@ -253,6 +337,19 @@ def plan_stitch(
     units = {a.get("unit") for a in ms.get("axes", []) if a.get("type") == "space"}
     if out_name == labels:
         raise ConfigError(f"the instance labels cannot overwrite '{labels}'")
+    min_size = max(int(min_size), 0)
+    key_fields = {
+        "from": labels,
+        "source_key": seg.get("key"),
+        "out": out_name,
+        "foreground": list(fg),
+        "connectivity": connectivity,
+        "min_size": min_size,
+        "id_offset": int(id_offset),
+        "shape": list(arr.shape),
+        "chunks": list(arr.chunks),
+    }
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     return StitchPlan(
         store=str(store),
         semantic_path=semantic_path,
@@ -264,7 +361,9 @@ def plan_stitch(
         scale=tuple(scale),
         axes=axes,
         unit=units.pop() if len(units) == 1 else None,
-        min_size=max(int(min_size), 0),
+        min_size=min_size,
+        key=key,
+        id_offset=int(id_offset),
     )
 
 
@@ -278,93 +377,80 @@ def stitch(
     client: Any = None,
     dask_address: str | None = None,
     write_table: bool = True,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: ProgressFn | None = None,
     id_offset: int = 0,
+    force: bool = False,
+    lease_wait_s: float = 0.0,
 ) -> StitchResult:
     """Instance labels ``labels/<out_name>/0`` and an object table from a semantic mask.
 
     Ids are consecutive from ``id_offset + 1`` (an offset keeps ids unique across volumes).
+    The semantic labels must be complete. Instances already complete under the same key
+    (semantic labels' key and these parameters) are reused unless ``force``.
     """
     from tasks.cluster import dask_client
 
     t0 = time.perf_counter()
-    plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size)
-    root = open_group(plan.store, "r+")
-    from zarr.codecs import ZstdCodec
-
-    root.require_group(SCRATCH).create_array(
-        plan.scratch_path.split("/", 1)[1],
-        shape=plan.shape,
-        chunks=plan.chunks,
-        dtype="uint32",
-        fill_value=0,
-        compressors=ZstdCodec(level=1),
-        overwrite=True,
-    )
-    indices = [tuple(int(i) for i in idx) for idx in np.ndindex(*plan.grid)]
-    with dask_client(client, dask_address) as c:
-        shared = c.scatter(plan, broadcast=True, hash=False)
-        # Pass 1: local labels.
-        results = _gather(c.map(label_chunk, [shared] * len(indices), indices), "label", progress)
-        n = np.zeros(plan.grid, dtype=np.int64)
-        sums: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
-        for r in results:
-            n[tuple(r["index"])] = r["n"]
-            sums[tuple(r["index"])] = r["objects"]
-        offsets = (np.cumsum(n.reshape(-1)) - n.reshape(-1)).reshape(plan.grid) + int(id_offset)
-        total = int(n.sum()) + int(id_offset)
-        # Pass 2: pairs across faces.
-        jobs = [(idx, ax) for idx in indices for ax in range(len(plan.shape))]
-        off_f = c.scatter(offsets, broadcast=True, hash=False)
-        pair_futs = c.map(
-            face_pairs,
-            [shared] * len(jobs),
-            [j[0] for j in jobs],
-            [j[1] for j in jobs],
-            [off_f] * len(jobs),
+    plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size, id_offset)
+    if not force:
+        reused = _reuse(plan, write_table)
+        if reused is not None:
+            return reused
+    with Lease(plan.store, "stitch", wait_s=lease_wait_s) as lease:
+        root = open_group(plan.store, "r+")
+        if f"{LABELS_GROUP}/{plan.out_name}" in root:
+            set_complete(plan.store, f"{LABELS_GROUP}/{plan.out_name}", False)
+        root.require_group(SCRATCH).create_array(
+            plan.scratch_path.split("/", 1)[1],
+            shape=plan.shape,
+            chunks=plan.chunks,
+            dtype="uint32",
+            fill_value=0,
+            compressors=ZstdCodec(level=1),
+            overwrite=True,
         )
-        pairs = _gather(pair_futs, "faces", progress)
-        merged_ids, merged_final, absorbed = _union(pairs, total)
-        n_final = total - absorbed.size
-        table = _object_table(plan, sums, offsets, merged_ids, merged_final, absorbed)
-        dropped = np.zeros(0, dtype=np.uint64)
-        if plan.min_size > 1 and len(table):
-            small = table["voxels"] < plan.min_size
-            dropped = np.sort(table.loc[small, "id"].to_numpy(dtype=np.uint64))
-            table = table.loc[~small].reset_index(drop=True)
-        dtype = id_dtype(total)
-        _prepare_instances(plan, dtype, labels)
-        # Pass 3: relabel, each chunk with only its slice of the sparse tables.
-        rel = []
-        for idx in indices:
-            lo = int(offsets[idx])
-            hi = lo + int(n[idx])
-            a, b = np.searchsorted(merged_ids, [lo + 1, hi + 1])
-            rel.append(
-                c.submit(
-                    relabel_chunk,
-                    shared,
-                    idx,
-                    lo,
-                    merged_ids[a:b],
-                    merged_final[a:b],
-                    absorbed[: np.searchsorted(absorbed, hi + 1)],
-                    dropped,
-                    dtype.name,
-                    pure=False,
-                )
+        with dask_client(client, dask_address) as c:
+            runner = Runner(c, progress=progress)
+            # Pass 1: local labels.
+            results = runner.run(plan.step("label", label_chunk, plan, plan.grid)).results
+            n = np.zeros(plan.grid, dtype=np.int64)
+            sums: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+            for r in results:
+                n[tuple(r["index"])] = r["n"]
+                sums[tuple(r["index"])] = r["objects"]
+            offsets = (np.cumsum(n.reshape(-1)) - n.reshape(-1)).reshape(plan.grid) + plan.id_offset
+            total = int(n.sum()) + plan.id_offset
+            # Pass 2: pairs across faces (block = chunk index + axis).
+            faces = FacePlan(plan, offsets)
+            pairs = runner.run(
+                plan.step("faces", face_block, faces, (*plan.grid, len(plan.shape)))
+            ).results
+            merged_ids, merged_final, absorbed = _union(pairs, total)
+            n_final = total - absorbed.size
+            table = _object_table(plan, sums, offsets, merged_ids, merged_final, absorbed)
+            dropped = np.zeros(0, dtype=np.uint64)
+            if plan.min_size > 1 and len(table):
+                small = table["voxels"] < plan.min_size
+                dropped = np.sort(table.loc[small, "id"].to_numpy(dtype=np.uint64))
+                table = table.loc[~small].reset_index(drop=True)
+            dtype = id_dtype(total)
+            _prepare_instances(plan, dtype, labels)
+            # Pass 3: relabel, each chunk with only its slice of the sparse tables.
+            rp = RelabelPlan(
+                plan, offsets, n, merged_ids, merged_final, absorbed, dropped, dtype.name
             )
-        _gather(rel, "relabel", progress)
-    del root[SCRATCH]
-    image_url = _image_url(plan, labels)
-    if image_url:
-        from tasks.pyramid import write_label_levels
+            runner.run(plan.step("relabel", relabel_block, rp, plan.grid))
+            del root[SCRATCH]
+            image_url = _image_url(plan, labels)
+            if image_url:
+                from tasks.pyramid import write_label_levels
 
-        write_label_levels(plan.store, plan.out_name, image_url)
-    _finish_instances(plan, n_final, len(table))
-    csv_path = parquet_path = None
-    if write_table:
-        csv_path, parquet_path = write_object_table(plan, table)
+                write_label_levels(plan.store, plan.out_name, image_url, plan.key, runner)
+        csv_path = parquet_path = None
+        if write_table:
+            csv_path, parquet_path = write_object_table(plan, table)
+        lease.check()
+        _finish_instances(plan, n_final, len(table))
     return StitchResult(
         store=plan.store,
         labels_path=plan.out_path,
@@ -377,6 +463,38 @@ def stitch(
     )
 
 
+def _reuse(plan: StitchPlan, write_table: bool) -> StitchResult | None:
+    """The finished result of an earlier stitch under the same key, if there is one."""
+    root = open_group(plan.store, "r")
+    group = root.get(f"{LABELS_GROUP}/{plan.out_name}")
+    if group is None:
+        return None
+    meta = attributes(group).get("segflow", {})
+    if not meta.get("complete") or meta.get("key") != plan.key:
+        return None
+    csv_path, parquet_path = table_paths(plan.store, plan.out_name)
+    table = pd.DataFrame()
+    if write_table:
+        fs = filesystem(parquet_path)
+        if not fs.exists(parquet_path):
+            return None  # the table went missing: stitch again
+        with fs.open(parquet_path, "rb") as f:
+            table = pd.read_parquet(f)
+    arr = get_array(root, plan.out_path, plan.store)
+    log.info("%s: instances are complete under the same key; reused", plan.store)
+    return StitchResult(
+        store=plan.store,
+        labels_path=plan.out_path,
+        objects=int(meta.get("objects", len(table))),
+        dtype=str(arr.dtype),
+        table_csv=csv_path if write_table else None,
+        table_parquet=parquet_path if write_table else None,
+        seconds=0.0,
+        table=table,
+        reused=True,
+    )
+
+
 def _image_url(plan: StitchPlan, labels: str) -> str | None:
     """The image the labels belong to (for pyramid levels), if it can be found."""
     root = open_group(plan.store, "r")
@@ -384,19 +502,6 @@ def _image_url(plan: StitchPlan, labels: str) -> str | None:
         return plan.store
     source = attributes(root).get("segflow", {}).get("source_image")
     return str(source) if source else None
-
-
-def _gather(
-    futures: list[Any], stage: str, progress: Callable[[str, int, int], None] | None
-) -> list[Any]:
-    from distributed import as_completed
-
-    out = []
-    for i, fut in enumerate(as_completed(futures), 1):
-        out.append(fut.result())
-        if progress is not None:
-            progress(stage, i, len(futures))
-    return out
 
 
 def _union(pairs: list[np.ndarray], total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -471,8 +576,6 @@ def _object_table(
 
 
 def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) -> None:
-    from zarr.codecs import ZstdCodec
-
     root = open_group(plan.store, "r+")
     labels_group = root.require_group(LABELS_GROUP)
     names = list(attributes(labels_group).get("ome", {}).get("labels", []))
@@ -493,13 +596,23 @@ def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) ->
             },
             "segflow": {
                 "complete": False,
+                "key": plan.key,
                 "from": source_labels,
+                "source_key": source_attrs.get("segflow", {}).get("key"),
                 "foreground": list(plan.foreground),
                 "connectivity": plan.connectivity,
                 "min_size": plan.min_size,
             },
         }
     )
+    existing = group.get("0")
+    if (
+        isinstance(existing, zarr.Array)
+        and tuple(existing.shape) == plan.shape
+        and tuple(existing.chunks) == plan.chunks
+        and existing.dtype == dtype
+    ):
+        return  # resumed: relabelled chunks marked under this key are kept
     group.create_array(
         "0",
         shape=plan.shape,
@@ -515,7 +628,9 @@ def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) ->
 def _finish_instances(plan: StitchPlan, provisional_final: int, objects: int) -> None:
     group = open_group(plan.store, "r+")[f"{LABELS_GROUP}/{plan.out_name}"]
     meta = attributes(group)
-    meta["segflow"].update({"complete": True, "objects": objects, "max_id": provisional_final})
+    meta["segflow"].update(
+        {"complete": True, "key": plan.key, "objects": objects, "max_id": provisional_final}
+    )
     group.attrs.update({"segflow": meta["segflow"]})
 
 
@@ -530,20 +645,8 @@ def table_paths(store: str, name: str) -> tuple[str, str]:
 
 
 def write_object_table(plan: StitchPlan, table: pd.DataFrame) -> tuple[str, str]:
+    """CSV and Parquet beside the store, each written under a temporary name and renamed."""
     csv_path, parquet_path = table_paths(plan.store, plan.out_name)
-    if is_remote(plan.store):
-        from tasks.store import filesystem
-
-        fs = filesystem(plan.store)
-        with fs.open(csv_path, "w") as f:
-            table.to_csv(f, index=False)
-        with fs.open(parquet_path, "wb") as f:
-            table.to_parquet(f, index=False)
-    else:
-        table.to_csv(csv_path, index=False)
-        table.to_parquet(parquet_path, index=False)
+    write_beside(csv_path, lambda f: table.to_csv(f, index=False))
+    write_beside(parquet_path, lambda f: table.to_parquet(f, index=False), binary=True)
     return csv_path, parquet_path
-
-
-def read_instances(store: str, name: str = "instances") -> zarr.Array:
-    return get_array(open_group(store, "r"), f"{LABELS_GROUP}/{name}/0", store)

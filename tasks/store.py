@@ -8,7 +8,7 @@ Layout of an image store (zarr v3, OME-NGFF 0.5)::
         semantic/0 ...              argmax class ids (uint8), ome.image-label
         instances/0 ...             connected components (uint32/uint64)
       probabilities/0               class probabilities (c, [z,] y, x), when asked
-      segflow-done/<step>           done markers, one zarr chunk per region (see DoneTracker)
+      segflow-done/<step>           done markers, one zarr chunk per block (tasks.blockwise)
 
 The image group's ``segflow`` attribute holds ``source`` (identity of what was ingested),
 ``stats`` (global intensity statistics, :class:`unet_core.IntensityStats`) and ``ingest``
@@ -18,6 +18,7 @@ come from the usual ``AWS_*`` environment variables (``AWS_ENDPOINT_URL`` includ
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import zarr.errors
 
 from unet_core.errors import (
     InvalidVolumeError,
+    SegflowError,
     StorageAccessError,
     VolumeNotFoundError,
 )
@@ -100,6 +102,59 @@ def _translate(url: str, exc: BaseException) -> Exception:
     if isinstance(exc, FileNotFoundError | zarr.errors.GroupNotFoundError):
         return VolumeNotFoundError(f"{url}: no such store")
     return InvalidVolumeError(f"{url}: cannot open the store ({text[:200]})")
+
+
+_TRANSIENT_ERRNOS = {
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EAGAIN,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+}
+_TRANSIENT_NAMES = (
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "ClientPayloadError",
+)
+_TRANSIENT_TEXT = ("slowdown", "throttl", "requesttimeout", "internalerror", "serviceunavailable")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error may go away if the same request is made again (retry it).
+
+    Connection resets, refused or timed-out connections, throttling and 5xx answers of a
+    storage service are transient; everything else (bad input, missing files, access
+    denied, a full disk) is permanent and is never retried.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, SegflowError) and not isinstance(current, StorageAccessError):
+            cause = getattr(current, "cause", None)
+            if cause is None:
+                return False
+            current = cause
+            continue
+        if isinstance(current, ConnectionError | TimeoutError):
+            return True
+        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
+            return True
+        if type(current).__name__ in _TRANSIENT_NAMES:
+            return True
+        text = str(current).lower()
+        if any(t in text for t in _TRANSIENT_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def open_group(url: str, mode: str = "r") -> zarr.Group:
@@ -289,78 +344,17 @@ def get_array(group: zarr.Group, path: str, url: str = "") -> zarr.Array:
     return node
 
 
+def every_chunk(arr: zarr.Array) -> zarr.Array:
+    """The array, configured to store every chunk it writes, even one of only zeros.
+
+    segflow writes every chunk of its outputs, so a missing chunk means damage (see
+    :class:`tasks.runstate.StrictArray`), never "empty"; it also spares zarr a comparison
+    of each chunk with the fill value."""
+    return arr.with_config({"write_empty_chunks": True})
+
+
 def open_level(info: ImageInfo, level: str = "0", mode: str = "r") -> zarr.Array:
     return get_array(open_group(info.url, mode), level, info.url)
-
-
-# ------------------------------------------------------------------- done tracking
-
-
-class DoneTracker:
-    """Per-region completion markers kept in the output store.
-
-    One uint8 zarr array per step, ``segflow-done/<step>``, with one element per region and
-    one zarr chunk per element, so regions mark themselves without touching each other's
-    chunks. The array's ``key`` attribute records what produced the markers (model digest,
-    parameters); a different key clears them, so a changed model recomputes everything.
-    A region is marked only after all its chunks are written: a crash leaves it unmarked.
-    """
-
-    def __init__(self, store_url: str, step: str, grid: Sequence[int], key: str) -> None:
-        self.store_url = str(store_url)
-        self.step = step
-        self.grid = tuple(int(g) for g in grid)
-        self.key = key
-        root = open_group(self.store_url, "a")
-        group = root.require_group(DONE_GROUP)
-        existing = group.get(step)
-        if (
-            isinstance(existing, zarr.Array)
-            and tuple(existing.shape) == self.grid
-            and attributes(existing).get("key") == key
-        ):
-            self.array: zarr.Array = existing
-        else:
-            self.array = group.create_array(
-                step,
-                shape=self.grid,
-                chunks=(1,) * len(self.grid),
-                dtype="uint8",
-                fill_value=0,
-                overwrite=True,
-                attributes={"key": key},
-            )
-
-    @classmethod
-    def open(cls, store_url: str, step: str, mode: str = "r") -> DoneTracker | None:
-        """The tracker of a step as it is in the store (None if there is none).
-
-        ``mode="r+"`` to mark regions through it."""
-        try:
-            group = open_group(store_url, mode)
-            arr = get_array(group, f"{DONE_GROUP}/{step}")
-        except (VolumeNotFoundError, InvalidVolumeError):
-            return None
-        tracker = cls.__new__(cls)
-        tracker.store_url, tracker.step = str(store_url), step
-        tracker.grid, tracker.key = tuple(arr.shape), str(attributes(arr).get("key"))
-        tracker.array = arr
-        return tracker
-
-    def done_mask(self) -> np.ndarray:
-        return np.asarray(self.array[...]).astype(bool)
-
-    def is_done(self, index: Sequence[int]) -> bool:
-        return bool(self.array[tuple(index)])
-
-    def mark(self, index: Sequence[int]) -> None:
-        self.array[tuple(index)] = 1
-
-    def count(self) -> int:
-        return int(self.done_mask().sum())
-
-    def all_done(self) -> bool:
-        return bool(self.done_mask().all())
 
 
 def write_image(
@@ -400,7 +394,10 @@ def write_image(
     attrs: dict[str, Any] = {
         "ome": {"version": NGFF_VERSION, "multiscales": multiscales(axes, full_scale, [], unit)}
     }
+    from tasks.runstate import OWNER, data_digest
+
+    attrs["segflow"] = {"created_by": OWNER, "image_digest": data_digest(data)}
     if with_stats:
-        attrs["segflow"] = {"stats": compute_stats(data).model_dump()}
+        attrs["segflow"]["stats"] = compute_stats(data).model_dump()
     root.attrs.update(attrs)
     return read_image_info(url)

@@ -39,3 +39,40 @@ class StoreConflictError(SegflowError, FileExistsError):
 
 class StorageAccessError(SegflowError, PermissionError):
     """Remote storage refused access (credentials, permissions, missing bucket)."""
+
+
+class LeaseHeldError(StoreConflictError):
+    """Another run holds the lease on the outputs (the message names the holder)."""
+
+
+class IncompleteError(SegflowError, ValueError):
+    """An input that a run has not finished writing (not marked complete)."""
+
+
+class MissingDataError(InvalidVolumeError):
+    """A chunk that must exist is missing or cannot be decoded (never read as zeros)."""
+
+
+class BlockError(SegflowError, RuntimeError):
+    """A block of a step failed: names the step, the block, its voxel box and the store.
+
+    ``cause`` is the original exception, so callers (the CLI's exit codes, Prefect's retry
+    decision) can still tell a bad input from a storage outage.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.failed_blocks = 1
+
+    @classmethod
+    def wrap(cls, where: str, exc: BaseException) -> BlockError:
+        if isinstance(exc, BlockError):
+            return exc
+        text = str(exc) or type(exc).__name__
+        if not isinstance(exc, SegflowError):
+            text = f"{type(exc).__name__}: {text}"
+        return cls(f"{where} failed: {text}", exc)
+
+    def __reduce__(self) -> tuple[type, tuple[str, BaseException | None]]:
+        return (type(self), (str(self), self.cause))

@@ -1,0 +1,475 @@
+"""The one blockwise runner: every piece of block work in segflow goes through :class:`Runner`.
+
+A *step* (ingest units, statistics, pyramid levels, segmentation, stitch passes, export)
+declares its block grid, a pure per-block function and its run key; the runner does the
+rest, the same way for all of them::
+
+    Step(name, store, grid, key, process, plan, box)
+      │
+      ├─ skip      blocks whose marker in ``store/segflow-done/<name>`` equals this key's token
+      ├─ submit    process(plan, index) on Dask (a distributed Client, or local threads)
+      │              · transient storage errors (connection reset, throttling, timeouts)
+      │                are retried with backoff; permanent ones never are
+      │              · the marker is written by the worker only after the block's writes are
+      │                stored, so a crash leaves the block unmarked
+      ├─ progress  one callback, :class:`Progress`, per finished block (CLI bar, Prefect)
+      ├─ timeout   blocks unfinished after ``timeout_s`` are cancelled
+      └─ errors    a failed block raises :class:`BlockError` naming the step, the block
+                   index, its voxel box and the store; the other blocks finish first
+
+Markers are one uint64 per block (one zarr chunk each, so blocks never share a chunk).
+A block is done when its marker holds the *token* of the run key (a 63-bit number derived
+from the key): a block written under another key (another model, image, parameters) is not
+done, whatever the array's history. Regions (the Prefect batching unit) are runs of blocks
+in C order; a region reads only its own markers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from tasks.store import DONE_GROUP, is_transient, open_group
+from unet_core.errors import BlockError, ConfigError, SegflowError
+from unet_core.geometry import Box
+
+log = logging.getLogger(__name__)
+
+Index = tuple[int, ...]
+
+#: Retries of a block's transient storage errors, and the first backoff delay (doubles).
+DEFAULT_RETRIES = 4
+DEFAULT_BACKOFF_S = 0.5
+
+
+def key_token(key: str) -> int:
+    """The 63-bit marker value of a run key (never 0, the value of an unmarked block)."""
+    return (int(key[:16], 16) & ((1 << 63) - 1)) | 1
+
+
+@dataclass(frozen=True)
+class Step:
+    """One kind of block work, as descriptors only (cheap to ship to workers).
+
+    ``process(plan, index)`` does one block's reads and writes and returns a small,
+    picklable result; it must be a module-level function. ``box(plan, index)`` gives the
+    block's voxel box for messages. ``resumable=False`` steps (passes whose results are
+    needed again, e.g. the stitch's per-chunk tables) keep no markers: all their blocks run.
+    """
+
+    name: str
+    store: str
+    grid: tuple[int, ...]
+    key: str
+    process: Callable[[Any, Index], Any]
+    plan: Any
+    box: Callable[[Any, Index], Box] | None = None
+    resumable: bool = True
+
+    @property
+    def n_blocks(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def token(self) -> int:
+        return key_token(self.key)
+
+    def indices(self) -> list[Index]:
+        return [tuple(int(i) for i in idx) for idx in np.ndindex(*self.grid)]
+
+    def describe(self, index: Index) -> str:
+        where = ""
+        if self.box is not None:
+            try:
+                b = self.box(self.plan, index)
+                where = " voxels " + " ".join(
+                    f"{a}:{e}" for a, e in zip(b.begin, b.end, strict=True)
+                )
+            except Exception:  # a message must never fail
+                where = ""
+        return f"{self.name} block {list(index)}{where} of {self.store}"
+
+
+# ------------------------------------------------------------------------------ markers
+
+
+class Markers:
+    """The done markers of one step in its store (``segflow-done/<name>``)."""
+
+    def __init__(self, array: zarr.Array, store: str, name: str) -> None:
+        self.array = array
+        self.store = store
+        self.name = name
+
+    @classmethod
+    def require(cls, step: Step) -> Markers:
+        """The step's marker array, created (all unmarked) if missing or of another grid."""
+        root = open_group(step.store, "a")
+        group = root.require_group(DONE_GROUP)
+        existing = group.get(step.name)
+        if isinstance(existing, zarr.Array) and tuple(existing.shape) == step.grid:
+            return cls(existing, step.store, step.name)
+        arr = group.create_array(
+            step.name,
+            shape=step.grid,
+            chunks=(1,) * len(step.grid),
+            dtype="uint64",
+            fill_value=0,
+            overwrite=True,
+        )
+        return cls(arr, step.store, step.name)
+
+    @classmethod
+    def open(cls, store: str, name: str, mode: str = "r") -> Markers | None:
+        """The markers of a step as they are in the store (None if there are none)."""
+        try:
+            group = open_group(store, mode)
+        except SegflowError:
+            return None
+        node = group.get(f"{DONE_GROUP}/{name}")
+        return cls(node, str(store), name) if isinstance(node, zarr.Array) else None
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.array.shape)
+
+    def done_mask(self, key: str) -> np.ndarray:
+        """Boolean per block: marked under ``key``."""
+        return np.asarray(self.array[...]) == np.uint64(key_token(key))
+
+    def done_of(self, indices: Sequence[Index], key: str) -> np.ndarray:
+        """Boolean per given block (reads only those blocks' chunks)."""
+        if not indices:
+            return np.zeros(0, dtype=bool)
+        coords = tuple(np.asarray(c, dtype=np.int64) for c in zip(*indices, strict=True))
+        values = np.asarray(self.array.get_coordinate_selection(coords))
+        return values == np.uint64(key_token(key))
+
+    def count(self, key: str) -> int:
+        return int(self.done_mask(key).sum())
+
+    def all_done(self, key: str) -> bool:
+        return bool(self.done_mask(key).all())
+
+    def mark(self, index: Index, key: str) -> None:
+        self.array[tuple(index)] = key_token(key)
+
+    def clear(self, indices: Iterable[Index]) -> None:
+        for index in indices:
+            self.array[tuple(index)] = 0
+
+
+def mark_done(store: str, name: str, index: Index, token: int) -> None:
+    """Mark one block (worker side, after its writes are stored)."""
+    path = f"{DONE_GROUP}/{name}"
+    arr = open_group(store, "r+").get(path)
+    if not isinstance(arr, zarr.Array):
+        raise SegflowError(
+            f"{store}: the done markers '{path}' were removed while the run was writing "
+            "(another run replaced these outputs?)"
+        )
+    arr[tuple(index)] = token
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+@dataclass
+class Progress:
+    """What a progress callback receives after each finished block (and once at start)."""
+
+    step: str
+    done: int  # blocks finished in this run so far
+    total: int  # blocks this run computes (skipped ones excluded)
+    skipped: int  # blocks already done under the key, not recomputed
+    started: float  # time.monotonic() when the first block was submitted
+    result: Any = None  # the finished block's result (None at start)
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 0.0)
+
+    @property
+    def eta(self) -> float | None:
+        if not self.done or self.done >= self.total:
+            return None
+        return self.elapsed / self.done * (self.total - self.done)
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class StepResult:
+    """What a run of a step did."""
+
+    step: str
+    total: int
+    computed: int
+    skipped: int
+    seconds: float
+    results: list[Any] = field(default_factory=list)  # results of computed blocks
+
+
+# ------------------------------------------------------------------------------- worker
+
+
+def run_block(step: Step, index: Index, retries: int, backoff_s: float) -> Any:
+    """Run one block with retries of transient errors, then mark it (worker side)."""
+    attempt = 0
+    while True:
+        try:
+            result = step.process(step.plan, index)
+            break
+        except Exception as exc:
+            if is_transient(exc) and attempt < retries:
+                delay = backoff_s * 2**attempt
+                attempt += 1
+                log.warning(
+                    "%s: transient error (%s), retry %d/%d in %.1f s",
+                    step.describe(index),
+                    exc,
+                    attempt,
+                    retries,
+                    delay,
+                )
+                time.sleep(delay)
+                continue
+            raise BlockError.wrap(step.describe(index), exc) from exc
+    if step.resumable:
+        try:
+            mark_done(step.store, step.name, index, step.token)
+        except Exception as exc:
+            raise BlockError.wrap(step.describe(index), exc) from exc
+    return result
+
+
+# ------------------------------------------------------------------------------- runner
+
+
+class Runner:
+    """Runs steps on a Dask ``client`` (distributed), or on local threads when it is None.
+
+    ``threads``: size of the local pool (default: two per core — a block waits on reads
+    and compression as much as it computes). ``progress`` receives a :class:`Progress`
+    after every block of every step. ``timeout_s`` bounds one :meth:`run`.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        threads: int | None = None,
+        progress: ProgressFn | None = None,
+        timeout_s: float | None = None,
+        retries: int = DEFAULT_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
+    ) -> None:
+        import os
+
+        self.client = client
+        self.threads = threads or 2 * (os.cpu_count() or 1)
+        self.progress = progress
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    # -- what is left
+
+    def pending(self, step: Step, indices: Sequence[Index] | None = None) -> list[Index]:
+        """The given blocks (default: all) that are not done under the step's key."""
+        wanted = step.indices() if indices is None else [tuple(map(int, i)) for i in indices]
+        if not step.resumable or not wanted:
+            return wanted
+        markers = Markers.require(step)
+        if indices is None:
+            done = markers.done_mask(step.key)
+            return [i for i in wanted if not done[i]]
+        flags = markers.done_of(wanted, step.key)
+        return [i for i, d in zip(wanted, flags, strict=True) if not d]
+
+    # -- running
+
+    def run(self, step: Step, indices: Sequence[Index] | None = None) -> StepResult:
+        """Run the pending blocks among ``indices`` (default: all) and wait for them.
+
+        Raises the first :class:`BlockError` after all other blocks finished (their work
+        is kept and marked), or a :class:`TimeoutError` after cancelling what is left.
+        """
+        t0 = time.perf_counter()
+        wanted = step.indices() if indices is None else [tuple(map(int, i)) for i in indices]
+        todo = self.pending(step, indices)
+        skipped = len(wanted) - len(todo)
+        started = time.monotonic()
+        if self.progress is not None:
+            self.progress(Progress(step.name, 0, len(todo), skipped, started))
+        results: list[Any] = []
+        if todo:
+            if self.client is None:
+                results = self._run_threads(step, todo, skipped, started)
+            else:
+                results = self._run_dask(step, todo, skipped, started)
+        return StepResult(
+            step.name, len(wanted), len(todo), skipped, time.perf_counter() - t0, results
+        )
+
+    def _report(self, step: Step, done: int, total: int, skipped: int, t: float, res: Any) -> None:
+        if self.progress is not None:
+            self.progress(Progress(step.name, done, total, skipped, t, res))
+
+    def _finish(self, step: Step, errors: list[BaseException], finished: int, total: int) -> None:
+        if not errors:
+            return
+        first = errors[0]
+        if len(errors) > 1:
+            log.error("%s: %d blocks failed; the first: %s", step.name, len(errors), first)
+        if isinstance(first, BlockError):
+            first.failed_blocks = len(errors)
+        raise first
+
+    def _timeout(self, step: Step, left: int) -> TimeoutError:
+        return TimeoutError(
+            f"{left} block(s) of step {step.name} in {step.store} did not finish within "
+            f"{self.timeout_s} s; they were cancelled"
+        )
+
+    def _run_threads(
+        self, step: Step, todo: list[Index], skipped: int, started: float
+    ) -> list[Any]:
+        results: list[Any] = []
+        errors: list[BaseException] = []
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        with ThreadPoolExecutor(self.threads, thread_name_prefix=f"segflow-{step.name}") as pool:
+            pending: set[Future[Any]] = {
+                pool.submit(run_block, step, i, self.retries, self.backoff_s) for i in todo
+            }
+            try:
+                while pending:
+                    left = None if deadline is None else max(deadline - time.monotonic(), 0)
+                    done, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
+                    if not done:
+                        for f in pending:
+                            f.cancel()
+                        raise self._timeout(step, len(pending))
+                    for fut in done:
+                        try:
+                            res = fut.result()
+                        except Exception as exc:
+                            errors.append(exc)
+                            continue
+                        results.append(res)
+                        self._report(step, len(results), len(todo), skipped, started, res)
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+        self._finish(step, errors, len(results), len(todo))
+        return results
+
+    def _run_dask(self, step: Step, todo: list[Index], skipped: int, started: float) -> list[Any]:
+        from distributed import as_completed
+
+        client = self.client
+        # The step (plan included, no block list) travels once to every worker.
+        shared = client.scatter(step, broadcast=True, hash=False)
+        run = uuid.uuid4().hex[:8]
+        futures = [
+            client.submit(
+                run_block,
+                shared,
+                index,
+                self.retries,
+                self.backoff_s,
+                key=f"segflow-{step.name}-{run}-{'-'.join(map(str, index))}",
+                pure=False,
+            )
+            for index in todo
+        ]
+        results: list[Any] = []
+        errors: list[BaseException] = []
+        try:
+            for fut in as_completed(futures, timeout=self.timeout_s):
+                try:
+                    res = fut.result()
+                except Exception as exc:
+                    errors.append(exc)
+                    continue
+                results.append(res)
+                self._report(step, len(results), len(todo), skipped, started, res)
+        except TimeoutError:
+            left = [f for f in futures if not f.done()]
+            client.cancel(left)
+            raise self._timeout(step, len(left)) from None
+        except BaseException:
+            client.cancel([f for f in futures if not f.done()])
+            raise
+        self._finish(step, errors, len(results), len(todo))
+        return results
+
+
+# ------------------------------------------------------------------------------ regions
+
+
+def blocks_per_region(n_blocks: int, max_regions: int = 2000) -> int:
+    """Blocks per region so that there are at most ``max_regions`` regions."""
+    if max_regions < 1:
+        raise ConfigError(f"max_regions must be at least 1, got {max_regions}")
+    return max(math.ceil(n_blocks / max_regions), 1)
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Runs of ``per_region`` blocks of a grid in C order: the unit Prefect sees."""
+
+    grid: tuple[int, ...]
+    per_region: int
+
+    @property
+    def n_blocks(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def count(self) -> int:
+        return math.ceil(self.n_blocks / self.per_region)
+
+    def blocks(self, region: int) -> list[Index]:
+        if not 0 <= region < self.count:
+            raise ConfigError(
+                f"region {region} does not exist (this run has regions 0..{self.count - 1})"
+            )
+        flat = range(region * self.per_region, min((region + 1) * self.per_region, self.n_blocks))
+        return [tuple(int(i) for i in np.unravel_index(f, self.grid)) for f in flat]
+
+    def done(self, step: Step) -> np.ndarray:
+        """Boolean per region: all its blocks done under the step's key."""
+        markers = Markers.open(step.store, step.name)
+        if markers is None or markers.grid != step.grid:
+            return np.zeros(self.count, dtype=bool)
+        flat = markers.done_mask(step.key).reshape(-1)
+        padded = np.ones(self.count * self.per_region, dtype=bool)
+        padded[: flat.size] = flat
+        return np.asarray(padded.reshape(self.count, self.per_region).all(axis=1))
+
+
+__all__ = [
+    "BlockError",
+    "Markers",
+    "Progress",
+    "ProgressFn",
+    "Regions",
+    "Runner",
+    "Step",
+    "StepResult",
+    "blocks_per_region",
+    "key_token",
+    "run_block",
+]

@@ -1,0 +1,507 @@
+"""Run state kept in the output store: ownership, leases, image identity, completeness.
+
+What a store holds so that runs can trust it (see DESIGN.md, "Run state")::
+
+    store/zarr.json            segflow.created_by = "segflow": segflow made this store and
+                               may write into it or delete it (``--overwrite``); it never
+                               writes into a non-empty folder or store without this mark
+    store/segflow-lease.json   the lease: holder, host, pid, what, heartbeat, expiry. One run
+                               writes a store's outputs at a time; a second run waits or
+                               refuses naming the holder; a lease whose holder died (or
+                               whose heartbeat is older than its ttl) is taken over
+    labels/<name>/zarr.json    segflow.key (the run key of the labels) and segflow.complete,
+                               true only once every block is written; every reader refuses
+                               incomplete labels (:func:`require_complete`)
+    zarr.json (image)          segflow.image_digest: the image's identity, part of every
+                               run key (combined per-unit checksums written at ingest; for
+                               images segflow did not ingest, a digest of chunk names,
+                               sizes and modification times or ETags)
+
+Missing data is an error: :class:`StrictArray` reads an array of which segflow wrote every
+chunk and raises :class:`MissingDataError` naming the chunk when one is missing or cannot
+be decoded, where zarr would silently return the fill value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from tasks.store import (
+    attributes,
+    filesystem,
+    is_remote,
+    join,
+    open_group,
+)
+from unet_core.errors import (
+    IncompleteError,
+    InvalidVolumeError,
+    LeaseHeldError,
+    MissingDataError,
+    SegflowError,
+    StoreConflictError,
+)
+
+log = logging.getLogger(__name__)
+
+LEASE_FILE = "segflow-lease.json"
+#: Seconds after its last heartbeat that a lease expires (SEGFLOW_LEASE_TTL_S overrides).
+LEASE_TTL_S = 60.0
+OWNER = "segflow"
+
+
+# ---------------------------------------------------------------------------- ownership
+
+
+def store_exists(url: str) -> bool:
+    """Whether ``url`` holds anything (an empty local folder counts as nothing)."""
+    if is_remote(url):
+        fs = filesystem(url)
+        try:
+            return bool(fs.exists(url)) and bool(fs.ls(url, refresh=True))
+        except FileNotFoundError:
+            return False
+    if os.path.isdir(url):
+        return bool(os.listdir(url))
+    return os.path.exists(url)
+
+
+def owned_by_segflow(url: str) -> bool:
+    """Whether ``url`` is a zarr store that segflow made (its root attributes say so)."""
+    try:
+        seg = attributes(open_group(url, "r")).get("segflow")
+    except SegflowError:
+        return False
+    except Exception:
+        return False
+    if not isinstance(seg, dict):
+        return False
+    # ``created_by`` since this version; stores of earlier versions carry ingest/role
+    return seg.get("created_by") == OWNER or "ingest" in seg or "role" in seg
+
+
+def claim_store(url: str, role: str, **attrs: Any) -> zarr.Group:
+    """Open ``url`` for writing outputs: create it (marked as segflow's) when absent or
+    empty, reuse it when segflow made it, refuse anything else in one sentence."""
+    if store_exists(url):
+        if not owned_by_segflow(url):
+            what = "a zarr store that segflow did not make" if _is_zarr(url) else "other files"
+            raise StoreConflictError(
+                f"{url}: already holds {what}; segflow writes only into stores it made "
+                "(choose a new or empty location)"
+            )
+        return open_group(url, "r+")
+    root = open_group(url, "w")
+    root.attrs.update({"segflow": {"created_by": OWNER, "role": role, **attrs}})
+    return root
+
+
+def delete_owned_store(url: str) -> None:
+    """Delete a store segflow made (``--overwrite``); anything else is refused."""
+    if not store_exists(url):
+        return
+    if not owned_by_segflow(url):
+        raise StoreConflictError(
+            f"{url}: is not a store made by segflow, so it is not deleted even with "
+            "--overwrite; choose another destination"
+        )
+    if is_remote(url):
+        filesystem(url).rm(url, recursive=True)
+    else:
+        import shutil
+
+        shutil.rmtree(url)
+
+
+def _is_zarr(url: str) -> bool:
+    if is_remote(url):
+        return bool(filesystem(url).exists(join(url, "zarr.json")))
+    return os.path.isfile(os.path.join(url, "zarr.json"))
+
+
+def write_beside(path: str, write: Callable[[Any], None], binary: bool = False) -> str:
+    """Write a file next to a store under a temporary name, then rename it into place.
+
+    A crash or a full disk leaves the old file (or none), never a truncated one under the
+    final name. On S3 one object PUT is atomic already."""
+    mode = "wb" if binary else "w"
+    if is_remote(path):
+        fs = filesystem(path)
+        with fs.open(path, mode) as f:
+            write(f)
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    return path
+
+
+# -------------------------------------------------------------------------------- lease
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    holder: str
+    host: str
+    pid: int
+    what: str
+    started: float
+    heartbeat: float
+    expires: float
+
+    def describe(self) -> str:
+        age = max(time.time() - self.heartbeat, 0.0)
+        return (
+            f"{self.what} run {self.holder[:8]} on {self.host} (pid {self.pid}), "
+            f"last heartbeat {age:.0f} s ago"
+        )
+
+
+_PROCESS_HOLDER = uuid.uuid4().hex
+_held: dict[str, tuple[Lease, int]] = {}
+_held_lock = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """Exclusive right to write a store's outputs, kept alive by a heartbeat thread.
+
+    Use as a context manager. Within one process leases are re-entrant (the segment
+    flow's steps share the run's lease). ``wait_s``: how long to wait for another holder
+    before refusing with :class:`LeaseHeldError`.
+    """
+
+    def __init__(
+        self, store: str, what: str = "segflow", wait_s: float = 0.0, ttl_s: float | None = None
+    ) -> None:
+        self.store = str(store).rstrip("/")
+        self.what = what
+        self.wait_s = wait_s
+        self.ttl_s = float(ttl_s or os.environ.get("SEGFLOW_LEASE_TTL_S") or LEASE_TTL_S)
+        self.holder = _PROCESS_HOLDER
+        self.path = join(self.store, LEASE_FILE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+        self._started = time.time()
+
+    # -- file access
+
+    def read(self) -> LeaseInfo | None:
+        fs = filesystem(self.store)
+        try:
+            with fs.open(self.path, "r") as f:
+                data = json.load(f)
+            return LeaseInfo(**data)
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError):
+            return None  # a torn or foreign file: treat as no lease
+
+    def _write(self) -> None:
+        now = time.time()
+        info = LeaseInfo(
+            self.holder,
+            socket.gethostname(),
+            os.getpid(),
+            self.what,
+            self._started,
+            now,
+            now + self.ttl_s,
+        )
+        text = json.dumps(asdict(info))
+        if is_remote(self.store):
+            filesystem(self.store).pipe(self.path, text.encode())
+        else:
+            tmp = f"{self.path}.{uuid.uuid4().hex[:8]}"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.path)
+
+    def _free(self, info: LeaseInfo | None) -> bool:
+        if info is None or info.holder == self.holder:
+            return True
+        if info.expires < time.time():
+            log.warning("%s: taking over an expired lease (%s)", self.store, info.describe())
+            return True
+        if info.host == socket.gethostname() and not _pid_alive(info.pid):
+            log.warning("%s: taking over the lease of a dead run (%s)", self.store, info.describe())
+            return True
+        return False
+
+    # -- life cycle
+
+    def acquire(self) -> Lease:
+        with _held_lock:
+            held = _held.get(self.store)
+            if held is not None:
+                _held[self.store] = (held[0], held[1] + 1)
+                return held[0]
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            info = self.read()
+            if self._free(info):
+                self._write()
+                time.sleep(0.2)  # a concurrent taker writes too: the last writer wins
+                check = self.read()
+                if check is not None and check.holder == self.holder:
+                    break
+                info = check
+            if time.monotonic() >= deadline:
+                assert info is not None
+                raise LeaseHeldError(
+                    f"{self.store}: another segflow run is writing these outputs "
+                    f"({info.describe()}); wait for it to finish or stop it (its lease "
+                    f"expires {self.ttl_s:.0f} s after its last heartbeat)"
+                )
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+        self._thread = threading.Thread(
+            target=self._beat, name=f"segflow-lease-{self.store[-20:]}", daemon=True
+        )
+        self._thread.start()
+        with _held_lock:
+            _held[self.store] = (self, 1)
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                info = self.read()
+                if info is not None and info.holder != self.holder:
+                    self.lost = True
+                    log.error("%s: lease lost to %s", self.store, info.describe())
+                    return
+                self._write()
+            except Exception as exc:  # storage hiccup: try again at the next beat
+                log.warning("%s: lease heartbeat failed: %s", self.store, exc)
+
+    def release(self) -> None:
+        with _held_lock:
+            held = _held.get(self.store)
+            if held is None:
+                return
+            lease, count = held
+            if count > 1:
+                _held[self.store] = (lease, count - 1)
+                return
+            del _held[self.store]
+        lease._stop.set()
+        if lease._thread is not None:
+            lease._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            info = lease.read()
+            if info is not None and info.holder == lease.holder:
+                filesystem(lease.store).rm(lease.path)
+
+    def check(self) -> None:
+        """Raise if the lease was lost (another run took the outputs over)."""
+        lease = _held.get(self.store, (self, 0))[0]
+        if lease.lost:
+            raise LeaseHeldError(
+                f"{self.store}: another run took over these outputs while this one was writing"
+            )
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------- image identity
+
+
+def listing_digest(url: str, path: str = "0") -> str:
+    """Identity of an array segflow did not ingest: its chunk names, sizes and mtimes/ETags."""
+    fs = filesystem(url)
+    base = join(url, path)
+    try:
+        entries = fs.find(base, detail=True)
+    except FileNotFoundError:
+        entries = {}
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        e = entries[name]
+        rel = name[len(base.split("://", 1)[-1]) :] if is_remote(url) else name[len(base) :]
+        stamp = e.get("ETag") or e.get("etag") or e.get("mtime") or e.get("LastModified") or ""
+        h.update(f"{rel}\t{e.get('size')}\t{stamp}\n".encode())
+    return "list-" + h.hexdigest()[:32]
+
+
+def data_digest(data: np.ndarray) -> str:
+    """Identity of an in-memory image (written by :func:`tasks.store.write_image`)."""
+    h = hashlib.sha256()
+    h.update(f"{data.shape}|{data.dtype.str}".encode())
+    h.update(np.ascontiguousarray(data).data)
+    return "data-" + h.hexdigest()[:32]
+
+
+def image_digest(url: str, attrs: dict[str, Any] | None = None) -> str:
+    """The identity of the image at ``url``: recorded at ingest, or from its listing."""
+    attrs = attributes(open_group(url, "r")) if attrs is None else attrs
+    recorded = attrs.get("segflow", {}).get("image_digest")
+    return str(recorded) if recorded else listing_digest(url)
+
+
+# ------------------------------------------------------------------------- completeness
+
+
+def set_complete(store: str, path: str, complete: bool, **extra: Any) -> None:
+    """Record in the group at ``path`` whether all of its blocks are written."""
+    group = open_group(store, "r+")[path]
+    meta = attributes(group).get("segflow", {})
+    meta.update(extra)
+    meta["complete"] = bool(complete)
+    group.attrs.update({"segflow": meta})
+
+
+def require_complete(store: str, path: str, what: str) -> dict[str, Any]:
+    """The segflow attributes of the group at ``path``; refuse it unless complete."""
+    try:
+        group = open_group(store, "r")[path]
+    except KeyError:
+        raise InvalidVolumeError(f"{store}: there are no {what} at '{path}'") from None
+    meta: dict[str, Any] = attributes(group).get("segflow", {})
+    if not meta.get("complete"):
+        raise IncompleteError(
+            f"{store}: the {what} at '{path}' are incomplete (a run stopped before writing "
+            "every block); run the step that makes them again to finish them"
+        )
+    return meta
+
+
+# -------------------------------------------------------------------------- strict reads
+
+
+class StrictArray:
+    """Reads of an array of which every chunk was written: missing chunks are errors.
+
+    Supports the basic slicing that segflow's readers use (a tuple of slices)."""
+
+    def __init__(self, array: zarr.Array, url: str, path: str = "") -> None:
+        self.array = array
+        self.url = str(url)
+        self.path = path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(self.array.chunks)
+
+    @property
+    def ndim(self) -> int:
+        return int(self.array.ndim)
+
+    def _ranges(self, sel: Any) -> list[range]:
+        if not isinstance(sel, tuple):
+            sel = (sel,)
+        if any(s is Ellipsis for s in sel):
+            i = sel.index(Ellipsis)
+            sel = sel[:i] + (slice(None),) * (self.ndim - len(sel) + 1) + sel[i + 1 :]
+        sel = sel + (slice(None),) * (self.ndim - len(sel))
+        grid = self.array.shards or self.array.chunks
+        out = []
+        for s, n, c in zip(sel, self.shape, grid, strict=True):
+            if isinstance(s, slice):
+                a, b, _ = s.indices(n)
+            else:
+                a = int(s) % n if n else 0
+                b = a + 1
+            out.append(range(a // c, (max(b, a + 1) - 1) // c + 1) if b > a else range(0))
+        return out
+
+    def _keys(self, sel: Any) -> list[tuple[tuple[int, ...], str]]:
+        import itertools
+
+        prefix = self.array.store_path.path
+        keys = []
+        for coords in itertools.product(*self._ranges(sel)):
+            key = self.array.metadata.encode_chunk_key(coords)
+            keys.append((coords, f"{prefix}/{key}" if prefix else key))
+        return keys
+
+    def _where(self, coords: tuple[int, ...]) -> str:
+        name = f"{self.path}/" if self.path else ""
+        return f"{self.url}: chunk {name}{'/'.join(map(str, coords))}"
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        from zarr.core.sync import sync
+
+        keys = self._keys(sel)
+        store = self.array.store_path.store
+
+        async def exists_all() -> list[bool]:
+            import asyncio
+
+            return list(await asyncio.gather(*(store.exists(k) for _, k in keys)))
+
+        present = sync(exists_all())
+        for (coords, _), ok in zip(keys, present, strict=True):
+            if not ok:
+                raise MissingDataError(
+                    f"{self._where(coords)} is missing (it was written before; the store "
+                    "was damaged or is being rewritten)"
+                )
+        try:
+            return np.asarray(self.array[sel])
+        except SegflowError:
+            raise
+        except Exception as exc:
+            raise self._locate(keys, exc) from exc
+
+    def _locate(self, keys: list[tuple[tuple[int, ...], str]], exc: Exception) -> Exception:
+        from unet_core.errors import MissingDataError as Missing
+
+        grid = self.array.shards or self.array.chunks
+        for coords, _ in keys:
+            sl = tuple(
+                slice(i * c, min((i + 1) * c, n))
+                for i, c, n in zip(coords, grid, self.shape, strict=True)
+            )
+            try:
+                self.array[sl]
+            except Exception as inner:
+                return Missing(
+                    f"{self._where(coords)} cannot be decoded "
+                    f"({type(inner).__name__}: {str(inner)[:120]})"
+                )
+        return exc
