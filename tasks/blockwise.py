@@ -117,6 +117,8 @@ class Markers:
         group = root.require_group(DONE_GROUP)
         existing = group.get(step.name)
         if isinstance(existing, zarr.Array) and tuple(existing.shape) == step.grid:
+            if existing.attrs.get("key") != step.key:
+                existing.attrs["key"] = step.key  # the key of the latest run (for readers)
             return cls(existing, step.store, step.name)
         arr = group.create_array(
             step.name,
@@ -125,6 +127,7 @@ class Markers:
             dtype="uint64",
             fill_value=0,
             overwrite=True,
+            attributes={"key": step.key},
         )
         return cls(arr, step.store, step.name)
 
@@ -142,8 +145,16 @@ class Markers:
     def grid(self) -> tuple[int, ...]:
         return tuple(int(n) for n in self.array.shape)
 
-    def done_mask(self, key: str) -> np.ndarray:
-        """Boolean per block: marked under ``key``."""
+    @property
+    def key(self) -> str:
+        """The key of the latest run that prepared these markers."""
+        return str(self.array.attrs.get("key", ""))
+
+    def done_mask(self, key: str | None = None) -> np.ndarray:
+        """Boolean per block: marked under ``key`` (default: the latest run's key)."""
+        key = self.key if key is None else key
+        if not key:
+            return np.zeros(self.grid, dtype=bool)
         return np.asarray(self.array[...]) == np.uint64(key_token(key))
 
     def done_of(self, indices: Sequence[Index], key: str) -> np.ndarray:
@@ -154,10 +165,10 @@ class Markers:
         values = np.asarray(self.array.get_coordinate_selection(coords))
         return values == np.uint64(key_token(key))
 
-    def count(self, key: str) -> int:
+    def count(self, key: str | None = None) -> int:
         return int(self.done_mask(key).sum())
 
-    def all_done(self, key: str) -> bool:
+    def all_done(self, key: str | None = None) -> bool:
         return bool(self.done_mask(key).all())
 
     def mark(self, index: Index, key: str) -> None:

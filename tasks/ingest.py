@@ -61,6 +61,7 @@ from tasks.store import (
     attributes,
     check_access,
     every_chunk,
+    filesystem,
     join,
     multiscales,
     open_group,
@@ -262,6 +263,10 @@ def _compressors(compression: str, dtype: str) -> Any:
     return None
 
 
+def _is_zarr(url: str) -> bool:
+    return bool(filesystem(url).exists(join(url, "zarr.json")))
+
+
 def _previous_ingest(url: str) -> dict[str, Any] | None:
     try:
         attrs = attributes(open_group(url, "r"))
@@ -300,17 +305,20 @@ def _prepare_store(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> 
         if refresh and same_source and not overwrite:
             _restart_in_place(plan)
             return False
+        if not owned_by_segflow(dst):
+            what = "a zarr store" if _is_zarr(dst) else "other files"
+            raise StoreConflictError(
+                f"{dst}: already holds {what} that segflow did not make; it is never "
+                "replaced, not even with --overwrite: choose another destination"
+            )
         if not overwrite:
+            what = "other segflow outputs"
             if previous and previous.get("source", {}).get("url"):
                 what = f"an image ingested from {previous['source']['url']}"
                 if same:
                     what = "a damaged ingest of this source"
                 elif same_source:
                     what = "an ingest of this source with other settings or an older version"
-            elif store_exists(dst) and owned_by_segflow(dst):
-                what = "other segflow outputs"
-            else:
-                what = "other data (not made by segflow)"
             raise StoreConflictError(f"{dst}: already holds {what}; pass --overwrite to replace it")
         delete_owned_store(dst)
     root = open_group(dst, "w")

@@ -67,17 +67,28 @@ OWNER = "segflow"
 # ---------------------------------------------------------------------------- ownership
 
 
-def store_exists(url: str) -> bool:
-    """Whether ``url`` holds anything (an empty local folder counts as nothing)."""
+def _children(url: str) -> list[str]:
+    """What a store folder holds, less segflow's lease (a run's own, taken before writing)."""
     if is_remote(url):
         fs = filesystem(url)
         try:
-            return bool(fs.exists(url)) and bool(fs.ls(url, refresh=True))
+            names = (
+                [str(p) for p in fs.ls(url, refresh=True, detail=False)] if fs.exists(url) else []
+            )
         except FileNotFoundError:
-            return False
-    if os.path.isdir(url):
-        return bool(os.listdir(url))
-    return os.path.exists(url)
+            return []
+        names = [f"{url.split('://', 1)[0]}://{n}" if "://" not in n else n for n in names]
+    elif os.path.isdir(url):
+        names = [os.path.join(url, n) for n in os.listdir(url)]
+    else:
+        return [url] if os.path.exists(url) else []
+    return [n for n in names if not n.rstrip("/").rsplit("/", 1)[-1].startswith(LEASE_FILE)]
+
+
+def store_exists(url: str) -> bool:
+    """Whether ``url`` holds anything (an empty folder, or one with only a lease, is
+    nothing)."""
+    return bool(_children(url))
 
 
 def owned_by_segflow(url: str) -> bool:
@@ -119,12 +130,10 @@ def delete_owned_store(url: str) -> None:
             f"{url}: is not a store made by segflow, so it is not deleted even with "
             "--overwrite; choose another destination"
         )
-    if is_remote(url):
-        filesystem(url).rm(url, recursive=True)
-    else:
-        import shutil
-
-        shutil.rmtree(url)
+    # everything but the lease, which the deleting run holds
+    fs = filesystem(url)
+    for child in _children(url):
+        fs.rm(child, recursive=True)
 
 
 def _is_zarr(url: str) -> bool:
@@ -244,6 +253,7 @@ class Lease:
         if is_remote(self.store):
             filesystem(self.store).pipe(self.path, text.encode())
         else:
+            os.makedirs(self.store, exist_ok=True)
             tmp = f"{self.path}.{uuid.uuid4().hex[:8]}"
             with open(tmp, "w") as f:
                 f.write(text)

@@ -12,8 +12,9 @@ import zarr
 
 from flows.nightly import NightlyParams, nightly_inbox
 from flows.segment import SegmentVolumeParams, segment_volume
+from tasks.blockwise import Markers
 from tasks.regions import FAULT_ENV
-from tasks.store import DoneTracker, write_image
+from tasks.store import write_image
 from unet_core import UNet, UNetConfig, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -111,7 +112,7 @@ def test_region_fails_then_succeeds_on_retry(tmp_path, model, dask_client, monke
     runs = {t.name: t for t in task_runs(state.state_details.flow_run_id)}
     assert runs["region-1"].run_count == 3
     assert runs["region-0"].run_count == 1
-    assert DoneTracker.open(src, "segment-semantic").all_done()
+    assert Markers.open(str(src), "segment-semantic").done_mask().all()
 
 
 def test_failed_region_then_rerun_recomputes_only_it(tmp_path, model, dask_client, monkeypatch):
@@ -127,7 +128,7 @@ def test_failed_region_then_rerun_recomputes_only_it(tmp_path, model, dask_clien
     assert "regions [2] failed" in str(state.message) or "[2]" in repr(
         state.result(raise_on_failure=False)
     )
-    done = DoneTracker.open(src, "segment-semantic").done_mask()
+    done = Markers.open(str(src), "segment-semantic").done_mask()
     assert done.sum() == done.size - 3  # region 2 = 3 blocks of 12
     assert zarr.open_group(src)["labels/semantic"].attrs["segflow"]["complete"] is False
     monkeypatch.delenv(FAULT_ENV)

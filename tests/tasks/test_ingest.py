@@ -17,6 +17,7 @@ import pytest
 import tifffile
 import zarr
 
+from tasks.blockwise import Markers
 from tasks.ingest import (
     DELAY_ENV,
     downsample,
@@ -25,7 +26,7 @@ from tasks.ingest import (
     make_plan,
     plan_units,
 )
-from tasks.store import DoneTracker, read_image_info, storage_options
+from tasks.store import read_image_info, storage_options
 from tasks.tiff_source import natural_key, open_source, read_box
 from unet_core.errors import (
     ConfigError,
@@ -228,7 +229,7 @@ def test_round_trip_is_bitwise_and_valid_ngff(tmp_path, kind):
     attrs = zarr.open_group(str(dst), mode="r").attrs.asdict()
     assert attrs["segflow"]["ingest"]["status"] == "complete"
     assert attrs["segflow"]["source"]["url"] == str(src)
-    assert DoneTracker.open(str(dst), "ingest").all_done()
+    assert Markers.open(str(dst), "ingest").done_mask().all()
 
 
 def test_default_chunks_compression_and_channel_chunking(tmp_path):
@@ -395,18 +396,20 @@ def test_dst_with_other_data_is_refused(tmp_path):
     other = tmp_path / "other.zarr"
     zarr.create_array(str(other), shape=(3,), dtype="uint8")
     with pytest.raises(
-        StoreConflictError, match=r"other\.zarr: already holds a zarr store with other data"
+        StoreConflictError, match=r"other\.zarr: already holds a zarr store that segflow did not"
     ):
         ingest(tmp_path / "a.tif", other)
-    ingest(tmp_path / "a.tif", other, overwrite=True)
-    assert np.array_equal(level0(other), a)
+    # --overwrite deletes only stores segflow made: a foreign zarr store stays
+    with pytest.raises(StoreConflictError, match="never replaced"):
+        ingest(tmp_path / "a.tif", other, overwrite=True)
+    assert zarr.open_array(str(other), mode="r").shape == (3,)
 
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "keep.txt").write_text("precious")
     with pytest.raises(StoreConflictError, match="other files"):
         ingest(tmp_path / "a.tif", folder)
-    with pytest.raises(StoreConflictError, match="not a zarr store"):
+    with pytest.raises(StoreConflictError, match="never replaced"):
         ingest(tmp_path / "a.tif", folder, overwrite=True)
     assert (folder / "keep.txt").read_text() == "precious"
     # an empty folder is fine
@@ -529,11 +532,11 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
 # --------------------------------------------------------------------- Dask
 
 
-def test_process_scheduler_and_distributed_client(tmp_path):
+def test_sync_scheduler_and_distributed_client(tmp_path):
     from distributed import Client, LocalCluster
 
     src, ref, *_ = _make("multichannel-ome", tmp_path)
-    ingest(src, tmp_path / "p.zarr", dask_client_or_scheduler="processes", unit_mib=0.01)
+    ingest(src, tmp_path / "p.zarr", dask_client_or_scheduler="sync", unit_mib=0.01)
     assert np.array_equal(level0(tmp_path / "p.zarr"), ref)
     with (
         LocalCluster(n_workers=1, threads_per_worker=2, processes=False) as cluster,
@@ -574,10 +577,12 @@ def test_killed_ingest_resumes_rewriting_only_missing_units(tmp_path):
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:
-            tracker = (
-                DoneTracker.open(str(dst), "ingest") if (dst / "segflow-done").exists() else None
+            mask = (
+                Markers.open(str(dst), "ingest").done_mask()
+                if (dst / "segflow-done" / "ingest").exists()
+                else None
             )
-            if tracker is not None and tracker.count() >= 4:
+            if mask is not None and mask.sum() >= 4:
                 break
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             time.sleep(0.05)
@@ -586,8 +591,7 @@ def test_killed_ingest_resumes_rewriting_only_missing_units(tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    tracker = DoneTracker.open(str(dst), "ingest")
-    done_at_kill = tracker.done_mask()
+    done_at_kill = Markers.open(str(dst), "ingest").done_mask()
     total = done_at_kill.size
     assert 4 <= done_at_kill.sum() < total
     with pytest.raises(InvalidVolumeError, match="has not finished"):

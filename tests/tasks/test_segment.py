@@ -12,8 +12,9 @@ import torch
 import zarr
 
 import tasks.segment as segment_mod
+from tasks.blockwise import Markers
 from tasks.segment import SegmentParams, segment_image
-from tasks.store import DoneTracker, read_image_info, write_image
+from tasks.store import read_image_info, write_image
 from unet_core import (
     CheckpointMeta,
     InvalidVolumeError,
@@ -156,8 +157,7 @@ def test_resume_skips_done_blocks_and_a_new_model_recomputes(tmp_path, dask_clie
     again = run(src, model, out, dask_client, **kw)
     assert again.blocks_computed == 0
     # Forget one block: only that block is recomputed, and the result is unchanged.
-    tracker = DoneTracker.open(out, "segment-semantic", mode="r+")
-    tracker.array[0, 1] = 0
+    Markers.open(out, "segment-semantic", mode="r+").clear([(0, 1)])
     before, _ = outputs(out)
     partial = run(src, model, out, dask_client, **kw)
     assert partial.blocks_computed == 1
@@ -227,7 +227,7 @@ def test_bad_inputs_give_one_clear_error_and_nothing_done(tmp_path, dask_client)
     with pytest.raises(InvalidVolumeError, match="empty"):
         run(esrc, make_model(tmp_path / "m1.ckpt", ndim=3), out, dask_client)
     # Nothing was marked done anywhere.
-    assert DoneTracker.open(out, "segment-semantic") is None
+    assert Markers.open(out, "segment-semantic") is None
 
 
 def test_a_failing_block_leaves_others_done_and_is_not_marked(tmp_path, dask_client):
@@ -247,7 +247,7 @@ def test_a_failing_block_leaves_others_done_and_is_not_marked(tmp_path, dask_cli
             run(src, model, out, dask_client, chunks=(16, 16), tile=(60, 60), force=False)
     finally:
         segment_mod._fault_hook = None
-    done = DoneTracker.open(out, "segment-semantic").done_mask()
+    done = Markers.open(str(out), "segment-semantic").done_mask()
     assert not done[1, 1]
     assert done.sum() == done.size - 1
     assert zarr.open_group(out)["labels/semantic"].attrs["segflow"]["complete"] is False
