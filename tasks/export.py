@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from tasks.runstate import StrictArray, require_complete
 from tasks.store import LABELS_GROUP, attributes, filesystem, get_array, is_remote, open_group
 from unet_core.errors import InvalidVolumeError
 
@@ -31,12 +32,15 @@ def export_tiff(
     """
     root = open_group(store, "r")
     path = f"{LABELS_GROUP}/{labels}" if labels else ""
+    if labels:
+        require_complete(store, path, f"'{labels}' labels")
     group = root[path] if path else root
     try:
         meta = attributes(group)["ome"]["multiscales"][0]
     except KeyError:
         raise InvalidVolumeError(f"{store}: '{path or '/'}' has no multiscales metadata") from None
-    arr = get_array(root, f"{path}/0" if path else "0", store)
+    arr0 = get_array(root, f"{path}/0" if path else "0", store)
+    arr = StrictArray(arr0, store, f"{path}/0" if path else "0")
     axes = "".join(a["name"] for a in meta["axes"]).upper()
     scale = next(
         t["scale"] for t in meta["datasets"][0]["coordinateTransformations"] if t["type"] == "scale"

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from tasks.runstate import StrictArray, require_complete, write_beside
 from tasks.store import (
     LABELS_GROUP,
-    filesystem,
     get_array,
-    is_remote,
     open_group,
     open_level,
     read_image_info,
@@ -60,7 +58,12 @@ def write_preview(
         else:
             sel.append(slice(None))
     img = np.asarray(arr[tuple(sel)]).astype(np.float32)
-    lab_arr = get_array(open_group(out_url, "r"), f"{LABELS_GROUP}/{labels}/0", out_url)
+    require_complete(out_url, f"{LABELS_GROUP}/{labels}", f"'{labels}' labels")
+    lab_arr = StrictArray(
+        get_array(open_group(out_url, "r"), f"{LABELS_GROUP}/{labels}/0", out_url),
+        out_url,
+        f"{LABELS_GROUP}/{labels}/0",
+    )
     lab_sel = (spatial[0] // 2,) if len(spatial) == 3 else ()
     lab = np.asarray(lab_arr[lab_sel]).astype(np.int64)
     if info.stats is not None and info.stats.percentiles:
@@ -79,14 +82,7 @@ def write_preview(
             (int(picture.size[0] / scale), int(picture.size[1] / scale)), Image.Resampling.NEAREST
         )
     target = path or preview_path(out_url)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    if is_remote(target):
-        with filesystem(target).open(target, "wb") as f:
-            f.write(buffer.getvalue())
-    else:
-        with open(target, "wb") as f:
-            f.write(buffer.getvalue())
+    write_beside(target, lambda f: picture.save(f, format="PNG"), binary=True)
     return target
 
 
