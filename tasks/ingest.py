@@ -52,9 +52,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
+from tasks.ngff import Multiscale, compressors, image_ome
 from tasks.store import (
     DONE_GROUP,
-    NGFF_VERSION,
     DoneTracker,
     ImageInfo,
     attributes,
@@ -62,7 +62,6 @@ from tasks.store import (
     filesystem,
     is_remote,
     join,
-    multiscales,
     open_group,
     read_image_info,
     storage_options,
@@ -246,10 +245,10 @@ def _digest(obj: Any) -> str:
 
 
 def _compressors(compression: str, dtype: str) -> Any:
-    from zarr.codecs import BloscCodec, ZstdCodec
+    from zarr.codecs import BloscCodec
 
     if compression == "zstd":
-        return ZstdCodec(level=3)
+        return compressors()
     if compression == "blosc":
         itemsize = np.dtype(dtype).itemsize
         return BloscCodec(
@@ -392,15 +391,13 @@ def _partials(dst: str, name: str, shape: tuple[int, ...], dtype: str, key: str)
         and attributes(existing).get("key") == key
     ):
         return existing
-    from zarr.codecs import ZstdCodec
-
     return group.create_array(
         name,
         shape=shape,
         chunks=(1, shape[1]),
         dtype=dtype,
         fill_value=0,
-        compressors=ZstdCodec(level=3),
+        compressors=compressors(),
         overwrite=True,
         attributes={"key": key},
     )
@@ -850,12 +847,9 @@ def _finalize(
             break
     root.attrs.update(
         {
-            "ome": {
-                "version": NGFF_VERSION,
-                "multiscales": multiscales(
-                    plan.axes, plan.source.scale, factors, plan.source.unit, name=name
-                ),
-            },
+            "ome": image_ome(
+                Multiscale.build(plan.axes, plan.source.scale, factors, plan.source.unit, name)
+            ),
             "segflow": _segflow_attrs(plan, "complete", levels, stats),
         }
     )

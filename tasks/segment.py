@@ -32,6 +32,7 @@ import zarr
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.cluster import dask_client
+from tasks.ngff import Multiscale, add_label, compressors, image_ome, label_ome
 from tasks.store import (
     LABELS_GROUP,
     PROBABILITIES_GROUP,
@@ -39,7 +40,6 @@ from tasks.store import (
     ImageInfo,
     attributes,
     get_array,
-    multiscales,
     open_group,
     open_level,
     read_image_info,
@@ -283,27 +283,14 @@ def _chunk_slabs(arr: zarr.Array) -> list[tuple[slice, ...]]:
 
 
 def _label_metadata(plan: SegmentPlan, source: str) -> dict[str, Any]:
-    axes = plan.image.spatial_axes
-    colors = _class_colors(len(plan.class_names))
+    ms = Multiscale.build(
+        plan.image.spatial_axes,
+        plan.image.spatial_scale,
+        unit=plan.image.unit,
+        name=plan.params.labels_name,
+    )
     return {
-        "ome": {
-            "version": "0.5",
-            "multiscales": multiscales(
-                axes,
-                plan.image.spatial_scale,
-                [],
-                unit=plan.image.unit,
-                name=plan.params.labels_name,
-            ),
-            "image-label": {
-                "version": "0.5",
-                "colors": [{"label-value": i, "rgba": rgba} for i, rgba in enumerate(colors)],
-                "properties": [
-                    {"label-value": i, "class": name} for i, name in enumerate(plan.class_names)
-                ],
-                "source": {"image": source},
-            },
-        },
+        "ome": label_ome(ms, {"image": source}, plan.class_names),
         "segflow": {
             "model_digest": plan.model_digest,
             "model": plan.model_path,
@@ -313,18 +300,6 @@ def _label_metadata(plan: SegmentPlan, source: str) -> dict[str, Any]:
             "suggested_min_size": plan.suggested_min_size,
         },
     }
-
-
-def _class_colors(n: int) -> list[list[int]]:
-    palette = [
-        [0, 0, 0, 0],
-        [255, 64, 64, 160],
-        [64, 160, 255, 160],
-        [64, 255, 96, 160],
-        [255, 200, 0, 160],
-        [200, 64, 255, 160],
-    ]
-    return [palette[i % len(palette)] if i < len(palette) else palette[1 + i % 5] for i in range(n)]
 
 
 def prepare_outputs(plan: SegmentPlan, force: bool = False) -> DoneTracker:
@@ -345,10 +320,7 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> DoneTracker:
     spatial = plan.image.spatial_shape
     dims = list(plan.image.spatial_axes)
     labels_group = root.require_group(LABELS_GROUP)
-    names = list(attributes(labels_group).get("ome", {}).get("labels", []))
-    if plan.params.labels_name not in names:
-        names.append(plan.params.labels_name)
-    labels_group.attrs.update({"ome": {"version": "0.5", "labels": names}})
+    add_label(labels_group, plan.params.labels_name)
     source = "../../" if same_store else plan.image.url
     lgroup = labels_group.require_group(plan.params.labels_name)
     lgroup.attrs.update(_label_metadata(plan, source))
@@ -359,16 +331,14 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> DoneTracker:
         pgroup = root.require_group(PROBABILITIES_GROUP)
         pgroup.attrs.update(
             {
-                "ome": {
-                    "version": "0.5",
-                    "multiscales": multiscales(
+                "ome": image_ome(
+                    Multiscale.build(
                         "c" + plan.image.spatial_axes,
                         (1.0, *plan.image.spatial_scale),
-                        [],
                         unit=plan.image.unit,
                         name="probabilities",
-                    ),
-                },
+                    )
+                ),
                 "segflow": {"classes": list(plan.class_names), "key": plan.key},
             }
         )
@@ -403,15 +373,13 @@ def _require_array(
         return existing
     if tracker.count():
         tracker.array[...] = 0  # the outputs are new: nothing in them is done
-    from zarr.codecs import ZstdCodec
-
     return group.create_array(
         name,
         shape=tuple(shape),
         chunks=tuple(chunks),
         dtype=dtype,
         fill_value=0,
-        compressors=ZstdCodec(level=3),
+        compressors=compressors(),
         dimension_names=dims,
         overwrite=True,
     )

@@ -29,15 +29,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import zarr
 from scipy import ndimage, sparse
 
+from tasks.ngff import Multiscale, add_label, compressors, is_image, label_ome, label_source
 from tasks.store import (
     LABELS_GROUP,
     attributes,
     get_array,
     is_remote,
-    multiscales,
     open_group,
 )
 from unet_core.errors import ConfigError
@@ -244,13 +243,7 @@ def plan_stitch(
     fg = tuple(foreground) if foreground else (int(seg.get("foreground_class", 1)),)
     if min_size is None:
         min_size = int(seg.get("suggested_min_size", 0))
-    ms = group_attrs.get("ome", {}).get("multiscales", [{}])[0]
-    axes = "".join(a["name"] for a in ms.get("axes", [])) or "zyx"[-ndim:]
-    scale = [1.0] * ndim
-    for t in ms.get("datasets", [{}])[0].get("coordinateTransformations", []):
-        if t.get("type") == "scale":
-            scale = [float(s) for s in t["scale"]]
-    units = {a.get("unit") for a in ms.get("axes", []) if a.get("type") == "space"}
+    ms = Multiscale.from_attrs(group_attrs, f"{store}/{LABELS_GROUP}/{labels}")
     if out_name == labels:
         raise ConfigError(f"the instance labels cannot overwrite '{labels}'")
     return StitchPlan(
@@ -261,9 +254,9 @@ def plan_stitch(
         connectivity=connectivity,
         shape=tuple(int(n) for n in arr.shape),
         chunks=tuple(int(c) for c in arr.chunks),
-        scale=tuple(scale),
-        axes=axes,
-        unit=units.pop() if len(units) == 1 else None,
+        scale=ms.scale,
+        axes=ms.axis_names,
+        unit=ms.unit,
         min_size=max(int(min_size), 0),
     )
 
@@ -290,15 +283,13 @@ def stitch(
     t0 = time.perf_counter()
     plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size)
     root = open_group(plan.store, "r+")
-    from zarr.codecs import ZstdCodec
-
     root.require_group(SCRATCH).create_array(
         plan.scratch_path.split("/", 1)[1],
         shape=plan.shape,
         chunks=plan.chunks,
         dtype="uint32",
         fill_value=0,
-        compressors=ZstdCodec(level=1),
+        compressors=compressors(level=1),
         overwrite=True,
     )
     indices = [tuple(int(i) for i in idx) for idx in np.ndindex(*plan.grid)]
@@ -380,7 +371,7 @@ def stitch(
 def _image_url(plan: StitchPlan, labels: str) -> str | None:
     """The image the labels belong to (for pyramid levels), if it can be found."""
     root = open_group(plan.store, "r")
-    if "multiscales" in attributes(root).get("ome", {}):
+    if is_image(root):
         return plan.store
     source = attributes(root).get("segflow", {}).get("source_image")
     return str(source) if source else None
@@ -471,26 +462,14 @@ def _object_table(
 
 
 def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) -> None:
-    from zarr.codecs import ZstdCodec
-
     root = open_group(plan.store, "r+")
     labels_group = root.require_group(LABELS_GROUP)
-    names = list(attributes(labels_group).get("ome", {}).get("labels", []))
-    if plan.out_name not in names:
-        names.append(plan.out_name)
-    labels_group.attrs.update({"ome": {"version": "0.5", "labels": names}})
+    add_label(labels_group, plan.out_name)
     group = labels_group.require_group(plan.out_name)
-    source_attrs = attributes(root[f"{LABELS_GROUP}/{source_labels}"])
-    source = source_attrs.get("ome", {}).get("image-label", {}).get("source", {"image": "../../"})
+    ms = Multiscale.build(plan.axes, plan.scale, unit=plan.unit, name=plan.out_name)
     group.attrs.update(
         {
-            "ome": {
-                "version": "0.5",
-                "multiscales": multiscales(
-                    plan.axes, plan.scale, [], unit=plan.unit, name=plan.out_name
-                ),
-                "image-label": {"version": "0.5", "source": source},
-            },
+            "ome": label_ome(ms, label_source(root[f"{LABELS_GROUP}/{source_labels}"])),
             "segflow": {
                 "complete": False,
                 "from": source_labels,
@@ -506,7 +485,7 @@ def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) ->
         chunks=plan.chunks,
         dtype=dtype,
         fill_value=0,
-        compressors=ZstdCodec(level=3),
+        compressors=compressors(),
         dimension_names=list(plan.axes[-len(plan.shape) :]),
         overwrite=True,
     )
@@ -543,7 +522,3 @@ def write_object_table(plan: StitchPlan, table: pd.DataFrame) -> tuple[str, str]
         table.to_csv(csv_path, index=False)
         table.to_parquet(parquet_path, index=False)
     return csv_path, parquet_path
-
-
-def read_instances(store: str, name: str = "instances") -> zarr.Array:
-    return get_array(open_group(store, "r"), f"{LABELS_GROUP}/{name}/0", store)
