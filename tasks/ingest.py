@@ -53,6 +53,7 @@ import numpy as np
 import zarr
 
 from tasks.ngff import Multiscale, compressors, image_ome
+from tasks.paths import volume_name
 from tasks.store import (
     DONE_GROUP,
     DoneTracker,
@@ -840,11 +841,7 @@ def _finalize(
     if tracker is None or not tracker.all_done():
         raise InvalidVolumeError(f"{plan.dst}: ingest finished with units missing")
     root = open_group(plan.dst, "r+")
-    name = os.path.basename(plan.source.url.rstrip("/")) or "image"
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = volume_name(plan.source.url) or "image"
     root.attrs.update(
         {
             "ome": image_ome(

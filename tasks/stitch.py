@@ -32,6 +32,7 @@ import pandas as pd
 from scipy import ndimage, sparse
 
 from tasks.ngff import Multiscale, add_label, compressors, is_image, label_ome, label_source
+from tasks.paths import beside_store
 from tasks.store import (
     LABELS_GROUP,
     attributes,
@@ -500,12 +501,7 @@ def _finish_instances(plan: StitchPlan, provisional_final: int, objects: int) ->
 
 def table_paths(store: str, name: str) -> tuple[str, str]:
     """Object table files beside the store: ``<store without .ome.zarr>.<name>.csv|parquet``."""
-    base = str(store).rstrip("/")
-    for suffix in (".ome.zarr", ".zarr"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return f"{base}.{name}.csv", f"{base}.{name}.parquet"
+    return beside_store(store, f"{name}.csv"), beside_store(store, f"{name}.parquet")
 
 
 def write_object_table(plan: StitchPlan, table: pd.DataFrame) -> tuple[str, str]:

@@ -28,6 +28,7 @@ import zarr
 import zarr.errors
 
 from tasks.ngff import Multiscale, compressors, image_ome, is_image
+from tasks.paths import volume_name
 from unet_core.errors import (
     InvalidVolumeError,
     StorageAccessError,
@@ -167,11 +168,7 @@ class ImageInfo:
 
     @property
     def name(self) -> str:
-        base = str(self.url).rstrip("/").rsplit("/", 1)[-1]
-        for suffix in (".ome.zarr", ".zarr"):
-            if base.endswith(suffix):
-                return base[: -len(suffix)]
-        return base
+        return volume_name(self.url)
 
 
 def read_image_info(url: str) -> ImageInfo:

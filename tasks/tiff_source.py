@@ -38,6 +38,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import tifffile
 
+from tasks.paths import is_tiff_name
 from tasks.store import check_access, filesystem, is_remote
 from unet_core.errors import (
     ConfigError,
@@ -47,7 +48,6 @@ from unet_core.errors import (
     VolumeNotFoundError,
 )
 
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 SUPPORTED_DTYPES = (
     "uint8",
     "int8",
@@ -215,7 +215,7 @@ def _list_slices(src: str) -> list[str]:
         else:
             names = [os.path.join(src, n) for n in os.listdir(src)]
             names = [n for n in names if os.path.isfile(n)]
-        names = [n for n in names if n.lower().endswith(TIFF_SUFFIXES)]
+        names = [n for n in names if is_tiff_name(n)]
     return sorted(names, key=natural_key)
 
 

@@ -62,7 +62,8 @@ def test_metadata_round_trips_and_validates(tmp_path):
     ms = read_multiscale(root, url)
     assert ms == Multiscale.build("czyx", (1.0, 2.0, 0.5, 0.5), [(1, 1, 2, 2), (1, 2, 2, 2)])
     assert Multiscale.from_attrs({"ome": image_ome(ms)}, "x") == ms
-    assert ms.axis_names == "czyx" and ms.unit == "micrometer"
+    assert ms.axis_names == "czyx"
+    assert ms.unit == "micrometer"
     assert [a.type for a in ms.axes] == ["channel", "space", "space", "space"]
     assert [d.scale for d in ms.datasets] == [
         (1.0, 2.0, 0.5, 0.5),
@@ -100,7 +101,8 @@ def test_rewriting_levels_keeps_the_label_metadata(tmp_path):
     write_multiscale(group, ms.with_scales([(2.0, 0.5, 0.5), (2.0, 1.0, 1.0)]), "semantic")
     again = read_multiscale(group, "semantic")
     assert [d.path for d in again.datasets] == ["0", "1"]
-    assert again.name == "semantic" and again.axes == ms.axes
+    assert again.name == "semantic"
+    assert again.axes == ms.axes
     assert group.attrs["ome"]["image-label"]["properties"][1] == {"label-value": 1, "class": "cell"}
 
 
