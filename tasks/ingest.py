@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
@@ -861,25 +861,3 @@ def ingest_status(dst: str) -> dict[str, Any]:
         "units_done": tracker.count() if tracker else 0,
         "units": math.prod(tracker.grid) if tracker else 0,
     }
-
-
-# -------------------------------------------------------------------------- prefect
-
-if TYPE_CHECKING:
-    from prefect import Task
-
-    #: The Prefect task wrapping :func:`ingest_volume` (name "ingest", one retry: a retry
-    #: resumes where the failed attempt stopped).
-    ingest_task: Task[..., ImageInfo]
-
-
-def __getattr__(name: str) -> Any:
-    # ``ingest_task`` is made on first use, so that the plain function (the CLI, Dask
-    # workers, the benchmark) does not import Prefect.
-    if name == "ingest_task":
-        from prefect import task
-
-        value = task(name="ingest", retries=1)(ingest_volume)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

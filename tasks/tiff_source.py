@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
-import json
 import logging
 import math
 import os
@@ -877,14 +876,3 @@ def _read_segments(
             target[...] = kf.nodata
         else:
             target[...] = seg[od0 - d : od1 - d, oy0 - y : oy1 - y, ox0 - x : ox1 - x, c0:c1]
-
-
-def describe(source: TiffSource) -> str:
-    """One line for humans: '512×1024×1024 uint16 (zyx from OME), 1.0 GiB'."""
-    dims = "×".join(str(n) for n in source.shape)
-    size = source.nbytes / 2**30
-    return f"{dims} {source.dtype} ({source.axes} from {source.axes_from}), {size:.2f} GiB"
-
-
-def source_json(source: TiffSource) -> str:
-    return json.dumps(source.identity(), sort_keys=True)
