@@ -172,9 +172,8 @@ def write_image_store(
     stored as the ingest step would store them."""
     import numpy as np
     import zarr
-    from zarr.codecs import ZstdCodec
 
-    from tasks.store import NGFF_VERSION, multiscales
+    from tasks.ngff import Multiscale, compressors, image_ome
     from unet_core.normalize import StatsAccumulator
 
     rng = np.random.default_rng(seed)
@@ -199,7 +198,7 @@ def write_image_store(
         chunks=chunks,
         dtype="uint16",
         fill_value=0,
-        compressors=ZstdCodec(level=3),
+        compressors=compressors(),
         dimension_names=["z", "y", "x"],
     )
     acc = StatsAccumulator(np.uint16)
@@ -214,10 +213,7 @@ def write_image_store(
         acc.add(part)
     root.attrs.update(
         {
-            "ome": {
-                "version": NGFF_VERSION,
-                "multiscales": multiscales("zyx", [1.0, 1.0, 1.0], []),
-            },
+            "ome": image_ome(Multiscale.build("zyx", [1.0, 1.0, 1.0])),
             "segflow": {"stats": acc.result().model_dump()},
         }
     )

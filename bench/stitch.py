@@ -65,28 +65,24 @@ def _shapes(rng: np.random.Generator, shape: tuple[int, ...], n_blobs: int):
 def write_mask_store(url: str, shape: tuple[int, ...], chunks: tuple[int, ...], n_blobs: int):
     """The semantic mask (1 = foreground) as labels/semantic/0, written slab by slab."""
     import zarr
-    from zarr.codecs import ZstdCodec
 
-    from tasks.store import multiscales
+    from tasks.ngff import Multiscale, add_label, compressors, label_ome
 
     rng = np.random.default_rng(42)
     groups = _shapes(rng, shape, n_blobs)
     root = zarr.open_group(url, mode="w")
     labels = root.create_group("labels")
-    labels.attrs["ome"] = {"version": "0.5", "labels": ["semantic"]}
+    add_label(labels, "semantic")
     group = labels.create_group("semantic")
-    group.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": multiscales("zyx", [1.0, 1.0, 1.0], [], name="semantic"),
-        "image-label": {"version": "0.5", "source": {"image": "../../"}},
-    }
+    ms = Multiscale.build("zyx", [1.0, 1.0, 1.0], name="semantic")
+    group.attrs["ome"] = label_ome(ms, {"image": "../../"})
     arr = group.create_array(
         "0",
         shape=shape,
         chunks=chunks,
         dtype="uint8",
         fill_value=0,
-        compressors=ZstdCodec(level=3),
+        compressors=compressors(),
         dimension_names=["z", "y", "x"],
     )
     lim = np.asarray(shape)

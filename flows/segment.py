@@ -30,6 +30,7 @@ from pydantic import ConfigDict, Field
 
 from flows import core_logs_to_prefect
 from tasks.blockwise import Regions, Runner, blocks_per_region
+from tasks.paths import is_tiff_source, store_beside, volume_name
 from tasks.regions import forget_regions, run_region
 from tasks.report import markdown_report, write_preview
 from tasks.runstate import Lease
@@ -41,10 +42,8 @@ from tasks.segment import (
     plan_segmentation,
     prepare_outputs,
 )
-from tasks.store import attributes, is_remote, open_group
+from tasks.store import attributes, open_group
 from unet_core.errors import ConfigError, SegflowError
-
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 
 
 class SegmentOptions(SegmentParams):
@@ -105,26 +104,6 @@ class SegmentVolumeParams(SegmentOptions):
         None, description="Recompute only these regions (ids from an earlier run's report)."
     )
     force: bool = Field(False, description="Recompute everything.")
-
-
-def volume_name(source: str) -> str:
-    base = str(source).rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", *TIFF_SUFFIXES):
-        if base.lower().endswith(suffix):
-            return base[: -len(suffix)]
-    return base
-
-
-def is_tiff_source(source: str) -> bool:
-    """TIFF file, slice folder or glob (ingest first) rather than a zarr group."""
-    s = str(source).rstrip("/")
-    if s.lower().endswith(".zarr"):
-        return False
-    if "*" in s or s.lower().endswith(TIFF_SUFFIXES):
-        return True
-    from tasks.store import filesystem
-
-    return not filesystem(s).exists(f"{s}/zarr.json")
 
 
 def _run_name() -> str:
@@ -222,7 +201,7 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
         image = params.source
         output = params.output
         if is_tiff_source(params.source):
-            dst = params.output or _beside(params.source, f"{name}.ome.zarr")
+            dst = params.output or store_beside(params.source)
             image = ingest_step(params.source, dst, params.ingest_levels, address)
             output = None  # labels go into the ingested image store
             timings["ingest"] = time.perf_counter() - t0
@@ -376,13 +355,6 @@ def _class_voxels(plan: SegmentPlan, results: list[dict[str, Any]]) -> dict[str,
         for i, c in enumerate(r["counts"]):
             totals[i] += int(c)
     return dict(zip(plan.class_names, totals, strict=True))
-
-
-def _beside(path: str, name: str) -> str:
-    parent = str(path).rstrip("/").rsplit("/", 1)[0] if "/" in str(path) else "."
-    if is_remote(path) or parent:
-        return f"{parent}/{name}"
-    return name
 
 
 __all__ = ["SegmentOptions", "SegmentVolumeParams", "segment_volume"]

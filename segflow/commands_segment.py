@@ -120,14 +120,14 @@ def segment(
 
 def _ensure_zarr(src: str, out: str | None) -> str:
     """A TIFF source is ingested first (next to it, or into --out); zarr passes through."""
-    lowered = src.lower().rstrip("/")
-    if lowered.endswith((".zarr", ".zarr/")) or not lowered.endswith((".tif", ".tiff")):
+    from tasks.paths import is_tiff_name, store_beside
+
+    if not is_tiff_name(src):
         return src
     try:
         from tasks.ingest import ingest_volume
     except ImportError as exc:  # pragma: no cover - ingest not installed
         raise typer.BadParameter("TIFF input needs the ingest step") from exc
-    stem = src.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
-    dst = out or src.rstrip("/").rsplit("/", 1)[0] + f"/{stem}.ome.zarr"
+    dst = out or store_beside(src)
     info = ingest_volume(src, dst)
     return str(info.url)

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from tasks.ngff import read_multiscale
 from tasks.runstate import StrictArray, require_complete
-from tasks.store import LABELS_GROUP, attributes, filesystem, get_array, is_remote, open_group
-from unet_core.errors import InvalidVolumeError
+from tasks.store import LABELS_GROUP, filesystem, get_array, is_remote, open_group
 
 _UNITS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "angstrom": "Å"}
 
@@ -35,23 +35,17 @@ def export_tiff(
     if labels:
         require_complete(store, path, f"'{labels}' labels")
     group = root[path] if path else root
-    try:
-        meta = attributes(group)["ome"]["multiscales"][0]
-    except KeyError:
-        raise InvalidVolumeError(f"{store}: '{path or '/'}' has no multiscales metadata") from None
+    ms = read_multiscale(group, f"{store}/{path}" if path else store)
     arr0 = get_array(root, f"{path}/0" if path else "0", store)
     arr = StrictArray(arr0, store, f"{path}/0" if path else "0")
-    axes = "".join(a["name"] for a in meta["axes"]).upper()
-    scale = next(
-        t["scale"] for t in meta["datasets"][0]["coordinateTransformations"] if t["type"] == "scale"
-    )
+    axes = ms.axis_names.upper()
     ome: dict[str, Any] = {"axes": axes}
-    for a, s, info in zip(axes, scale, meta["axes"], strict=True):
-        if a in "ZYX":
-            ome[f"PhysicalSize{a}"] = float(s)
-            unit = info.get("unit")
-            if unit:
-                ome[f"PhysicalSize{a}Unit"] = _UNITS.get(unit, unit)
+    for axis, s in zip(ms.axes, ms.scale, strict=True):
+        if axis.type == "space":
+            a = axis.name.upper()
+            ome[f"PhysicalSize{a}"] = s
+            if axis.unit:
+                ome[f"PhysicalSize{a}Unit"] = _UNITS.get(axis.unit, axis.unit)
 
     def pages() -> Iterator[np.ndarray]:
         depth = arr.shape[0] if arr.ndim == 2 else int(arr.chunks[0])

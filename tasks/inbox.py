@@ -1,9 +1,9 @@
 """The inbox of a nightly run: which volumes are new, settled, and not yet processed.
 
-A volume is a TIFF file (.tif/.tiff/.btf), a folder of 2D TIFF slices, or an OME-Zarr
-image folder (.zarr) directly inside the inbox (a folder or an s3:// prefix). Its identity
-is its path plus size and modification time (S3: size and ETag); the manifest in the
-output location records the identity of every volume processed or failed, so a renamed
+A volume is a TIFF file (.tif/.tiff/.btf, see tasks.paths), a folder of 2D TIFF slices,
+or an OME-Zarr image folder (.zarr) directly inside the inbox (a folder or an s3:// prefix).
+Its identity is its path plus size and modification time (S3: size and ETag); the manifest
+in the output location records the identity of every volume processed or failed, so a renamed
 copy is new, an unchanged volume is never redone, and a volume that changed (re-exported)
 is processed again. A volume modified less than ``settle_s`` ago is still arriving and is
 left for the next night.
@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.paths import is_tiff_name, is_zarr_name, nightly_store
 from tasks.store import filesystem, is_remote, join
 
 MANIFEST = "segflow-inbox-manifest.json"
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def scan_inbox(inbox: str) -> list[Candidate]:
         path = _full(inbox, entry["name"].rstrip("/"))
         if name.startswith("."):
             continue
-        if entry["type"] == "file" and name.lower().endswith(TIFF_SUFFIXES):
+        if entry["type"] == "file" and is_tiff_name(name):
             ident = {"path": path, "size": int(entry.get("size") or 0)}
             etag = entry.get("ETag") or entry.get("etag")
             ident["etag" if etag else "mtime"] = str(etag).strip('"') if etag else _info_time(entry)
@@ -71,8 +71,8 @@ def scan_inbox(inbox: str) -> list[Candidate]:
             files = [f for f in fs.find(entry["name"], detail=True).values() if f["type"] == "file"]
             if not files:
                 continue
-            is_zarr = name.lower().endswith(".zarr")
-            tiffs = [f for f in files if f["name"].lower().endswith(TIFF_SUFFIXES)]
+            is_zarr = is_zarr_name(name)
+            tiffs = [f for f in files if is_tiff_name(f["name"])]
             if not is_zarr and not tiffs:
                 continue
             members = files if is_zarr else tiffs
@@ -141,10 +141,5 @@ def record(manifest: dict[str, Any], c: Candidate, status: str, **details: Any) 
 
 
 def output_for(output: str, c: Candidate) -> str:
-    """Where a volume's OME-Zarr goes inside the output location."""
-    base = c.path.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", *TIFF_SUFFIXES):
-        if base.lower().endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return join(output, f"{base}.ome.zarr")
+    """Where a volume's OME-Zarr goes: ``<output>/<entry name>.ome.zarr`` (see tasks.paths)."""
+    return nightly_store(output, c.path)

@@ -46,24 +46,24 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
 
 from tasks.blockwise import Markers, ProgressFn, Runner, Step
 from tasks.cluster import client_for
+from tasks.ngff import Multiscale, compressors, image_ome
+from tasks.paths import volume_name
 from tasks.runstate import OWNER, Lease, delete_owned_store, owned_by_segflow, store_exists
 from tasks.store import (
     DONE_GROUP,
-    NGFF_VERSION,
     ImageInfo,
     attributes,
     check_access,
     every_chunk,
     filesystem,
     join,
-    multiscales,
     open_group,
     read_image_info,
     storage_options,
@@ -248,10 +248,10 @@ def _digest(obj: Any) -> str:
 
 
 def _compressors(compression: str, dtype: str) -> Any:
-    from zarr.codecs import BloscCodec, ZstdCodec
+    from zarr.codecs import BloscCodec
 
     if compression == "zstd":
-        return ZstdCodec(level=3)
+        return compressors()
     if compression == "blosc":
         itemsize = np.dtype(dtype).itemsize
         return BloscCodec(
@@ -409,15 +409,13 @@ def _partials(dst: str, name: str, shape: tuple[int, ...], dtype: str, key: str)
         and attributes(existing).get("key") == key
     ):
         return existing
-    from zarr.codecs import ZstdCodec
-
     return group.create_array(
         name,
         shape=shape,
         chunks=(1, shape[1]),
         dtype=dtype,
         fill_value=0,
-        compressors=ZstdCodec(level=3),
+        compressors=compressors(),
         overwrite=True,
         attributes={"key": key},
     )
@@ -806,19 +804,12 @@ def _finalize(
         + crcs.astype("<u8").tobytes()
     ).hexdigest()[:32]
     root = open_group(plan.dst, "r+")
-    name = os.path.basename(plan.source.url.rstrip("/")) or "image"
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = volume_name(plan.source.url) or "image"
     root.attrs.update(
         {
-            "ome": {
-                "version": NGFF_VERSION,
-                "multiscales": multiscales(
-                    plan.axes, plan.source.scale, factors, plan.source.unit, name=name
-                ),
-            },
+            "ome": image_ome(
+                Multiscale.build(plan.axes, plan.source.scale, factors, plan.source.unit, name)
+            ),
             "segflow": _segflow_attrs(plan, "complete", levels, stats, "crc-" + identity),
         }
     )
@@ -834,25 +825,3 @@ def ingest_status(dst: str) -> dict[str, Any]:
         "units_done": markers.count(key) if markers and key else 0,
         "units": math.prod(markers.grid) if markers else 0,
     }
-
-
-# -------------------------------------------------------------------------- prefect
-
-if TYPE_CHECKING:
-    from prefect import Task
-
-    #: The Prefect task wrapping :func:`ingest_volume` (name "ingest", one retry: a retry
-    #: resumes where the failed attempt stopped).
-    ingest_task: Task[..., ImageInfo]
-
-
-def __getattr__(name: str) -> Any:
-    # ``ingest_task`` is made on first use, so that the plain function (the CLI, Dask
-    # workers, the benchmark) does not import Prefect.
-    if name == "ingest_task":
-        from prefect import task
-
-        value = task(name="ingest", retries=1)(ingest_volume)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

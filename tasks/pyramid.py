@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
 
 import zarr
-from zarr.codecs import ZstdCodec
 
 from tasks.blockwise import Runner, Step
+from tasks.ngff import compressors, read_multiscale, write_multiscale
 from tasks.runstate import StrictArray
-from tasks.store import LABELS_GROUP, attributes, every_chunk, get_array, open_group
+from tasks.store import LABELS_GROUP, every_chunk, get_array, open_group
 from unet_core.errors import InvalidVolumeError
 from unet_core.geometry import Box
 
@@ -19,16 +18,12 @@ from unet_core.geometry import Box
 def image_levels(image_url: str) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
     """(spatial scale, spatial shape) of every level of an image, level 0 first."""
     root = open_group(image_url, "r")
-    ms = attributes(root)["ome"]["multiscales"][0]
-    axes = [a["name"] for a in ms["axes"]]
-    spatial = [i for i, a in enumerate(axes) if a in "zyx"]
+    ms = read_multiscale(root, image_url)
+    spatial = [i for i, a in enumerate(ms.axes) if a.type == "space"]
     out = []
-    for ds in ms["datasets"]:
-        scale = next(t["scale"] for t in ds["coordinateTransformations"] if t["type"] == "scale")
-        arr = get_array(root, ds["path"], image_url)
-        out.append(
-            (tuple(float(scale[i]) for i in spatial), tuple(int(arr.shape[i]) for i in spatial))
-        )
+    for ds in ms.datasets:
+        arr = get_array(root, ds.path, image_url)
+        out.append((tuple(ds.scale[i] for i in spatial), tuple(int(arr.shape[i]) for i in spatial)))
     return out
 
 
@@ -106,7 +101,7 @@ def write_label_levels(
                 chunks=chunks,
                 dtype=base.dtype,
                 fill_value=0,
-                compressors=ZstdCodec(level=3),
+                compressors=compressors(),
                 dimension_names=getattr(base.metadata, "dimension_names", None),
                 overwrite=True,
             )
@@ -123,11 +118,7 @@ def write_label_levels(
                 box=LabelLevelPlan.box,
             )
         )
-    meta: dict[str, Any] = attributes(group)
-    ms = meta["ome"]["multiscales"][0]
-    ms["datasets"] = [
-        {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": list(s)}]}
-        for i, (s, _) in enumerate(levels)
-    ]
-    group.attrs.update({"ome": meta["ome"]})
+    where = f"{store}/{LABELS_GROUP}/{name}"
+    ms = read_multiscale(group, where)
+    write_multiscale(group, ms.with_scales([s for s, _ in levels]), where)
     return len(levels) - 1

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tasks.paths import beside_store
 from tasks.runstate import StrictArray, require_complete, write_beside
 from tasks.store import (
     LABELS_GROUP,
@@ -34,12 +35,7 @@ _PALETTE = np.array(
 
 
 def preview_path(out_url: str) -> str:
-    base = str(out_url).rstrip("/")
-    for suffix in (".ome.zarr", ".zarr"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return f"{base}.preview.png"
+    return beside_store(out_url, "preview.png")
 
 
 def write_preview(

@@ -32,6 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.blockwise import Markers, ProgressFn, Runner, Step
 from tasks.cluster import dask_client
+from tasks.ngff import (
+    Multiscale,
+    add_label,
+    compressors,
+    image_ome,
+    label_names,
+    label_ome,
+    remove_label,
+)
 from tasks.runstate import (
     Lease,
     StrictArray,
@@ -48,7 +57,6 @@ from tasks.store import (
     every_chunk,
     filesystem,
     get_array,
-    multiscales,
     open_group,
     open_level,
     read_image_info,
@@ -336,27 +344,14 @@ def _chunk_slabs(arr: zarr.Array) -> list[tuple[slice, ...]]:
 
 
 def _label_metadata(plan: SegmentPlan, source: str) -> dict[str, Any]:
-    axes = plan.image.spatial_axes
-    colors = _class_colors(len(plan.class_names))
+    ms = Multiscale.build(
+        plan.image.spatial_axes,
+        plan.image.spatial_scale,
+        unit=plan.image.unit,
+        name=plan.params.labels_name,
+    )
     return {
-        "ome": {
-            "version": "0.5",
-            "multiscales": multiscales(
-                axes,
-                plan.image.spatial_scale,
-                [],
-                unit=plan.image.unit,
-                name=plan.params.labels_name,
-            ),
-            "image-label": {
-                "version": "0.5",
-                "colors": [{"label-value": i, "rgba": rgba} for i, rgba in enumerate(colors)],
-                "properties": [
-                    {"label-value": i, "class": name} for i, name in enumerate(plan.class_names)
-                ],
-                "source": {"image": source},
-            },
-        },
+        "ome": label_ome(ms, {"image": source}, plan.class_names),
         "segflow": {
             "model_digest": plan.model_digest,
             "model": plan.model_path,
@@ -366,18 +361,6 @@ def _label_metadata(plan: SegmentPlan, source: str) -> dict[str, Any]:
             "suggested_min_size": plan.suggested_min_size,
         },
     }
-
-
-def _class_colors(n: int) -> list[list[int]]:
-    palette = [
-        [0, 0, 0, 0],
-        [255, 64, 64, 160],
-        [64, 160, 255, 160],
-        [64, 255, 96, 160],
-        [255, 200, 0, 160],
-        [200, 64, 255, 160],
-    ]
-    return [palette[i % len(palette)] if i < len(palette) else palette[1 + i % 5] for i in range(n)]
 
 
 def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
@@ -410,10 +393,7 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
     previous_key = attributes(previous).get("segflow", {}).get("key") if previous else None
     if previous_key != plan.key:
         remove_stale_outputs(plan, root)
-    names = list(attributes(labels_group).get("ome", {}).get("labels", []))
-    if plan.params.labels_name not in names:
-        names.append(plan.params.labels_name)
-    labels_group.attrs.update({"ome": {"version": "0.5", "labels": names}})
+    add_label(labels_group, plan.params.labels_name)
     source = "../../" if same_store else plan.image.url
     lgroup = labels_group.require_group(plan.params.labels_name)
     lgroup.attrs.update(_label_metadata(plan, source))
@@ -422,16 +402,14 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
         pgroup = root.require_group(PROBABILITIES_GROUP)
         pgroup.attrs.update(
             {
-                "ome": {
-                    "version": "0.5",
-                    "multiscales": multiscales(
+                "ome": image_ome(
+                    Multiscale.build(
                         "c" + plan.image.spatial_axes,
                         (1.0, *plan.image.spatial_scale),
-                        [],
                         unit=plan.image.unit,
                         name="probabilities",
-                    ),
-                },
+                    )
+                ),
                 "segflow": {
                     "classes": list(plan.class_names),
                     "key": plan.key,
@@ -460,13 +438,11 @@ def remove_stale_outputs(plan: SegmentPlan, root: zarr.Group) -> list[str]:
     name = plan.params.labels_name
     labels_group = root.get(LABELS_GROUP)
     if isinstance(labels_group, zarr.Group):
-        names = list(attributes(labels_group).get("ome", {}).get("labels", []))
-        for child in list(names):
+        for child in label_names(labels_group):
             node = labels_group.get(child)
             meta = attributes(node).get("segflow", {}) if node is not None else {}
             if child != name and meta.get("from") == name:
-                del labels_group[child]
-                names.remove(child)
+                remove_label(labels_group, child)
                 removed.append(f"{LABELS_GROUP}/{child}")
                 for path in table_paths(plan.out_url, child):
                     fs = filesystem(path)
@@ -474,7 +450,6 @@ def remove_stale_outputs(plan: SegmentPlan, root: zarr.Group) -> list[str]:
                         fs.rm(path)
         if name in labels_group:
             set_complete(plan.out_url, f"{LABELS_GROUP}/{name}", False, key=plan.key)
-        labels_group.attrs.update({"ome": {"version": "0.5", "labels": names}})
     probs = root.get(PROBABILITIES_GROUP)
     if probs is not None and attributes(probs).get("segflow", {}).get("from", name) == name:
         del root[PROBABILITIES_GROUP]
@@ -500,8 +475,6 @@ def _require_array(
         and existing.dtype == dtype
     ):
         return existing
-    from zarr.codecs import ZstdCodec
-
     # Markers hold the run key, so blocks of a recreated array are recomputed only if the
     # key changed too; a changed shape, chunking or dtype always comes with a new key.
     return group.create_array(
@@ -510,7 +483,7 @@ def _require_array(
         chunks=tuple(chunks),
         dtype=dtype,
         fill_value=0,
-        compressors=ZstdCodec(level=3),
+        compressors=compressors(),
         dimension_names=dims,
         overwrite=True,
     )

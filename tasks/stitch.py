@@ -33,9 +33,10 @@ import numpy as np
 import pandas as pd
 import zarr
 from scipy import ndimage, sparse
-from zarr.codecs import ZstdCodec
 
 from tasks.blockwise import ProgressFn, Runner, Step
+from tasks.ngff import Multiscale, add_label, compressors, is_image, label_ome, label_source
+from tasks.paths import beside_store
 from tasks.runstate import Lease, StrictArray, require_complete, set_complete, write_beside
 from tasks.store import (
     LABELS_GROUP,
@@ -43,7 +44,6 @@ from tasks.store import (
     every_chunk,
     filesystem,
     get_array,
-    multiscales,
     open_group,
 )
 from unet_core.errors import ConfigError
@@ -328,13 +328,7 @@ def plan_stitch(
     fg = tuple(foreground) if foreground else (int(seg.get("foreground_class", 1)),)
     if min_size is None:
         min_size = int(seg.get("suggested_min_size", 0))
-    ms = group_attrs.get("ome", {}).get("multiscales", [{}])[0]
-    axes = "".join(a["name"] for a in ms.get("axes", [])) or "zyx"[-ndim:]
-    scale = [1.0] * ndim
-    for t in ms.get("datasets", [{}])[0].get("coordinateTransformations", []):
-        if t.get("type") == "scale":
-            scale = [float(s) for s in t["scale"]]
-    units = {a.get("unit") for a in ms.get("axes", []) if a.get("type") == "space"}
+    ms = Multiscale.from_attrs(group_attrs, f"{store}/{LABELS_GROUP}/{labels}")
     if out_name == labels:
         raise ConfigError(f"the instance labels cannot overwrite '{labels}'")
     min_size = max(int(min_size), 0)
@@ -358,9 +352,9 @@ def plan_stitch(
         connectivity=connectivity,
         shape=tuple(int(n) for n in arr.shape),
         chunks=tuple(int(c) for c in arr.chunks),
-        scale=tuple(scale),
-        axes=axes,
-        unit=units.pop() if len(units) == 1 else None,
+        scale=ms.scale,
+        axes=ms.axis_names,
+        unit=ms.unit,
         min_size=min_size,
         key=key,
         id_offset=int(id_offset),
@@ -406,7 +400,7 @@ def stitch(
             chunks=plan.chunks,
             dtype="uint32",
             fill_value=0,
-            compressors=ZstdCodec(level=1),
+            compressors=compressors(level=1),
             overwrite=True,
         )
         with dask_client(client, dask_address) as c:
@@ -498,7 +492,7 @@ def _reuse(plan: StitchPlan, write_table: bool) -> StitchResult | None:
 def _image_url(plan: StitchPlan, labels: str) -> str | None:
     """The image the labels belong to (for pyramid levels), if it can be found."""
     root = open_group(plan.store, "r")
-    if "multiscales" in attributes(root).get("ome", {}):
+    if is_image(root):
         return plan.store
     source = attributes(root).get("segflow", {}).get("source_image")
     return str(source) if source else None
@@ -578,22 +572,14 @@ def _object_table(
 def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) -> None:
     root = open_group(plan.store, "r+")
     labels_group = root.require_group(LABELS_GROUP)
-    names = list(attributes(labels_group).get("ome", {}).get("labels", []))
-    if plan.out_name not in names:
-        names.append(plan.out_name)
-    labels_group.attrs.update({"ome": {"version": "0.5", "labels": names}})
+    add_label(labels_group, plan.out_name)
     group = labels_group.require_group(plan.out_name)
-    source_attrs = attributes(root[f"{LABELS_GROUP}/{source_labels}"])
-    source = source_attrs.get("ome", {}).get("image-label", {}).get("source", {"image": "../../"})
+    ms = Multiscale.build(plan.axes, plan.scale, unit=plan.unit, name=plan.out_name)
+    source_group = root[f"{LABELS_GROUP}/{source_labels}"]
+    source_attrs = attributes(source_group)
     group.attrs.update(
         {
-            "ome": {
-                "version": "0.5",
-                "multiscales": multiscales(
-                    plan.axes, plan.scale, [], unit=plan.unit, name=plan.out_name
-                ),
-                "image-label": {"version": "0.5", "source": source},
-            },
+            "ome": label_ome(ms, label_source(source_group)),
             "segflow": {
                 "complete": False,
                 "key": plan.key,
@@ -619,7 +605,7 @@ def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) ->
         chunks=plan.chunks,
         dtype=dtype,
         fill_value=0,
-        compressors=ZstdCodec(level=3),
+        compressors=compressors(),
         dimension_names=list(plan.axes[-len(plan.shape) :]),
         overwrite=True,
     )
@@ -636,12 +622,7 @@ def _finish_instances(plan: StitchPlan, provisional_final: int, objects: int) ->
 
 def table_paths(store: str, name: str) -> tuple[str, str]:
     """Object table files beside the store: ``<store without .ome.zarr>.<name>.csv|parquet``."""
-    base = str(store).rstrip("/")
-    for suffix in (".ome.zarr", ".zarr"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return f"{base}.{name}.csv", f"{base}.{name}.parquet"
+    return beside_store(store, f"{name}.csv"), beside_store(store, f"{name}.parquet")
 
 
 def write_object_table(plan: StitchPlan, table: pd.DataFrame) -> tuple[str, str]:

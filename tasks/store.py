@@ -28,6 +28,8 @@ import numpy as np
 import zarr
 import zarr.errors
 
+from tasks.ngff import Multiscale, compressors, image_ome, is_image
+from tasks.paths import volume_name
 from unet_core.errors import (
     InvalidVolumeError,
     SegflowError,
@@ -36,7 +38,6 @@ from unet_core.errors import (
 )
 from unet_core.normalize import IntensityStats
 
-NGFF_VERSION = "0.5"
 SPACE_AXES = ("z", "y", "x")
 DONE_GROUP = "segflow-done"
 LABELS_GROUP = "labels"
@@ -186,49 +187,6 @@ def check_access(url: str) -> None:
         raise _translate(url, exc) from exc
 
 
-# ----------------------------------------------------------------------------- NGFF
-
-
-def ngff_axes(axes: str, unit: str | None = "micrometer") -> list[dict[str, str]]:
-    """NGFF axis entries for an axes string such as 'czyx'."""
-    out = []
-    for a in axes:
-        if a == "c":
-            out.append({"name": "c", "type": "channel"})
-        elif a == "t":
-            out.append({"name": "t", "type": "time"})
-        else:
-            entry = {"name": a, "type": "space"}
-            if unit:
-                entry["unit"] = unit
-            out.append(entry)
-    return out
-
-
-def multiscales(
-    axes: str,
-    scale: Sequence[float],
-    factors: Sequence[Sequence[int]],
-    unit: str | None = "micrometer",
-    name: str = "image",
-) -> list[dict[str, Any]]:
-    """``multiscales`` metadata: level i scaled by the product of ``factors[:i]``."""
-    datasets = []
-    current = [float(s) for s in scale]
-    for level in range(len(factors) + 1):
-        if level:
-            current = [c * f for c, f in zip(current, factors[level - 1], strict=True)]
-        datasets.append(
-            {
-                "path": str(level),
-                "coordinateTransformations": [{"type": "scale", "scale": list(current)}],
-            }
-        )
-    return [
-        {"version": NGFF_VERSION, "name": name, "axes": ngff_axes(axes, unit), "datasets": datasets}
-    ]
-
-
 @dataclass(frozen=True)
 class ImageInfo:
     """What the engine needs to know about an OME-Zarr image (a descriptor, no data)."""
@@ -265,38 +223,30 @@ class ImageInfo:
 
     @property
     def name(self) -> str:
-        base = str(self.url).rstrip("/").rsplit("/", 1)[-1]
-        for suffix in (".ome.zarr", ".zarr"):
-            if base.endswith(suffix):
-                return base[: -len(suffix)]
-        return base
+        return volume_name(self.url)
 
 
 def read_image_info(url: str) -> ImageInfo:
     """Read the NGFF metadata of an image group and describe its level 0."""
     group = open_group(url, "r")
     attrs = attributes(group)
-    ome: dict[str, Any] = attrs.get("ome", attrs)
-    ms = ome.get("multiscales")
     ingest = attrs.get("segflow", {}).get("ingest")
-    if not ms and isinstance(ingest, dict) and ingest.get("status") == "incomplete":
+    if not is_image(group) and isinstance(ingest, dict) and ingest.get("status") == "incomplete":
         raise InvalidVolumeError(
             f"{url}: the ingest into this store has not finished "
             "(run `segflow ingest` again to complete it)"
         )
-    if not ms:
-        raise InvalidVolumeError(f"{url}: not an OME-Zarr image (no 'multiscales' metadata)")
-    m0: dict[str, Any] = ms[0]
-    axes = "".join(a["name"] if isinstance(a, dict) else str(a) for a in m0.get("axes", []))
+    ms = Multiscale.from_attrs(attrs, url)
+    axes = ms.axis_names
     allowed = set("czyx")
-    if not axes or set(axes) - allowed or len(set(axes)) != len(axes):
+    if set(axes) - allowed or len(set(axes)) != len(axes):
         raise InvalidVolumeError(
             f"{url}: unsupported axes '{axes}' "
             "(segflow reads c, z, y, x; time series are not supported)"
         )
     if axes.replace("c", "") not in ("zyx", "yx") or ("c" in axes and axes[0] != "c"):
         raise InvalidVolumeError(f"{url}: unsupported axis order '{axes}' (expected [c][z]yx)")
-    path = m0["datasets"][0]["path"]
+    path = ms.datasets[0].path
     try:
         arr = group[path]
     except KeyError:
@@ -309,12 +259,6 @@ def read_image_info(url: str) -> ImageInfo:
         raise InvalidVolumeError(
             f"{url}: array has {arr.ndim} axes but the metadata names {len(axes)}"
         )
-    scale = [1.0] * len(axes)
-    for t in m0["datasets"][0].get("coordinateTransformations", []):
-        if t.get("type") == "scale":
-            scale = [float(s) for s in t["scale"]]
-    units = {a.get("unit") for a in m0["axes"] if isinstance(a, dict) and a.get("type") == "space"}
-    unit = units.pop() if len(units) == 1 else None
     stats = attrs.get("segflow", {}).get("stats")
     return ImageInfo(
         url=str(url),
@@ -322,8 +266,8 @@ def read_image_info(url: str) -> ImageInfo:
         shape=tuple(int(n) for n in arr.shape),
         chunks=tuple(int(c) for c in arr.chunks),
         dtype=str(arr.dtype),
-        scale=tuple(scale),
-        unit=unit,
+        scale=ms.scale,
+        unit=ms.unit,
         stats=IntensityStats.model_validate(stats) if stats else None,
     )
 
@@ -371,8 +315,6 @@ def write_image(
     For arrays that fit in memory (tests, examples, small results); TIFF volumes of any
     size go through the streaming ingest instead.
     """
-    from zarr.codecs import ZstdCodec
-
     from unet_core.normalize import compute_stats
 
     if len(axes) != data.ndim:
@@ -387,13 +329,11 @@ def write_image(
         chunks=chunks,
         dtype=data.dtype,
         fill_value=0,
-        compressors=ZstdCodec(level=3),
+        compressors=compressors(),
         dimension_names=list(axes),
     )[...] = data
     full_scale = list(scale) if scale else [1.0] * len(axes)
-    attrs: dict[str, Any] = {
-        "ome": {"version": NGFF_VERSION, "multiscales": multiscales(axes, full_scale, [], unit)}
-    }
+    attrs: dict[str, Any] = {"ome": image_ome(Multiscale.build(axes, full_scale, unit=unit))}
     from tasks.runstate import OWNER, data_digest
 
     attrs["segflow"] = {"created_by": OWNER, "image_digest": data_digest(data)}

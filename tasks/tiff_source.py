@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 import tifffile
 
+from tasks.paths import is_tiff_name
 from tasks.store import check_access, filesystem, is_remote
 from unet_core.errors import (
     ConfigError,
@@ -47,7 +47,6 @@ from unet_core.errors import (
     VolumeNotFoundError,
 )
 
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 SUPPORTED_DTYPES = (
     "uint8",
     "int8",
@@ -215,7 +214,7 @@ def _list_slices(src: str) -> list[str]:
         else:
             names = [os.path.join(src, n) for n in os.listdir(src)]
             names = [n for n in names if os.path.isfile(n)]
-        names = [n for n in names if n.lower().endswith(TIFF_SUFFIXES)]
+        names = [n for n in names if is_tiff_name(n)]
     return sorted(names, key=natural_key)
 
 
@@ -877,14 +876,3 @@ def _read_segments(
             target[...] = kf.nodata
         else:
             target[...] = seg[od0 - d : od1 - d, oy0 - y : oy1 - y, ox0 - x : ox1 - x, c0:c1]
-
-
-def describe(source: TiffSource) -> str:
-    """One line for humans: '512×1024×1024 uint16 (zyx from OME), 1.0 GiB'."""
-    dims = "×".join(str(n) for n in source.shape)
-    size = source.nbytes / 2**30
-    return f"{dims} {source.dtype} ({source.axes} from {source.axes_from}), {size:.2f} GiB"
-
-
-def source_json(source: TiffSource) -> str:
-    return json.dumps(source.identity(), sort_keys=True)

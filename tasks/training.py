@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from tasks.paths import TIFF_SUFFIXES
 from tasks.store import is_remote, open_level, read_image_info
 from unet_core.errors import ConfigError, InvalidVolumeError, VolumeNotFoundError
 from unet_core.train import TrainConfig, TrainProgress, TrainResult, state_path, train
 
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 

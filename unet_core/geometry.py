@@ -95,18 +95,6 @@ class Box:
     def empty(self) -> bool:
         return self.size == 0
 
-    def grow(self, before: Sequence[int] | int, after: Sequence[int] | int | None = None) -> Box:
-        """Grow by ``before`` at the start and ``after`` (default: the same) at the end."""
-        b = _coord(before, self.ndim)
-        a = b if after is None else _coord(after, self.ndim)
-        return Box.from_bounds(
-            tuple(x - y for x, y in zip(self.begin, b, strict=True)),
-            tuple(x + y for x, y in zip(self.end, a, strict=True)),
-        )
-
-    def shift(self, delta: Sequence[int]) -> Box:
-        return Box(tuple(o + d for o, d in zip(self.offset, delta, strict=True)), self.shape)
-
     def intersect(self, other: Box) -> Box:
         begin = tuple(max(a, b) for a, b in zip(self.begin, other.begin, strict=True))
         end = tuple(min(a, b) for a, b in zip(self.end, other.end, strict=True))

@@ -169,7 +169,7 @@ def test_nightly_inbox_with_a_corrupt_volume(tmp_path, model, dask_client):
     assert status == {"a.tif": "processed", "b.tif": "processed", "c.tif": "failed"}
     failed = next(r for r in first["volumes"] if r["status"] == "failed")
     assert "c.tif" in failed["detail"]
-    assert zarr.open_group(str(out / "a.ome.zarr"), mode="r")["labels/instances/0"].shape == (
+    assert zarr.open_group(str(out / "a.tif.ome.zarr"), mode="r")["labels/instances/0"].shape == (
         6,
         64,
         64,

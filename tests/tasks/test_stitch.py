@@ -15,6 +15,7 @@ import zarr
 from scipy import ndimage
 
 from tasks.export import export_tiff
+from tasks.ngff import add_label, label_ome, read_multiscale
 from tasks.segment import SegmentParams, segment_image
 from tasks.stitch import id_dtype, stitch
 from tasks.store import every_chunk, write_image
@@ -38,13 +39,9 @@ def semantic_store(path, mask: np.ndarray, chunks, scale=None) -> str:
     write_image(url, mask.astype(np.uint8), axes, chunks=chunks, scale=scale)
     root = zarr.open_group(url, mode="r+")
     labels = root.create_group("labels")
-    labels.attrs["ome"] = {"version": "0.5", "labels": ["semantic"]}
+    add_label(labels, "semantic")
     group = labels.create_group("semantic")
-    group.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": root.attrs["ome"]["multiscales"],
-        "image-label": {"version": "0.5", "source": {"image": "../../"}},
-    }
+    group.attrs["ome"] = label_ome(read_multiscale(root, url), {"image": "../../"})
     group.attrs["segflow"] = {"complete": True, "key": "test-mask"}
     arr = group.create_array(
         "0", shape=mask.shape, chunks=chunks, dtype="uint8", dimension_names=list(axes)

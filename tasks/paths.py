@@ -1,0 +1,80 @@
+"""Path conventions: which names are TIFF volumes or zarr stores, and where stores go.
+
+- A **TIFF** is a name ending in one of :data:`TIFF_SUFFIXES` (any case); OME-TIFFs end in
+  ``.ome.tif``/``.ome.tiff``. A **zarr store** ends in ``.zarr`` (``.ome.zarr`` for images).
+- The **volume name** of a source is its last path element without those suffixes:
+  ``/data/a.ome.tif`` -> ``a``, ``s3://b/run/img.ome.zarr`` -> ``img``, ``slices/`` -> ``slices``.
+- A TIFF source is ingested **beside** itself, into ``<folder>/<volume name>.ome.zarr``.
+- Files beside a store (object tables, previews) are ``<store without .ome.zarr>.<what>``.
+- A **nightly** run writes the store of inbox entry ``<entry>`` to
+  ``<output>/<entry>.ome.zarr``: the entry's whole name, suffix included, so that ``a.tif``
+  and ``a.zarr`` (or ``c.tif`` and ``c.tiff``) in one inbox get different stores
+  (``a.tif.ome.zarr``, ``a.zarr.ome.zarr``). Entry names in one folder are unique, so the
+  output names are too, and an entry's output name never depends on what else is there.
+"""
+
+from __future__ import annotations
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
+ZARR_SUFFIXES = (".ome.zarr", ".zarr")
+STORE_SUFFIX = ".ome.zarr"
+
+# Longest first, so that ".ome.tif" is stripped whole rather than as ".tif".
+_VOLUME_SUFFIXES = (*ZARR_SUFFIXES, *OME_TIFF_SUFFIXES, *TIFF_SUFFIXES)
+
+
+def basename(source: str) -> str:
+    """The last element of a path or URL (a trailing slash ignored)."""
+    return str(source).rstrip("/").rsplit("/", 1)[-1]
+
+
+def is_tiff_name(name: str) -> bool:
+    return str(name).rstrip("/").lower().endswith(TIFF_SUFFIXES)
+
+
+def is_zarr_name(name: str) -> bool:
+    return str(name).rstrip("/").lower().endswith(".zarr")
+
+
+def _strip(name: str, suffixes: tuple[str, ...]) -> str:
+    lowered = name.lower()
+    for suffix in suffixes:
+        if lowered.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def volume_name(source: str) -> str:
+    """A source's name without its TIFF or zarr suffix (see the module docstring)."""
+    return _strip(basename(source), _VOLUME_SUFFIXES)
+
+
+def is_tiff_source(source: str) -> bool:
+    """A TIFF file, slice folder or glob (to ingest first) rather than a zarr group."""
+    s = str(source).rstrip("/")
+    if is_zarr_name(s):
+        return False
+    if "*" in s or is_tiff_name(s):
+        return True
+    from tasks.store import filesystem
+
+    return not filesystem(s).exists(f"{s}/zarr.json")
+
+
+def store_beside(source: str) -> str:
+    """Where a TIFF source is ingested: ``<its folder>/<volume name>.ome.zarr``."""
+    s = str(source).rstrip("/")
+    folder = s[: s.rindex("/") + 1] if "/" in s else ""
+    return f"{folder}{volume_name(s)}{STORE_SUFFIX}"
+
+
+def beside_store(store: str, what: str) -> str:
+    """A file beside a store: ``beside_store("d/a.ome.zarr", "preview.png")`` is
+    ``d/a.preview.png``."""
+    return f"{_strip(str(store).rstrip('/'), ZARR_SUFFIXES)}.{what}"
+
+
+def nightly_store(output: str, entry: str) -> str:
+    """The store of inbox entry ``entry`` in the output location: ``<output>/<entry>.ome.zarr``."""
+    return f"{str(output).rstrip('/')}/{basename(entry)}{STORE_SUFFIX}"
