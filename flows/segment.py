@@ -121,7 +121,11 @@ def _run_name() -> str:
 def ingest_step(source: str, dst: str, levels: int, dask_address: str) -> str:
     from tasks.ingest import ingest_volume
 
-    return ingest_volume(source, dst, levels=levels, dask_client_or_scheduler=dask_address).url
+    # A store this flow made from the same source is ingested again if the source changed.
+    info = ingest_volume(
+        source, dst, levels=levels, dask_client_or_scheduler=dask_address, refresh=True
+    )
+    return info.url
 
 
 @task(name="plan")
@@ -155,7 +159,8 @@ def stitch_step(
         "table_csv": res.table_csv,
         "table_parquet": res.table_parquet,
         "seconds": res.seconds,
-        "top": res.table.nlargest(10, "voxels").to_dict(orient="records"),
+        "reused": res.reused,
+        "top": res.table.nlargest(10, "voxels").to_dict(orient="records") if len(res.table) else [],
     }
 
 

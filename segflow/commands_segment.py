@@ -120,14 +120,11 @@ def segment(
 
 def _ensure_zarr(src: str, out: str | None) -> str:
     """A TIFF source is ingested first (next to it, or into --out); zarr passes through."""
+    from tasks.ingest import ingest_volume
     from tasks.paths import is_tiff_name, store_beside
 
     if not is_tiff_name(src):
         return src
-    try:
-        from tasks.ingest import ingest_volume
-    except ImportError as exc:  # pragma: no cover - ingest not installed
-        raise typer.BadParameter("TIFF input needs the ingest step") from exc
-    dst = out or store_beside(src)
-    info = ingest_volume(src, dst)
+    # A store made earlier from this TIFF is ingested again if the file changed since.
+    info = ingest_volume(src, out or store_beside(src), refresh=True)
     return str(info.url)

@@ -26,6 +26,7 @@ in C order; a region reads only its own markers.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -53,7 +54,8 @@ DEFAULT_BACKOFF_S = 0.5
 
 def key_token(key: str) -> int:
     """The 63-bit marker value of a run key (never 0, the value of an unmarked block)."""
-    return (int(key[:16], 16) & ((1 << 63) - 1)) | 1
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return (int(digest[:16], 16) & ((1 << 63) - 1)) | 1
 
 
 @dataclass(frozen=True)

@@ -321,7 +321,7 @@ def _prepare_store(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> 
                     what = "an ingest of this source with other settings or an older version"
             raise StoreConflictError(f"{dst}: already holds {what}; pass --overwrite to replace it")
         delete_owned_store(dst)
-    root = open_group(dst, "w")
+    root = open_group(dst, "a")  # "w" would delete the lease beside it
     root.attrs.update({"segflow": _segflow_attrs(plan, "incomplete", 0)})
     _create_level0(root, plan)
     return False

@@ -116,7 +116,7 @@ def claim_store(url: str, role: str, **attrs: Any) -> zarr.Group:
                 "(choose a new or empty location)"
             )
         return open_group(url, "r+")
-    root = open_group(url, "w")
+    root = open_group(url, "a")  # "w" would delete the run's lease
     root.attrs.update({"segflow": {"created_by": OWNER, "role": role, **attrs}})
     return root
 

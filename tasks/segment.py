@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -388,11 +389,12 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
         markers.clear(step.indices())
     spatial = plan.image.spatial_shape
     dims = list(plan.image.spatial_axes)
-    labels_group = root.require_group(LABELS_GROUP)
-    previous = labels_group.get(plan.params.labels_name)
+    previous = root.get(plan.labels_path)
     previous_key = attributes(previous).get("segflow", {}).get("key") if previous else None
     if previous_key != plan.key:
         remove_stale_outputs(plan, root)
+        root = open_group(plan.out_url, "r+")  # its metadata changed
+    labels_group = root.require_group(LABELS_GROUP)
     add_label(labels_group, plan.params.labels_name)
     source = "../../" if same_store else plan.image.url
     lgroup = labels_group.require_group(plan.params.labels_name)
@@ -560,6 +562,8 @@ def read_block_input(plan: SegmentPlan, read: Box) -> np.ndarray:
 
 
 _fault_hook: Callable[[SegmentPlan, Block], None] | None = None
+#: Test hook: seconds each block sleeps before its work (to interrupt a run on purpose).
+DELAY_ENV = "SEGFLOW_TEST_BLOCK_DELAY"
 
 
 _cpu_executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -608,6 +612,9 @@ def segment_block(plan: SegmentPlan, index: Sequence[int]) -> dict[str, Any]:
     block = plan.block(index)
     if _fault_hook is not None:
         _fault_hook(plan, block)
+    delay = os.environ.get(DELAY_ENV)
+    if delay:  # test hook: slow blocks down to interrupt a run on purpose
+        time.sleep(float(delay))
     predictor = get_predictor(plan)
     spec = predictor.spec(block.write.ndim)
     read, tiles = plan_tiles(spec, block.write, plan.tile)

@@ -1,0 +1,387 @@
+"""Run state: leases between real processes, image identity, ownership, completeness and
+missing data — each a case where an earlier segflow exited 0 with wrong or lost results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from tasks.blockwise import Markers, Runner, Step
+from tasks.ingest import ingest_volume
+from tasks.runstate import Lease, StrictArray, write_beside
+from tasks.segment import DELAY_ENV, SegmentParams, segment_image
+from tasks.stitch import stitch
+from tasks.store import every_chunk, write_image
+from unet_core import CheckpointMeta, Normalization, UNet, UNetConfig, save_checkpoint
+from unet_core.errors import (
+    BlockError,
+    IncompleteError,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_model(path, seed=0):
+    torch.manual_seed(seed)
+    model = UNet(UNetConfig(ndim=2, base_channels=4, depth=2, n_classes=2))
+    save_checkpoint(path, model, CheckpointMeta(normalization=Normalization(kind="zscore")))
+    return str(path)
+
+
+def blobs(shape, seed):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.random(shape), 2)
+    return (smooth * 60000).astype(np.uint16)
+
+
+def cli(*args, env=None, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "segflow", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
+
+
+def labels(store, name="semantic"):
+    return zarr.open_group(str(store), mode="r")[f"labels/{name}/0"][...]
+
+
+def params(**kw):
+    return SegmentParams(**{"device": "cpu", "chunks": (4, 32, 32), "tile": (1, 64, 64), **kw})
+
+
+@pytest.fixture
+def volume(tmp_path):
+    data = blobs((8, 64, 64), 1)
+    src = str(tmp_path / "img.ome.zarr")
+    write_image(src, data, "zyx", chunks=(4, 32, 32))
+    return src, data
+
+
+# ------------------------------------------------------------------------------- leases
+
+
+def test_a_second_run_on_the_same_outputs_refuses_naming_the_holder(tmp_path, volume):
+    src, _ = volume
+    a, b = make_model(tmp_path / "a.ckpt", 1), make_model(tmp_path / "b.ckpt", 2)
+    out = tmp_path / "out.zarr"
+    args = ["--chunks", "8,64,32", "--tile", "1,64,64", "--device", "cpu", "-q"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "segflow", "segment", src, "-m", a, "--out", out, *args],
+        cwd=ROOT,
+        env={**os.environ, DELAY_ENV: "20"},  # two blocks, running for 20 s
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "segflow-lease.json").exists():
+            assert first.poll() is None, first.stderr.read() if first.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        second = cli("segment", src, "-m", b, "--out", out, *args)
+        assert first.poll() is None, "the first run ended before the second one asked"
+    finally:
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert second.returncode != 0
+    message = second.stderr.strip()
+    assert "another segflow run is writing these outputs" in message
+    assert f"pid {first.pid}" in message
+    assert "Traceback" not in second.stderr
+    # The outputs are model a's alone, all marked under a's key.
+    reference = tmp_path / "ref.zarr"
+    assert cli("segment", src, "-m", a, "--out", reference, *args).returncode == 0
+    assert np.array_equal(labels(out), labels(reference))
+    assert not (out / "segflow-lease.json").exists()
+
+
+def test_the_lease_of_a_killed_run_is_taken_over_and_the_work_resumes(tmp_path, volume):
+    src, _ = volume
+    model = make_model(tmp_path / "m.ckpt", 3)
+    out = tmp_path / "out.zarr"
+    args = ["--chunks", "4,32,32", "--tile", "1,64,64", "--device", "cpu", "-q"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segflow", "segment", src, "-m", model, "--out", out, *args],
+        cwd=ROOT,
+        env={**os.environ, DELAY_ENV: "0.5"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            markers = Markers.open(str(out), "segment-semantic")
+            if markers is not None and markers.count() >= 2:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done_at_kill = Markers.open(str(out), "segment-semantic").count()
+    assert (out / "segflow-lease.json").exists()  # left behind by the dead run
+    again = cli("segment", src, "-m", model, "--out", out, *args, "--json")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["blocks_skipped"] == done_at_kill
+    assert summary["blocks_computed"] == summary["blocks_total"] - done_at_kill
+    reference = tmp_path / "ref.zarr"
+    assert cli("segment", src, "-m", model, "--out", reference, *args).returncode == 0
+    assert np.array_equal(labels(out), labels(reference))
+
+
+def test_lease_is_exclusive_between_processes_and_expires(tmp_path, s3_bucket):
+    take = (
+        "import sys; from tasks.runstate import Lease; from unet_core.errors import SegflowError\n"
+        "try:\n    Lease(sys.argv[1], 'second').acquire()\n"
+        "except SegflowError as e:\n    print(e); sys.exit(3)\n"
+    )
+    for store in (str(tmp_path / "s.zarr"), f"s3://{s3_bucket}/s.zarr"):
+        with Lease(store, "first", ttl_s=5.0) as lease:
+            info = lease.read()
+            assert info is not None
+            assert info.pid == os.getpid()
+            other = subprocess.run(
+                [sys.executable, "-c", take, store],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=120,
+            )
+            assert other.returncode == 3, other.stderr
+            assert f"first run {lease.holder[:8]}" in other.stdout
+            assert f"pid {os.getpid()}" in other.stdout
+        assert Lease(store).read() is None  # released
+        # an expired lease (no heartbeat for longer than its ttl) is taken over
+        stale = Lease(store, "stale", ttl_s=0.5)
+        stale.holder = "dead-run"
+        stale._write()
+        time.sleep(0.7)
+        with Lease(store, "taker", ttl_s=5.0) as taker:
+            assert taker.read().holder == taker.holder
+
+
+# -------------------------------------------------------------------------- run identity
+
+
+def test_a_changed_image_with_the_same_statistics_is_recomputed(tmp_path):
+    data = blobs((6, 64, 64), 4)
+    tif = tmp_path / "v.tif"
+    tifffile.imwrite(tif, data, metadata={"axes": "ZYX"})
+    store = str(tmp_path / "v.ome.zarr")
+    model = make_model(tmp_path / "m.ckpt", 5)
+    ingest_volume(str(tif), store, chunks=(2, 32, 32))
+    first = segment_image(store, model, params=params(chunks=(2, 32, 32)))
+    assert first.blocks_computed == first.blocks_total
+    # the same stack flipped: the same histogram, so the same statistics
+    tifffile.imwrite(tif, data[:, ::-1].copy(), metadata={"axes": "ZYX"})
+    ingest_volume(str(tif), store, chunks=(2, 32, 32), refresh=True)
+    second = segment_image(store, model, params=params(chunks=(2, 32, 32)))
+    assert second.blocks_computed == second.blocks_total
+    fresh = str(tmp_path / "fresh.ome.zarr")
+    ingest_volume(str(tif), fresh, chunks=(2, 32, 32))
+    segment_image(fresh, model, params=params(chunks=(2, 32, 32)))
+    assert np.array_equal(labels(store), labels(fresh))
+    # unchanged content written anew (a new mtime): re-ingested, and the labels reused
+    tifffile.imwrite(tif, data[:, ::-1].copy(), metadata={"axes": "ZYX"})
+    ingest_volume(str(tif), store, chunks=(2, 32, 32), refresh=True)
+    third = segment_image(store, model, params=params(chunks=(2, 32, 32)))
+    assert third.blocks_computed == 0
+
+
+def test_equivalent_parameters_share_a_key(tmp_path, volume):
+    src, _ = volume
+    model = make_model(tmp_path / "m.ckpt", 6)
+    out = str(tmp_path / "o.zarr")
+    implicit = SegmentParams(device="cpu", tile=(1, 64, 64))
+    explicit = SegmentParams(device="cpu", tile=(1, 64, 64), chunks=(4, 32, 32), channel=0)
+    assert segment_image(src, model, out, implicit).blocks_computed > 0
+    assert segment_image(src, model, out, explicit).blocks_computed == 0
+    other = SegmentParams(device="cpu", tile=(1, 64, 64), chunks=(4, 16, 16))
+    assert segment_image(src, model, out, other).blocks_computed > 0
+
+
+# ------------------------------------------------------------------------------ ownership
+
+
+def test_outputs_never_go_into_foreign_folders_and_overwrite_never_deletes_them(tmp_path, volume):
+    src, _ = volume
+    model = make_model(tmp_path / "m.ckpt", 7)
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.txt").write_text("precious")
+    res = cli("segment", src, "-m", model, "--out", folder, "--device", "cpu", "-q")
+    assert res.returncode != 0
+    assert "segflow writes only into stores it made" in res.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["chapter1.txt"]
+    tif = tmp_path / "a.tif"
+    tifffile.imwrite(tif, blobs((2, 16, 16), 1), metadata={"axes": "ZYX"})
+    res = cli("ingest", tif, folder, "--overwrite", "-q")
+    assert res.returncode != 0
+    assert "never replaced" in res.stderr
+    assert (folder / "chapter1.txt").read_text() == "precious"
+    # the labels of an OME-Zarr segflow did not make go to --out, never into it
+    foreign = tmp_path / "foreign.ome.zarr"
+    write_image(str(foreign), blobs((4, 32, 32), 2), "zyx")
+    attrs = zarr.open_group(str(foreign), mode="r").attrs.asdict()
+    del attrs["segflow"]
+    zarr.open_group(str(foreign), mode="r+").attrs.put(attrs)
+    res = cli("segment", foreign, "-m", model, "--device", "cpu", "-q")
+    assert res.returncode != 0
+    assert "pass --out" in res.stderr
+    assert not (foreign / "labels").exists()
+
+
+# --------------------------------------------------------------------------- completeness
+
+
+def test_incomplete_labels_are_refused_and_stale_outputs_removed(tmp_path, volume):
+    import tasks.segment as segment_mod
+
+    src, _ = volume
+    a, b = make_model(tmp_path / "a.ckpt", 8), make_model(tmp_path / "b.ckpt", 9)
+    out = str(tmp_path / "o.zarr")
+
+    def fail_one(plan, block):
+        if block.index == (1, 1, 1):
+            raise RuntimeError("injected failure")
+
+    segment_mod._fault_hook = fail_one
+    try:
+        with pytest.raises(BlockError, match=r"segment-semantic block \[1, 1, 1\] voxels 4:8"):
+            segment_image(src, a, out, params())
+    finally:
+        segment_mod._fault_hook = None
+    with pytest.raises(IncompleteError, match="incomplete"):
+        stitch(out)
+    from tasks.export import export_tiff
+
+    with pytest.raises(IncompleteError, match="incomplete"):
+        export_tiff(out, str(tmp_path / "x.tif"), labels="semantic")
+    assert not (tmp_path / "x.tif").exists()
+    # finish it, with probabilities and instances
+    segment_image(src, a, out, params(probabilities=True))
+    stitch(out)
+    root = zarr.open_group(out, mode="r")
+    assert root["labels/instances"].attrs["segflow"]["complete"] is True
+    # another model, without probabilities or instances: nothing of model a stays
+    segment_image(src, b, out, params())
+    root = zarr.open_group(out, mode="r")
+    assert "instances" not in root["labels"]
+    assert "probabilities" not in root
+    assert not Path(str(out).removesuffix(".zarr") + ".instances.csv").exists()
+    assert root["labels"].attrs["ome"]["labels"] == ["semantic"]
+    assert root["labels/semantic"].attrs["segflow"]["complete"] is True
+
+
+def test_files_beside_a_store_are_never_left_truncated(tmp_path):
+    target = tmp_path / "table.csv"
+    target.write_text("old,complete\n1,2\n")
+
+    def dies_halfway(f):
+        f.write("new,")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_beside(str(target), dies_halfway)
+    assert target.read_text() == "old,complete\n1,2\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+# ---------------------------------------------------------------------------- missing data
+
+
+def test_missing_or_garbage_chunks_are_errors_not_zeros(tmp_path, volume):
+    src, _ = volume
+    model = make_model(tmp_path / "m.ckpt", 10)
+    chunk = Path(src) / "0" / "c" / "1" / "0" / "1"
+    assert chunk.exists()
+    saved = chunk.read_bytes()
+    chunk.unlink()
+    out = str(tmp_path / "o.zarr")
+    with pytest.raises(BlockError, match=r"img\.ome\.zarr: chunk 0/1/0/1 is missing"):
+        segment_image(src, model, out, params())
+    chunk.write_bytes(b"garbage" * 10)
+    with pytest.raises(BlockError, match=r"chunk 0/1/0/1 cannot be decoded"):
+        segment_image(src, model, out, params())
+    chunk.write_bytes(saved)
+    segment_image(src, model, out, params())
+    # a deleted label chunk: the stitch says which, instead of fewer objects
+    label_chunk = Path(out) / "labels" / "semantic" / "0" / "c" / "0" / "1" / "1"
+    label_chunk.unlink()
+    with pytest.raises(BlockError, match=r"chunk labels/semantic/0/0/1/1 is missing"):
+        stitch(out)
+
+
+def test_strict_array_reads_every_selection_form(tmp_path):
+    arr = zarr.create_array(
+        str(tmp_path / "a.zarr"), shape=(5, 7), chunks=(2, 3), dtype="uint8", fill_value=0
+    )
+    every_chunk(arr)[...] = np.arange(35, dtype=np.uint8).reshape(5, 7)
+    strict = StrictArray(arr, str(tmp_path / "a.zarr"))
+    assert np.array_equal(strict[...], arr[...])
+    assert np.array_equal(strict[1:4], arr[1:4])
+    assert np.array_equal(strict[2, 1:6], arr[2, 1:6])
+    assert np.array_equal(strict[4:5, 6:7], arr[4:5, 6:7])
+
+
+# ----------------------------------------------------------------------------------- runner
+
+
+_attempts: dict[int, int] = {}
+
+
+def _flaky(plan, index):
+    _attempts[index[0]] = _attempts.get(index[0], 0) + 1
+    if _attempts[index[0]] < 3:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    return index[0]
+
+
+def _bad_input(plan, index):
+    _attempts[-1] = _attempts.get(-1, 0) + 1
+    raise ValueError("not a volume")
+
+
+def test_runner_retries_transient_errors_only_and_marks_after_success(tmp_path, dask_client):
+    store = str(tmp_path / "r.zarr")
+    zarr.open_group(store, mode="w")
+    for client in (None, dask_client):
+        _attempts.clear()
+        events = []
+        runner = Runner(client, progress=events.append, backoff_s=0.01)
+        step = Step("flaky", store, (4,), f"k{id(client)}", _flaky, None)
+        result = runner.run(step)
+        assert sorted(result.results) == [0, 1, 2, 3]
+        if client is None:  # same process: the attempts are visible here
+            assert all(n == 3 for n in _attempts.values())
+        assert Markers.open(store, "flaky").all_done(step.key)
+        assert [e.done for e in events] == [0, 1, 2, 3, 4]
+        assert runner.run(step).computed == 0  # all marked: nothing recomputed
+        _attempts.clear()
+        bad = Step("bad", store, (1,), "k", _bad_input, None)
+        with pytest.raises(BlockError, match=r"bad block \[0\] of .*r\.zarr failed: ValueError"):
+            runner.run(bad)
+        if client is None:
+            assert _attempts[-1] == 1  # a permanent error is never retried
+        assert not Markers.open(store, "bad").done_mask("k").any()
