@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bench.common import emit, load_average, machine
+from unet_core.runtime import configure
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label-mode", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    configure()  # segflow's CPU settings, as its entry points apply them
     torch.set_num_threads(args.threads)
 
     from unet_core import load_checkpoint

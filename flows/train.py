@@ -21,6 +21,7 @@ from prefect.artifacts import (
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.training import run_training, summary
+from unet_core.runtime import configure
 from unet_core.train import TrainConfig, TrainProgress
 
 
@@ -128,6 +129,7 @@ def report_markdown(result: dict[str, Any]) -> str:
 @flow(name="train-model", log_prints=True)
 def train_model(params: TrainParams) -> dict[str, Any]:
     """Train a U-Net on annotated images and publish a report artifact."""
+    configure()
     result = train_task(params)
     create_markdown_artifact(
         report_markdown(result),

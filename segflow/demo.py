@@ -21,12 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from unet_core.runtime import configure
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--steps", type=int, default=int(os.environ.get("SEGFLOW_DEMO_STEPS", 300)))
     args = parser.parse_args(argv)
+    configure()  # before PyTorch loads
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(out / ".prefect"))
