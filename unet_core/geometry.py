@@ -76,12 +76,11 @@ class Coord(tuple[int, ...]):
     def fill(cls, value: int, ndim: int) -> Coord:
         return cls((value,) * ndim)
 
-    @property
-    def ndim(self) -> int:
-        return len(self)
+    # No methods named like NumPy reductions (prod, min, max, sum, size, ndim, ...): NumPy
+    # calls those on any object, np.prod(coord) must stay the product of a plain tuple.
 
     @property
-    def prod(self) -> int:
+    def product(self) -> int:
         """The product of the values (the voxel count of a shape)."""
         n = 1
         for v in self:
@@ -127,11 +126,11 @@ class Coord(tuple[int, ...]):
         """Element-wise division rounded up (e.g. chunks per axis)."""
         return self._map(ceildiv, other)
 
-    def min(self, other: _Operand) -> Coord:
+    def minimum(self, other: _Operand) -> Coord:
         """Element-wise minimum."""
         return self._map(min, other)
 
-    def max(self, other: _Operand) -> Coord:
+    def maximum(self, other: _Operand) -> Coord:
         """Element-wise maximum."""
         return self._map(max, other)
 
@@ -173,7 +172,7 @@ class Box:
     @classmethod
     def from_bounds(cls, begin: Sequence[int], end: Sequence[int]) -> Box:
         begin = _coord(begin)
-        return cls(begin, (_coord(end) - begin).max(0))
+        return cls(begin, (_coord(end) - begin).maximum(0))
 
     @classmethod
     def of_shape(cls, shape: Sequence[int]) -> Box:
@@ -194,7 +193,7 @@ class Box:
 
     @property
     def size(self) -> int:
-        return self.shape.prod
+        return self.shape.product
 
     @property
     def empty(self) -> bool:
@@ -210,8 +209,8 @@ class Box:
         return Box(self.offset + _coord(delta), self.shape)
 
     def intersect(self, other: Box) -> Box:
-        begin = self.begin.max(other.begin)
-        return Box.from_bounds(begin, self.end.min(other.end).max(begin))
+        begin = self.begin.maximum(other.begin)
+        return Box.from_bounds(begin, self.end.minimum(other.end).maximum(begin))
 
     def contains(self, other: Box) -> bool:
         return self.begin.all_le(other.begin) and other.end.all_le(self.end)
@@ -470,7 +469,7 @@ class ChunkGrid:
 
     @property
     def n_blocks(self) -> int:
-        return self.grid.prod
+        return self.grid.product
 
     def _check(self, index: Sequence[int]) -> Coord:
         index = _coord(index)

@@ -146,14 +146,14 @@ def test_coord_arithmetic_is_element_wise():
     assert ceildiv(-3, 4) == 0
     assert ceildiv(9, 4) == 3
     assert -a == (-7, 3, -10)
-    assert a.min((5, 5, 5)) == (5, -3, 5)
-    assert a.max(0) == (7, 0, 10)
+    assert a.minimum((5, 5, 5)) == (5, -3, 5)
+    assert a.maximum(0) == (7, 0, 10)
     assert a.all_le((7, 0, 10))
     assert not a.all_lt((7, 0, 10))
     assert a.all_ge((7, -3, 10))
     assert a.all_gt((6, -4, 9))
-    assert Coord((2, 3, 4)).prod == 24
-    assert Coord(()).prod == 1
+    assert Coord((2, 3, 4)).product == 24
+    assert Coord(()).product == 1
     assert isinstance(a + 1, Coord)
     assert isinstance(Box((0,), (3,)).end, Coord)
     assert Coord(np.array([3, 4])) == (3, 4)
@@ -161,6 +161,10 @@ def test_coord_arithmetic_is_element_wise():
     assert a < (8, 0, 0)  # ordering stays lexicographic (sorting keys keep working)
     assert pickle.loads(pickle.dumps(a)) == a
     assert type(pickle.loads(pickle.dumps(a))) is Coord
+    # NumPy treats it as the plain tuple (it calls methods such as .prod or .max if present).
+    for f in (np.prod, np.max, np.min, np.sum, np.size, np.ndim, np.argmax, np.any):
+        assert f(a) == f((7, -3, 10)), f
+    assert np.array_equal(np.asarray(a), [7, -3, 10])
     with pytest.raises(ConfigError, match="differ in length"):
         a + b[:2]
     with pytest.raises(ConfigError):
