@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     from unet_core.normalize import compute_stats
     from unet_core.predict import predict
     from unet_core.synthetic import blobs
-    from unet_core.train import TrainConfig, train
+    from unet_core.training.config import TrainConfig
+    from unet_core.training.loop import train
 
     image, labels = blobs((args.size, args.size), rng=1)
     values = {"label_mode": args.label_mode, "seed": args.seed}

@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import zarr
 
-    from tasks.training import run_training
+    from tasks.training.run import run_training
     from unet_core import load_checkpoint
     from unet_core.metrics import dice, match_instances
     from unet_core.predict import predict
     from unet_core.synthetic import blobs
-    from unet_core.train import TrainConfig
+    from unet_core.training.config import TrainConfig
 
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     t_start = time.perf_counter()

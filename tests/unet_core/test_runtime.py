@@ -37,7 +37,7 @@ PROBE = textwrap.dedent(
 
     before = dict(os.environ)
     import unet_core
-    import unet_core.model, unet_core.predict, unet_core.train  # torch and the rest
+    import unet_core.model, unet_core.predict, unet_core.training.loop  # torch and the rest
     from unet_core import _malloc
     out = {"env_unchanged": dict(os.environ) == before, "tuned_on_import": _malloc._done,
            "kept_untuned": kept_after_free()}
