@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from bench.common import OUT, emit, machine, peak_rss_mib
+from unet_core.runtime import configure
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         help="alternate segment and forward-only runs this many times; the best of each counts",
     )
     args = parser.parse_args(argv)
+    configure()  # segflow's CPU settings, as its entry points apply them
     torch.set_num_threads(args.threads)
 
     from tasks.segment import (

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import OUT, emit, load_average, machine
+from unet_core.runtime import configure
 
 WORK = OUT / "gpu"
 
@@ -412,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--base", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    configure()  # segflow's CPU settings, as its entry points apply them
     if args.base:
         for spec_m in MODELS.values():
             spec_m["config"] = {**spec_m["config"], "base_channels": args.base}

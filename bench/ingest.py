@@ -90,7 +90,9 @@ def run_path(which: str, src: str, dst: str) -> dict[str, float]:
         nbytes = data.nbytes
     else:
         from tasks.ingest import ingest_volume
+        from unet_core.runtime import configure
 
+        configure()  # as the segflow command does
         t0 = time.perf_counter()
         info = ingest_volume(src, dst)
         seconds = time.perf_counter() - t0

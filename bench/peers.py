@@ -21,8 +21,9 @@ and compressor. Each runs in its own subprocess with ``torch.set_num_threads(--t
   ``sliding_window_inference`` (roi = segflow's tile, overlap 0.25, gaussian blending,
   ``sw_batch_size`` = segflow's batch size), torch defaults (oneDNN on), then softmax; run
   as its users run it, with glibc's default allocator settings
-  (``SEGFLOW_MALLOC_TUNING=0``: the child imports ``unet_core`` for the model, which would
-  otherwise apply segflow's allocator tuning, see ``unet_core._malloc``);
+  (``SEGFLOW_MALLOC_TUNING=0``: every child calls ``unet_core.runtime.configure()`` as
+  segflow's entry points do, which would otherwise apply segflow's allocator tuning, see
+  ``unet_core._malloc``);
 - ``monai_tuned``: the same under segflow's allocator tuning, to separate the engine from
   the allocator;
 - ``naive_dask``: ``dask.array.map_overlap`` over the image chunks, depth = the network's
@@ -54,6 +55,7 @@ import time
 import numpy as np
 
 from bench.common import OUT, emit, load_average, machine, open_array, peak_rss_mib, run_child
+from unet_core.runtime import configure
 
 WORK = OUT / "peers"
 
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the stores in bench/out")
     parser.add_argument("--child", nargs=2, metavar=("PATH", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    configure()  # segflow's CPU settings, as its entry points apply them
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](json.loads(args.child[1]))))
         return

@@ -26,6 +26,7 @@ import sys
 import time
 
 from bench.common import OUT, emit, load_average, machine, run_child
+from unet_core.runtime import configure
 
 WORK = OUT / "scaling"
 
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--child-flow", nargs=2, metavar=("SRC", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    configure()  # segflow's CPU settings, as its entry points apply them
     if args.child_flow:
         print(json.dumps(prefect_overhead(*args.child_flow)))
         return

@@ -110,6 +110,9 @@ def write_mask_store(url: str, shape: tuple[int, ...], chunks: tuple[int, ...], 
 def child_segflow(url: str) -> dict:
     from tasks.cluster import dask_client
     from tasks.stitch import stitch
+    from unet_core.runtime import configure
+
+    configure()  # as the segflow command does
 
     with dask_client() as client:
         baseline = peak_rss_mib()

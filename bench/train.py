@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from bench.common import emit, load_average, machine
+from unet_core.runtime import configure
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label-mode", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    configure()  # segflow's CPU settings, as its entry points apply them
     torch.set_num_threads(args.threads)
 
     from unet_core import load_checkpoint
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     from unet_core.normalize import compute_stats
     from unet_core.predict import predict
     from unet_core.synthetic import blobs
-    from unet_core.train import TrainConfig, train
+    from unet_core.training.config import TrainConfig
+    from unet_core.training.loop import train
 
     image, labels = blobs((args.size, args.size), rng=1)
     values = {"label_mode": args.label_mode, "seed": args.seed}

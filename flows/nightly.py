@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows import core_logs_to_prefect
 from flows.segment import SegmentOptions, SegmentVolumeParams, segment_volume
 from tasks.inbox import classify, output_for, read_manifest, record, scan_inbox, write_manifest
+from unet_core.runtime import configure
 
 
 class NightlyParams(BaseModel):
@@ -44,6 +45,7 @@ class NightlyParams(BaseModel):
 @flow(name="nightly-inbox", log_prints=True)
 def nightly_inbox(params: NightlyParams) -> dict[str, Any]:
     """Process the inbox: new settled volumes are segmented; failures don't stop the night."""
+    configure()
     core_logs_to_prefect()
     logger = get_run_logger()
     manifest = read_manifest(params.output)

@@ -44,6 +44,7 @@ from tasks.segment import (
 )
 from tasks.store import attributes, open_group
 from unet_core.errors import ConfigError, SegflowError
+from unet_core.runtime import configure
 
 
 class SegmentOptions(SegmentParams):
@@ -195,6 +196,7 @@ def report_step(summary: dict[str, Any], image: str, out: str, labels: str) -> d
 @flow(name="segment-volume", flow_run_name=_run_name, log_prints=True)
 def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     """Segment one volume: ingest (TIFF), segment regions on Dask, stitch, report."""
+    configure()
     core_logs_to_prefect()
     logging.getLogger("distributed").setLevel(logging.WARNING)
     logger = get_run_logger()

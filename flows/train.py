@@ -1,6 +1,6 @@
 """The ``train-model`` flow: train a U-Net on annotated images, report the result.
 
-One task runs :func:`tasks.training.run_training` (read the pairs, train, write the
+One task runs :func:`tasks.training.run.run_training` (read the pairs, train, write the
 checkpoint, its resume state, history, loss-curve PNG and validation prediction beside
 it); the flow then publishes a markdown artifact with the final metrics and a link to the
 loss curve. Parameters are one pydantic model, so the Prefect UI renders them as a form
@@ -20,8 +20,11 @@ from prefect.artifacts import (
 )
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.training import run_training, summary
-from unet_core.train import TrainConfig, TrainProgress
+from tasks.training.report import summary
+from tasks.training.run import run_training
+from unet_core.runtime import configure
+from unet_core.training.config import TrainConfig
+from unet_core.training.loop import TrainProgress
 
 
 class TrainParams(BaseModel):
@@ -128,6 +131,7 @@ def report_markdown(result: dict[str, Any]) -> str:
 @flow(name="train-model", log_prints=True)
 def train_model(params: TrainParams) -> dict[str, Any]:
     """Train a U-Net on annotated images and publish a report artifact."""
+    configure()
     result = train_task(params)
     create_markdown_artifact(
         report_markdown(result),

@@ -15,6 +15,7 @@ from typing import ParamSpec, TypeVar
 import typer
 
 from unet_core.errors import SegflowError
+from unet_core.runtime import configure
 
 app = typer.Typer(
     name="segflow",
@@ -75,6 +76,7 @@ def _register() -> None:
 
 
 def main() -> None:
+    configure()  # before any command imports PyTorch
     _register()
     app(prog_name="segflow")
 

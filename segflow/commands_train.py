@@ -11,7 +11,7 @@ import typer
 from segflow.cli import app, clean_errors, parse_shape
 
 if TYPE_CHECKING:
-    from unet_core.train import TrainConfig
+    from unet_core.training.config import TrainConfig
 
 
 def _config(
@@ -21,7 +21,7 @@ def _config(
     from pydantic import ValidationError
 
     from unet_core.errors import ConfigError
-    from unet_core.train import TrainConfig
+    from unet_core.training.config import TrainConfig
 
     values = {k: v for k, v in overrides.items() if v is not None}
     try:
@@ -133,7 +133,8 @@ def train(
     )
     if resume is not None and not resume.is_file():
         raise ConfigError(f"{resume}: no checkpoint to resume from")
-    from tasks.training import run_training, summary
+    from tasks.training.report import summary
+    from tasks.training.run import run_training
 
     if quiet:
         result, files = run_training(image, labels, out, config, resume=resume)
@@ -207,7 +208,7 @@ def evaluate(
     """Print Dice and IoU per class (or instance scores) of PRED against GT as JSON."""
     import numpy as np
 
-    from tasks.training import read_array
+    from tasks.training.inputs import read_array
     from unet_core.errors import InvalidShapeError, InvalidVolumeError
     from unet_core.metrics import class_report, instance_report, instances_from_mask
 

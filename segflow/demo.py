@@ -21,12 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from unet_core.runtime import configure
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--steps", type=int, default=int(os.environ.get("SEGFLOW_DEMO_STEPS", 300)))
     args = parser.parse_args(argv)
+    configure()  # before PyTorch loads
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(out / ".prefect"))
@@ -38,12 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import zarr
 
-    from tasks.training import run_training
+    from tasks.training.run import run_training
     from unet_core import load_checkpoint
     from unet_core.metrics import dice, match_instances
     from unet_core.predict import predict
     from unet_core.synthetic import blobs
-    from unet_core.train import TrainConfig
+    from unet_core.training.config import TrainConfig
 
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     t_start = time.perf_counter()

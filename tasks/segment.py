@@ -68,6 +68,7 @@ from unet_core.errors import ConfigError, InvalidVolumeError, StoreConflictError
 from unet_core.geometry import Block, Box, Tile, TileSpec, plan_tiles
 from unet_core.normalize import IntensityStats, StatsAccumulator, apply_affine
 from unet_core.predict import Predictor, class_labels, label_dtype, read_mirrored, softmax
+from unet_core.runtime import configure
 
 log = logging.getLogger(__name__)
 
@@ -518,6 +519,7 @@ _device_locks: dict[str, threading.Lock] = {}
 
 def get_predictor(plan: SegmentPlan) -> Predictor:
     """The worker's predictor for this checkpoint (loaded once per process)."""
+    configure()  # this process's CPU settings, before its first model load
     p = plan.params
     key = (plan.model_path, plan.model_digest, p.device, p.batch_size, p.precision, p.exact)
     global model_loads

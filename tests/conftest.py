@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from unet_core.runtime import configure
+
+configure()  # the CPU settings segflow's entry points apply, before any test loads PyTorch
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / "test"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

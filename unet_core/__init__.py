@@ -4,25 +4,14 @@ Plain PyTorch and NumPy only: this package never imports prefect, dask or zarr.
 
 The names below are loaded on first use (PEP 562), so that importing a light submodule
 such as :mod:`unet_core.errors` or :mod:`unet_core.normalize` (the CLI, the ingest step)
-does not pull in PyTorch.
+does not pull in PyTorch. Importing it changes nothing in the process: the CPU settings
+for PyTorch are applied by :func:`unet_core.runtime.configure`, which the entry points call.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from typing import TYPE_CHECKING, Any
-
-# OpenMP threads that spin while waiting collapse (measured 30x slower) when they share the
-# cores with Dask's I/O threads or other processes; sleeping waits cost little here. Set
-# before PyTorch loads its OpenMP runtime; an explicit OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-# Large convolution buffers are reused instead of re-faulted on every forward pass
-# (measured 2x faster exact CPU inference); see unet_core._malloc.
-from unet_core import _malloc
-
-_malloc.tune()
 
 if TYPE_CHECKING:
     from unet_core.checkpoint import (

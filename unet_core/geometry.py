@@ -30,33 +30,140 @@ volume plus the margins.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral
+from typing import SupportsInt
 
 from unet_core.config import UNetConfig
 from unet_core.errors import ConfigError, InvalidShapeError
 
-Coord = tuple[int, ...]
+
+def ceildiv(a: int, b: int) -> int:
+    """``a / b`` rounded up, for integers (``b > 0``)."""
+    return -(-a // b)
 
 
-def _coord(values: Sequence[int] | int, ndim: int | None = None) -> Coord:
-    if isinstance(values, int):
-        if ndim is None:
-            raise ConfigError("a scalar coordinate needs the number of dimensions")
-        return (values,) * ndim
-    return tuple(int(v) for v in values)
+_Operand = Sequence[int] | int
 
 
-@dataclass(frozen=True)
+class Coord(tuple[int, ...]):
+    """An immutable point or extent in voxels, one int per axis.
+
+    A vector, not a sequence to concatenate: ``+ - * //`` work element-wise against another
+    coordinate of the same length or against one int (``Coord((4, 6)) // 2 == (2, 3)``);
+    unpack to concatenate (``Coord((*a, *b))``). It equals and hashes like the plain tuple
+    of its values, and ``<``/``<=`` stay tuple (lexicographic) comparisons; the per-axis
+    comparisons are :meth:`all_le`, :meth:`all_lt` and friends.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, values: Iterable[SupportsInt] = ()) -> Coord:
+        return super().__new__(cls, (int(v) for v in values))
+
+    @classmethod
+    def of(cls, values: _Operand, ndim: int | None = None) -> Coord:
+        """``values`` as a coordinate; an int is repeated over ``ndim`` axes."""
+        if isinstance(values, (int, Integral)):
+            if ndim is None:
+                raise ConfigError("a scalar coordinate needs the number of dimensions")
+            return cls((int(values),) * ndim)
+        return values if type(values) is cls else cls(values)
+
+    @classmethod
+    def fill(cls, value: int, ndim: int) -> Coord:
+        return cls((value,) * ndim)
+
+    # No methods named like NumPy reductions (prod, min, max, sum, size, ndim, ...): NumPy
+    # calls those on any object, np.prod(coord) must stay the product of a plain tuple.
+
+    @property
+    def product(self) -> int:
+        """The product of the values (the voxel count of a shape)."""
+        n = 1
+        for v in self:
+            n *= v
+        return n
+
+    def _pairs(self, other: _Operand) -> Iterator[tuple[int, int]]:
+        if isinstance(other, (int, Integral)):
+            b = int(other)
+            return ((a, b) for a in self)
+        if len(other) != len(self):
+            raise ConfigError(f"coordinates {tuple(self)} and {tuple(other)} differ in length")
+        return zip(self, (int(b) for b in other), strict=True)
+
+    def _map(self, op: Callable[[int, int], int], other: _Operand) -> Coord:
+        return Coord(op(a, b) for a, b in self._pairs(other))
+
+    def __add__(self, other: _Operand) -> Coord:  # type: ignore[override]
+        return self._map(operator.add, other)
+
+    def __radd__(self, other: _Operand) -> Coord:
+        return self._map(operator.add, other)
+
+    def __sub__(self, other: _Operand) -> Coord:
+        return self._map(operator.sub, other)
+
+    def __rsub__(self, other: _Operand) -> Coord:
+        return self._map(lambda a, b: b - a, other)
+
+    def __mul__(self, other: _Operand) -> Coord:  # type: ignore[override]
+        return self._map(operator.mul, other)
+
+    def __rmul__(self, other: _Operand) -> Coord:  # type: ignore[override]
+        return self._map(operator.mul, other)
+
+    def __floordiv__(self, other: _Operand) -> Coord:
+        return self._map(operator.floordiv, other)
+
+    def __neg__(self) -> Coord:
+        return Coord(-a for a in self)
+
+    def ceildiv(self, other: _Operand) -> Coord:
+        """Element-wise division rounded up (e.g. chunks per axis)."""
+        return self._map(ceildiv, other)
+
+    def minimum(self, other: _Operand) -> Coord:
+        """Element-wise minimum."""
+        return self._map(min, other)
+
+    def maximum(self, other: _Operand) -> Coord:
+        """Element-wise maximum."""
+        return self._map(max, other)
+
+    def all_le(self, other: _Operand) -> bool:
+        return all(a <= b for a, b in self._pairs(other))
+
+    def all_lt(self, other: _Operand) -> bool:
+        return all(a < b for a, b in self._pairs(other))
+
+    def all_ge(self, other: _Operand) -> bool:
+        return all(a >= b for a, b in self._pairs(other))
+
+    def all_gt(self, other: _Operand) -> bool:
+        return all(a > b for a, b in self._pairs(other))
+
+    def __repr__(self) -> str:
+        return f"Coord({tuple(self)!r})"
+
+
+def _coord(values: _Operand, ndim: int | None = None) -> Coord:
+    return Coord.of(values, ndim)
+
+
+@dataclass(frozen=True, init=False)
 class Box:
     """An axis-aligned box: ``offset`` (may be negative) and ``shape`` (>= 0)."""
 
     offset: Coord
     shape: Coord
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "offset", _coord(self.offset))
-        object.__setattr__(self, "shape", _coord(self.shape))
+    def __init__(self, offset: Sequence[int], shape: Sequence[int]) -> None:
+        object.__setattr__(self, "offset", _coord(offset))
+        object.__setattr__(self, "shape", _coord(shape))
         if len(self.offset) != len(self.shape):
             raise ConfigError(f"box offset {self.offset} and shape {self.shape} differ in length")
         if any(s < 0 for s in self.shape):
@@ -64,13 +171,13 @@ class Box:
 
     @classmethod
     def from_bounds(cls, begin: Sequence[int], end: Sequence[int]) -> Box:
-        begin, end = _coord(begin), _coord(end)
-        return cls(begin, tuple(max(e - b, 0) for b, e in zip(begin, end, strict=True)))
+        begin = _coord(begin)
+        return cls(begin, (_coord(end) - begin).maximum(0))
 
     @classmethod
     def of_shape(cls, shape: Sequence[int]) -> Box:
         shape = _coord(shape)
-        return cls((0,) * len(shape), shape)
+        return cls(Coord.fill(0, len(shape)), shape)
 
     @property
     def ndim(self) -> int:
@@ -82,41 +189,34 @@ class Box:
 
     @property
     def end(self) -> Coord:
-        return tuple(o + s for o, s in zip(self.offset, self.shape, strict=True))
+        return self.offset + self.shape
 
     @property
     def size(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return self.shape.product
 
     @property
     def empty(self) -> bool:
         return self.size == 0
 
     def intersect(self, other: Box) -> Box:
-        begin = tuple(max(a, b) for a, b in zip(self.begin, other.begin, strict=True))
-        end = tuple(min(a, b) for a, b in zip(self.end, other.end, strict=True))
-        return Box.from_bounds(begin, tuple(max(e, b) for b, e in zip(begin, end, strict=True)))
+        begin = self.begin.maximum(other.begin)
+        return Box.from_bounds(begin, self.end.minimum(other.end).maximum(begin))
 
     def contains(self, other: Box) -> bool:
-        return all(
-            sb <= ob and oe <= se
-            for sb, se, ob, oe in zip(self.begin, self.end, other.begin, other.end, strict=True)
-        )
+        return self.begin.all_le(other.begin) and other.end.all_le(self.end)
 
     def to_slices(self, relative_to: Box | Sequence[int] | None = None) -> tuple[slice, ...]:
         """Slices of this box, in an array whose first element is ``relative_to``'s origin."""
         origin: Coord
         if relative_to is None:
-            origin = (0,) * self.ndim
+            origin = Coord.fill(0, self.ndim)
         elif isinstance(relative_to, Box):
             origin = relative_to.offset
         else:
             origin = _coord(relative_to)
         return tuple(
-            slice(b - o, e - o) for b, e, o in zip(self.begin, self.end, origin, strict=True)
+            slice(b, e) for b, e in zip(self.begin - origin, self.end - origin, strict=True)
         )
 
     def __str__(self) -> str:
@@ -131,7 +231,7 @@ class Tile:
     write: Box
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Block:
     """A unit of parallel work: reads ``read``, writes exactly ``write`` (whole chunks)."""
 
@@ -139,12 +239,15 @@ class Block:
     read: Box
     write: Box
 
+    def __init__(self, index: Sequence[int], read: Box, write: Box) -> None:
+        object.__setattr__(self, "index", _coord(index))
+        object.__setattr__(self, "read", read)
+        object.__setattr__(self, "write", write)
+
     @property
     def halo(self) -> tuple[Coord, Coord]:
         """Voxels read beyond the write box, (before, after) per axis."""
-        before = tuple(w - r for w, r in zip(self.write.begin, self.read.begin, strict=True))
-        after = tuple(r - w for w, r in zip(self.write.end, self.read.end, strict=True))
-        return before, after
+        return self.write.begin - self.read.begin, self.read.end - self.write.end
 
 
 @dataclass(frozen=True)
@@ -173,7 +276,7 @@ class TileSpec:
 
     @property
     def grid(self) -> Coord:
-        return (1,) * self.slice_axes + (self.config.grid,) * self.config.ndim
+        return Coord((*(1,) * self.slice_axes, *(self.config.grid,) * self.config.ndim))
 
     def margins_1d(self, axis: int, size: int) -> tuple[int, int]:
         """Voxels a tile of ``size`` reads beyond its usable output, (before, after).
@@ -200,7 +303,7 @@ class TileSpec:
         if axis < self.slice_axes or self.config.padding == "valid":
             return -before
         g = self.config.grid
-        return -g * (-(-before // g))
+        return -g * ceildiv(before, g)
 
     def before(self, axis: int) -> int:
         """Margin before the usable output; the same for every valid tile size."""
@@ -227,10 +330,10 @@ class TileSpec:
             raise InvalidShapeError(
                 f"tile shape {shape} has {len(shape)} axes but the volume has {self.volume_ndim}"
             )
-        return tuple(self.valid_size(a, n) for a, n in enumerate(shape))
+        return Coord(self.valid_size(a, n) for a, n in enumerate(shape))
 
     def usable(self, tile_shape: Sequence[int]) -> Coord:
-        return tuple(self.usable_1d(a, t) for a, t in enumerate(tile_shape))
+        return Coord(self.usable_1d(a, t) for a, t in enumerate(tile_shape))
 
     def default_tile_shape(self) -> Coord:
         """A tile that keeps the halo overhead moderate at CPU-friendly memory."""
@@ -323,6 +426,93 @@ def plan_tiles(
     return read, planned
 
 
+@dataclass(frozen=True, init=False)
+class ChunkGrid:
+    """A volume of ``shape`` cut into blocks of ``chunks`` (the last ones clipped).
+
+    Block indices are coordinates in the grid (``index[a]`` in ``range(grid[a])``); the flat
+    index numbers them in C order, the order :meth:`indices` yields them.
+    """
+
+    shape: Coord
+    chunks: Coord
+
+    def __init__(self, shape: Sequence[int], chunks: Sequence[int]) -> None:
+        object.__setattr__(self, "shape", _coord(shape))
+        object.__setattr__(self, "chunks", _coord(chunks))
+        if len(self.chunks) != len(self.shape) or not self.chunks.all_ge(1):
+            raise ConfigError(f"block shape {self.chunks} does not fit a {len(self.shape)}D volume")
+        if not self.shape.all_ge(0):
+            raise ConfigError(f"volume shape {self.shape} has a negative extent")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def volume(self) -> Box:
+        return Box.of_shape(self.shape)
+
+    @property
+    def grid(self) -> Coord:
+        """Blocks per axis."""
+        return self.shape.ceildiv(self.chunks)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.grid.product
+
+    def _check(self, index: Sequence[int]) -> Coord:
+        index = _coord(index)
+        if len(index) != self.ndim or not (index.all_ge(0) and index.all_lt(self.grid)):
+            raise IndexError(f"block {tuple(index)} is outside the grid {tuple(self.grid)}")
+        return index
+
+    def box(self, index: Sequence[int]) -> Box:
+        """The voxels of block ``index``, clipped to the volume."""
+        index = self._check(index)
+        return Box(index * self.chunks, self.chunks).intersect(self.volume)
+
+    def indices(self) -> Iterator[Coord]:
+        """Every block index, in C order (the last axis fastest)."""
+        for index in itertools.product(*(range(n) for n in self.grid)):
+            yield Coord(index)
+
+    def boxes(self) -> Iterator[Box]:
+        """Every block's box, in C order."""
+        for index in self.indices():
+            yield self.box(index)
+
+    def flat(self, index: Sequence[int]) -> int:
+        """The position of block ``index`` in C order."""
+        n = 0
+        for i, g in zip(self._check(index), self.grid, strict=True):
+            n = n * g + i
+        return n
+
+    def unflat(self, flat: int) -> Coord:
+        """The block index at position ``flat`` in C order."""
+        if not 0 <= flat < self.n_blocks:
+            raise IndexError(f"block number {flat} is outside a grid of {self.n_blocks} blocks")
+        index = []
+        for g in reversed(self.grid):
+            flat, i = divmod(flat, g)
+            index.append(i)
+        return Coord(reversed(index))
+
+    def intersecting(self, box: Box) -> Iterator[Coord]:
+        """Indices (C order) of the blocks whose boxes share at least one voxel with ``box``."""
+        if box.ndim != self.ndim:
+            raise ConfigError(f"box {box} has {box.ndim} axes, the grid {self.ndim}")
+        inside = box.intersect(self.volume)
+        if inside.empty:
+            return
+        first = inside.begin // self.chunks
+        stop = inside.end.ceildiv(self.chunks)
+        for index in itertools.product(*(range(b, e) for b, e in zip(first, stop, strict=True))):
+            yield Coord(index)
+
+
 def plan_blocks(
     spec: TileSpec,
     volume_shape: Sequence[int],
@@ -334,24 +524,15 @@ def plan_blocks(
     Pass a ``block_shape`` that is a multiple of the output chunks: then every block writes
     whole chunks that no other block writes.
     """
-    volume = Box.of_shape(volume_shape)
-    block_shape = _coord(block_shape)
-    if len(block_shape) != volume.ndim or any(b < 1 for b in block_shape):
-        raise ConfigError(f"block shape {block_shape} does not fit a {volume.ndim}D volume")
-    counts = [-(-n // b) for n, b in zip(volume.shape, block_shape, strict=True)]
+    grid = ChunkGrid(volume_shape, block_shape)
     blocks = []
-    for index in itertools.product(*(range(c) for c in counts)):
-        begin = tuple(i * b for i, b in zip(index, block_shape, strict=True))
-        write = Box(begin, block_shape).intersect(volume)
+    for index in grid.indices():
+        write = grid.box(index)
         read, _ = plan_tiles(spec, write, tile_shape)
-        blocks.append(Block(index=tuple(index), read=read, write=write))
+        blocks.append(Block(index=index, read=read, write=write))
     return blocks
 
 
 def iter_chunks(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[Box]:
     """The chunk boxes of an array of ``shape`` chunked by ``chunks`` (C order)."""
-    volume = Box.of_shape(shape)
-    counts = [-(-n // c) for n, c in zip(volume.shape, chunks, strict=True)]
-    for index in itertools.product(*(range(c) for c in counts)):
-        begin = tuple(i * c for i, c in zip(index, chunks, strict=True))
-        yield Box(begin, tuple(chunks)).intersect(volume)
+    return ChunkGrid(shape, chunks).boxes()

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from flows.train import TrainParams, report_markdown, train_model
 from unet_core import load_checkpoint
 from unet_core.synthetic import blobs
-from unet_core.train import TrainConfig
+from unet_core.training.config import TrainConfig
 
 
 def test_params_validate_pairs():

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -7,7 +9,16 @@ from hypothesis import strategies as st
 
 from unet_core import UNetConfig
 from unet_core.errors import ConfigError
-from unet_core.geometry import Box, TileSpec, plan_blocks, plan_tiles
+from unet_core.geometry import (
+    Box,
+    ChunkGrid,
+    Coord,
+    TileSpec,
+    ceildiv,
+    iter_chunks,
+    plan_blocks,
+    plan_tiles,
+)
 
 
 def test_box_operations():
@@ -116,3 +127,94 @@ def test_blocks_partition_the_volume(config, volume_ndim, data):
         st.one_of(st.none(), st.tuples(*[st.integers(1, 200) for _ in range(volume_ndim)]))
     )
     _check_partition(spec, shape, block, tile)
+
+
+def test_coord_arithmetic_is_element_wise():
+    a = Coord((7, -3, 10))
+    assert a == (7, -3, 10)
+    assert hash(a) == hash((7, -3, 10))
+    b = (1, 2, 3)  # a plain tuple on either side adds element-wise too
+    assert a + b == (8, -1, 13)
+    assert b + a == (8, -1, 13)
+    assert a - 1 == (6, -4, 9)
+    assert 10 - a == (3, 13, 0)
+    assert a * 2 == 2 * a == (14, -6, 20)
+    assert a // (2, 2, 3) == (3, -2, 3)
+    assert a.ceildiv(4) == (2, 0, 3)
+    assert ceildiv(-3, 4) == 0
+    assert ceildiv(9, 4) == 3
+    assert -a == (-7, 3, -10)
+    assert a.minimum((5, 5, 5)) == (5, -3, 5)
+    assert a.maximum(0) == (7, 0, 10)
+    assert a.all_le((7, 0, 10))
+    assert not a.all_lt((7, 0, 10))
+    assert a.all_ge((7, -3, 10))
+    assert a.all_gt((6, -4, 9))
+    assert Coord((2, 3, 4)).product == 24
+    assert Coord(()).product == 1
+    assert isinstance(a + 1, Coord)
+    assert isinstance(Box((0,), (3,)).end, Coord)
+    assert Coord(np.array([3, 4])) == (3, 4)
+    assert Coord.of(np.int64(2), 3) == (2, 2, 2)
+    assert a < (8, 0, 0)  # ordering stays lexicographic (sorting keys keep working)
+    assert pickle.loads(pickle.dumps(a)) == a
+    assert type(pickle.loads(pickle.dumps(a))) is Coord
+    # NumPy treats it as the plain tuple (it calls methods such as .prod or .max if present).
+    for f in (np.prod, np.max, np.min, np.sum, np.size, np.ndim, np.argmax, np.any):
+        assert f(a) == f((7, -3, 10)), f
+    assert np.array_equal(np.asarray(a), [7, -3, 10])
+    with pytest.raises(ConfigError, match="differ in length"):
+        a + b[:2]
+    with pytest.raises(ConfigError):
+        Coord.of(3)
+
+
+def test_chunk_grid():
+    grid = ChunkGrid((10, 7), (4, 3))
+    assert grid.grid == (3, 3)
+    assert grid.n_blocks == 9
+    assert grid.box((0, 0)) == Box((0, 0), (4, 3))
+    assert grid.box((2, 2)) == Box((8, 6), (2, 1))  # clipped to the volume
+    assert list(grid.indices())[:4] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert [grid.flat(i) for i in grid.indices()] == list(range(9))
+    assert grid.unflat(5) == (1, 2)
+    assert list(grid.intersecting(Box((3, 2), (2, 2)))) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert list(grid.intersecting(Box((-5, -5), (5, 20)))) == []
+    assert list(grid.intersecting(Box((9, 6), (100, 100)))) == [(2, 2)]
+    assert list(iter_chunks((10, 7), (4, 3))) == list(grid.boxes())
+    assert ChunkGrid((0, 5), (2, 2)).n_blocks == 0
+    with pytest.raises(IndexError, match="outside the grid"):
+        grid.box((3, 0))
+    with pytest.raises(IndexError):
+        grid.unflat(9)
+    with pytest.raises(ConfigError, match="does not fit"):
+        ChunkGrid((10, 7), (4, 0))
+    with pytest.raises(ConfigError, match="does not fit"):
+        ChunkGrid((10, 7), (4,))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_chunk_grid_boxes_partition_the_volume(data):
+    ndim = data.draw(st.integers(1, 3))
+    shape = tuple(data.draw(st.integers(0, 12)) for _ in range(ndim))
+    chunks = tuple(data.draw(st.integers(1, 7)) for _ in range(ndim))
+    grid = ChunkGrid(shape, chunks)
+    count = np.zeros(shape, dtype=np.int32)
+    owner = np.full(shape, -1, dtype=np.int64)
+    boxes = list(grid.boxes())
+    assert len(boxes) == grid.n_blocks
+    for n, (index, box) in enumerate(zip(grid.indices(), boxes, strict=True)):
+        assert not box.empty
+        assert grid.volume.contains(box)
+        assert grid.flat(index) == n
+        assert grid.unflat(n) == index
+        count[box.to_slices()] += 1
+        owner[box.to_slices()] = n
+    assert (count == 1).all()  # every voxel in exactly one block
+    # The blocks intersecting a query box are exactly the owners of its voxels.
+    begin = tuple(data.draw(st.integers(-3, n + 2)) for n in shape)
+    query = Box(begin, tuple(data.draw(st.integers(0, 8)) for _ in range(ndim)))
+    inside = query.intersect(grid.volume)
+    expected = sorted(set(owner[inside.to_slices()].ravel().tolist()))
+    assert [grid.flat(i) for i in grid.intersecting(query)] == expected

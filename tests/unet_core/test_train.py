@@ -24,7 +24,10 @@ from unet_core.normalize import compute_stats
 from unet_core.predict import predict
 from unet_core.synthetic import blobs
 from unet_core.targets import to_targets
-from unet_core.train import TrainConfig, TrainProgress, prepare, state_path, train
+from unet_core.training.config import TrainConfig
+from unet_core.training.data import prepare
+from unet_core.training.loop import TrainProgress, train
+from unet_core.training.state import state_path
 
 _register()
 runner = CliRunner()
