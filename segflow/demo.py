@@ -58,13 +58,19 @@ def main(argv: list[str] | None = None) -> None:
     tifffile.imwrite(train_dir / "image.tif", image)
     tifffile.imwrite(train_dir / "labels.tif", labels)
     ckpt = out / "model.ckpt"
-    print(f"[1/5] training a depth-3, 16-channel U-Net for {args.steps} steps ...", flush=True)
+    again = ckpt.exists()
+    print(
+        f"[1/5] training a depth-3, 16-channel U-Net for {args.steps} steps"
+        + (" (resuming the earlier run's model) ..." if again else " ..."),
+        flush=True,
+    )
     t0 = time.perf_counter()
     result, files = run_training(
         [str(train_dir / "image.tif")],
         [str(train_dir / "labels.tif")],
         ckpt,
         TrainConfig(steps=args.steps, seed=0, device="cpu"),
+        resume=str(ckpt) if again else None,
     )
     print(
         f"      best validation Dice {result.best_metric or 0:.3f} "
@@ -97,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
             max_regions=6,
             retry_delay_s=1,
         )
+    )
+    print(
+        f"      {summary['blocks_computed']} blocks computed, {summary['blocks_reused']} reused"
+        + (" (instances reused)" if summary.get("stitch_reused") else ""),
+        flush=True,
     )
 
     # 4. The exactness promise: tiled, chunked, Dask == one pass over the whole volume.
