@@ -145,17 +145,153 @@ def prefect_overhead(src: str, workdir: str) -> dict:
     }
 
 
+def region_overhead(n: int, workdir: str) -> dict:
+    """In a child process against a real ``prefect server`` (``PREFECT_API_URL`` set): a
+    volume of ``n`` blocks (n x 64 x 64, chunks 1 x 64 x 64, a tiny 2D net), segmented once
+    by ``segment_image`` (Dask only) and once by the flow with one block per region."""
+    import torch
+
+    from bench.common import write_image_store
+    from flows.segment import SegmentVolumeParams, segment_volume
+    from tasks.segment import SegmentParams, segment_image
+    from unet_core import UNet, UNetConfig, save_checkpoint
+
+    src = f"{workdir}/regions-{n}.ome.zarr"
+    write_image_store(src, (n, 64, 64), (1, 64, 64))
+    torch.manual_seed(0)
+    ckpt = f"{workdir}/tiny-{n}.ckpt"
+    save_checkpoint(ckpt, UNet(UNetConfig(ndim=2, depth=1, base_channels=2)))
+    params = SegmentParams(device="cpu", tile=(1, 64, 64))
+    segment_image(src, ckpt, f"{workdir}/warm-{n}.zarr", params)
+    direct = segment_image(src, ckpt, f"{workdir}/direct-{n}.zarr", params, force=True)
+    flow_params = SegmentVolumeParams(
+        source=src,
+        model=ckpt,
+        output=f"{workdir}/flow-{n}.zarr",
+        device="cpu",
+        tile=(1, 64, 64),
+        instances=False,
+        max_regions=n,
+        region_retries=0,
+    )
+    t0 = time.perf_counter()
+    summary = segment_volume(flow_params)
+    wall = time.perf_counter() - t0
+    seg_phase = float(summary["timings"]["segment"])
+    return {
+        "regions": int(summary["regions"]),
+        "blocks": int(summary["blocks"]),
+        "flow_wall_s": round(wall, 2),
+        "flow_region_phase_s": round(seg_phase, 2),
+        "dask_only_s": round(direct.seconds, 2),
+        "overhead_per_region_s": round((seg_phase - direct.seconds) / summary["regions"], 4),
+    }
+
+
+def regions_scaling(counts: list[int]) -> dict:
+    """Orchestration cost per region and memory at several region counts, each in a fresh
+    child process, against one real ``prefect server`` on 127.0.0.1."""
+    import os
+    import socket
+    import subprocess
+
+    from bench.common import ROOT
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    api = f"http://127.0.0.1:{port}/api"
+    home = WORK / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    log = open(WORK / "prefect-server.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import httpx
+
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("prefect server did not start")
+            time.sleep(1)
+        rows = []
+        for n in counts:
+            row = run_child("bench.scaling", ["--child-regions", str(n), str(WORK)])
+            rows.append(row)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    worst = max((r["overhead_per_region_s"] for r in rows), default=None)
+    rss = [r.get("child_peak_rss_mib") for r in rows]
+    return {
+        "regions_scaling": rows,
+        "overhead_per_region_s_max": worst,
+        "peak_rss_mib_by_regions": dict(zip(counts, rss, strict=True)),
+        "regions_definition": (
+            "(wall time of the flow's region phase - segment_image over the same blocks) / "
+            "regions, one block per region, against a real prefect server on 127.0.0.1; "
+            "peak RSS of the child process running the flow (one fresh process per count)"
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="64,512,512")
     parser.add_argument("--chunks", default="4,256,256")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--regions", default="", help="Region counts for the orchestration cost, e.g. 20,200,2000"
+    )
     parser.add_argument("--child-flow", nargs=2, metavar=("SRC", "WORK"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-regions", nargs=2, metavar=("N", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     configure()  # segflow's CPU settings, as its entry points apply them
     if args.child_flow:
         print(json.dumps(prefect_overhead(*args.child_flow)))
+        return
+    if args.child_regions:
+        print(json.dumps(region_overhead(int(args.child_regions[0]), args.child_regions[1])))
+        return
+    if args.regions:
+        WORK.mkdir(parents=True, exist_ok=True)
+        counts = [int(c) for c in args.regions.split(",")]
+        emit({"benchmark": "scaling-regions", **regions_scaling(counts), "machine": machine()})
         return
 
     import torch
