@@ -184,3 +184,46 @@ def test_nightly_inbox_with_a_corrupt_volume(tmp_path, model, dask_client):
     status = {os.path.basename(r["volume"]): r["status"] for r in third["volumes"]}
     assert status["d.tif"] == "skipped"
     assert third["counts"]["processed"] == 0
+
+
+def test_a_rewritten_tiff_is_ingested_again_and_unchanged_results_are_reused(
+    tmp_path, model, dask_client
+):
+    """What `make demo` does twice in a row: the TIFF is written anew (same content)."""
+    data = volume(11)
+    tif = tmp_path / "v.tif"
+    tifffile.imwrite(tif, data, metadata={"axes": "ZYX"})
+    out = str(tmp_path / "v.ome.zarr")
+    first = segment_volume(params(tif, model, dask_client, output=out))
+    assert first["blocks_computed"] == first["blocks"]
+    os.utime(tif, (1, 1))  # "changed" on disk: re-ingested, same content
+    tifffile.imwrite(tif, data, metadata={"axes": "ZYX"})
+    second = segment_volume(params(tif, model, dask_client, output=out))
+    assert second["blocks_computed"] == 0
+    assert second["blocks_reused"] == second["blocks"]
+    assert second["stitch_reused"] is True
+    # other content: everything is recomputed
+    tifffile.imwrite(tif, data[:, ::-1].copy(), metadata={"axes": "ZYX"})
+    third = segment_volume(params(tif, model, dask_client, output=out))
+    assert third["blocks_computed"] == third["blocks"]
+    assert third["stitch_reused"] is False
+
+
+def test_regions_rerun_with_other_parameters_is_refused(tmp_path, model, dask_client):
+    src = str(tmp_path / "img.ome.zarr")
+    write_image(src, volume(12), "zyx", chunks=(2, 32, 32))
+    segment_volume(params(src, model, dask_client, instances=False, chunks=None))
+    # the same parameters written differently: only region 0 is recomputed
+    same = segment_volume(
+        params(src, model, dask_client, instances=False, chunks=[2, 32, 32], regions=[0])
+    )
+    assert same["regions_computed"] == 1
+    assert same["blocks_computed"] == same["blocks_per_region"]
+    # other parameters would change every region's key: refused, nothing recomputed
+    state = segment_volume(
+        params(src, model, dask_client, instances=False, probabilities=True, regions=[0]),
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(Exception, match="would mix two results"):
+        state.result()
