@@ -303,7 +303,12 @@ class Runner:
         wanted = step.indices() if indices is None else [tuple(map(int, i)) for i in indices]
         if not step.resumable or not wanted:
             return wanted
-        markers = Markers.require(step)
+        markers = None
+        if indices is not None:  # a region: its markers exist already, read only its own
+            markers = Markers.open(step.store, step.name)
+            if markers is not None and markers.grid != step.grid:
+                markers = None
+        markers = markers or Markers.require(step)
         if indices is None:
             done = markers.done_mask(step.key)
             return [i for i in wanted if not done[i]]
@@ -392,8 +397,9 @@ class Runner:
         from distributed import as_completed
 
         client = self.client
-        # The step (plan included, no block list) travels once to every worker.
-        shared = client.scatter(step, broadcast=True, hash=False)
+        # The step (plan included, no block list) travels once to every worker; for a
+        # handful of blocks (a small region) sending it with each is cheaper.
+        shared = client.scatter(step, broadcast=True, hash=False) if len(todo) > 4 else step
         run = uuid.uuid4().hex[:8]
         futures = [
             client.submit(
