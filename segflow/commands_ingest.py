@@ -64,6 +64,14 @@ def ingest(
     unit_mib: Annotated[
         float, typer.Option(help="Most MiB of the image one task holds at a time.")
     ] = 8.0,
+    lease_wait: Annotated[
+        float,
+        typer.Option(
+            "--lease-wait",
+            min=0,
+            help="Seconds to wait for another run writing the same store, then refuse.",
+        ),
+    ] = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Stream SRC into a chunked, compressed OME-Zarr image (zarr v3, NGFF 0.5) at DST.
@@ -86,6 +94,7 @@ def ingest(
             overwrite=overwrite,
             dask_client_or_scheduler=scheduler,
             progress=progress,
+            lease_wait_s=lease_wait,
             voxel_size=voxels,
             unit_mib=unit_mib,
             workers=workers,

@@ -52,6 +52,14 @@ def segment(
         int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
     ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    lease_wait: Annotated[
+        float,
+        typer.Option(
+            "--lease-wait",
+            min=0,
+            help="Seconds to wait for another run writing the same store, then refuse.",
+        ),
+    ] = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Segment SRC with MODEL; masks land in SRC's labels/ group (or in --out)."""
@@ -85,6 +93,7 @@ def segment(
             dask_address=dask_address,
             force=force,
             progress=progress,
+            lease_wait_s=lease_wait,
             plan=plan,
         )
     summary: dict[str, Any] = {
