@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
@@ -41,6 +41,17 @@ def clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+#: ``--lease-wait``: shared by the commands that write a store.
+LeaseWait = Annotated[
+    float,
+    typer.Option(
+        "--lease-wait",
+        min=0,
+        help="Seconds to wait for another run writing the same store, then refuse.",
+    ),
+]
 
 
 def parse_shape(text: str | None, what: str = "shape") -> tuple[int, ...] | None:

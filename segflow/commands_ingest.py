@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors, parse_shape
+from segflow.cli import LeaseWait, app, clean_errors, parse_shape
 from segflow.progress import BlockProgress
 
 
@@ -64,14 +64,7 @@ def ingest(
     unit_mib: Annotated[
         float, typer.Option(help="Most MiB of the image one task holds at a time.")
     ] = 8.0,
-    lease_wait: Annotated[
-        float,
-        typer.Option(
-            "--lease-wait",
-            min=0,
-            help="Seconds to wait for another run writing the same store, then refuse.",
-        ),
-    ] = 0.0,
+    lease_wait: LeaseWait = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Stream SRC into a chunked, compressed OME-Zarr image (zarr v3, NGFF 0.5) at DST.

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors, parse_shape
+from segflow.cli import LeaseWait, app, clean_errors, parse_shape
 from segflow.progress import BlockProgress
 
 
@@ -52,14 +52,7 @@ def segment(
         int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
     ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
-    lease_wait: Annotated[
-        float,
-        typer.Option(
-            "--lease-wait",
-            min=0,
-            help="Seconds to wait for another run writing the same store, then refuse.",
-        ),
-    ] = 0.0,
+    lease_wait: LeaseWait = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Segment SRC with MODEL; masks land in SRC's labels/ group (or in --out)."""

@@ -32,7 +32,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -363,34 +363,23 @@ class Runner:
     def _run_threads(
         self, step: Step, todo: list[Index], skipped: int, started: float
     ) -> list[Any]:
-        results: list[Any] = []
-        errors: list[BaseException] = []
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        with ThreadPoolExecutor(self.threads, thread_name_prefix=f"segflow-{step.name}") as pool:
-            pending: set[Future[Any]] = {
-                pool.submit(run_block, step, i, self.retries, self.backoff_s) for i in todo
-            }
-            try:
-                while pending:
-                    left = None if deadline is None else max(deadline - time.monotonic(), 0)
-                    done, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
-                    if not done:
-                        for f in pending:
-                            f.cancel()
-                        raise self._timeout(step, len(pending))
-                    for fut in done:
-                        try:
-                            res = fut.result()
-                        except Exception as exc:
-                            errors.append(exc)
-                            continue
-                        results.append(res)
-                        self._report(step, len(results), len(todo), skipped, started, res)
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
-        self._finish(step, errors, len(results), len(todo))
+        from concurrent.futures import as_completed
+
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"segflow-{step.name}")
+        futures = [pool.submit(run_block, step, i, self.retries, self.backoff_s) for i in todo]
+        try:
+            results = self._collect(
+                step,
+                futures,
+                as_completed(futures, timeout=self.timeout_s),
+                lambda left: [f.cancel() for f in left],
+                skipped,
+                started,
+            )
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # running blocks finish on their own
+            raise
+        pool.shutdown(wait=True)
         return results
 
     def _run_dask(self, step: Step, todo: list[Index], skipped: int, started: float) -> list[Any]:
@@ -413,25 +402,39 @@ class Runner:
             )
             for index in todo
         ]
+        completed = as_completed(futures, timeout=self.timeout_s)
+        return self._collect(step, futures, completed, client.cancel, skipped, started)
+
+    def _collect(
+        self,
+        step: Step,
+        futures: list[Any],
+        completed: Iterable[Any],
+        cancel: Callable[[list[Any]], Any],
+        skipped: int,
+        started: float,
+    ) -> list[Any]:
+        """Results in completion order; a failed block does not stop the others (their work
+        is kept and marked); the first failure is raised once all have finished."""
         results: list[Any] = []
         errors: list[BaseException] = []
         try:
-            for fut in as_completed(futures, timeout=self.timeout_s):
+            for fut in completed:
                 try:
                     res = fut.result()
                 except Exception as exc:
                     errors.append(exc)
                     continue
                 results.append(res)
-                self._report(step, len(results), len(todo), skipped, started, res)
+                self._report(step, len(results), len(futures), skipped, started, res)
         except TimeoutError:
             left = [f for f in futures if not f.done()]
-            client.cancel(left)
+            cancel(left)
             raise self._timeout(step, len(left)) from None
         except BaseException:
-            client.cancel([f for f in futures if not f.done()])
+            cancel([f for f in futures if not f.done()])
             raise
-        self._finish(step, errors, len(results), len(todo))
+        self._finish(step, errors, len(results), len(futures))
         return results
 
 
