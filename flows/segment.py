@@ -45,7 +45,7 @@ from tasks.segment import (
     plan_segmentation,
     prepare_outputs,
 )
-from tasks.store import DoneTracker, is_remote
+from tasks.store import DoneTracker, is_remote, retry_transient
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 
@@ -151,7 +151,7 @@ def _run_name() -> str:
 # -------------------------------------------------------------------------- tasks
 
 
-@task(name="ingest", retries=1)
+@task(name="ingest", retries=1, retry_condition_fn=retry_transient)
 def ingest_step(source: str, dst: str, levels: int, dask_address: str) -> str:
     from tasks.ingest import ingest_volume
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -11,7 +12,15 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from tasks.store import LABELS_GROUP, attributes, filesystem, get_array, is_remote, open_group
+from tasks.store import (
+    LABELS_GROUP,
+    attributes,
+    filesystem,
+    get_array,
+    is_remote,
+    open_group,
+    read_region,
+)
 from unet_core.errors import InvalidVolumeError
 
 _UNITS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "angstrom": "Å"}
@@ -31,7 +40,16 @@ def export_tiff(
     """
     root = open_group(store, "r")
     path = f"{LABELS_GROUP}/{labels}" if labels else ""
-    group = root[path] if path else root
+    group = root.get(path) if path else root
+    if group is None:
+        labels_group = root.get(LABELS_GROUP)
+        names = (
+            []
+            if labels_group is None
+            else attributes(labels_group).get("ome", {}).get("labels", [])
+        )
+        have = f"it has {', '.join(map(str, names))}" if names else "it has no labels"
+        raise InvalidVolumeError(f"{store}: there is no label image '{labels}' ({have})")
     try:
         meta = attributes(group)["ome"]["multiscales"][0]
     except KeyError:
@@ -52,10 +70,10 @@ def export_tiff(
     def pages() -> Iterator[np.ndarray]:
         depth = arr.shape[0] if arr.ndim == 2 else int(arr.chunks[0])
         if arr.ndim == 2:
-            yield np.asarray(arr[...])
+            yield read_region(arr, (slice(None), slice(None)), store)
             return
         for z in range(0, arr.shape[0], depth):
-            slab = np.asarray(arr[z : z + depth])
+            slab = read_region(arr, (slice(z, z + depth), slice(None), slice(None)), store)
             yield from slab.reshape(-1, *arr.shape[-2:])
             if progress is not None:
                 progress(min(z + depth, arr.shape[0]), arr.shape[0])
@@ -67,16 +85,21 @@ def export_tiff(
         local = os.path.join(tmpdir, os.path.basename(to))
     else:
         os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
+    partial = local + ".partial"
     try:
-        partial = local + ".partial"
-        with tifffile.TiffWriter(partial, bigtiff=True, ome=True) as tif:
-            tif.write(
-                pages(),
-                shape=tuple(arr.shape),
-                dtype=arr.dtype,
-                metadata=ome,
-                compression=compression,
-            )
+        try:
+            with tifffile.TiffWriter(partial, bigtiff=True, ome=True) as tif:
+                tif.write(
+                    pages(),
+                    shape=tuple(arr.shape),
+                    dtype=arr.dtype,
+                    metadata=ome,
+                    compression=compression,
+                )
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(partial)  # never leave a half-written file behind
+            raise
         os.replace(partial, local)
         if tmpdir is not None:
             filesystem(to).put(local, to)
