@@ -14,10 +14,13 @@ purpose carry their own, storage exceptions are translated by
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import traceback
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import click
@@ -98,6 +101,25 @@ def _where(arguments: Mapping[str, Any]) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Unless debugging, Dask's logs and warnings stay off stderr: a failed task is reported
+    once, as the error sentence, not also as a worker's "Compute Failed" traceback."""
+    if debug_enabled():
+        yield
+        return
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")  # read when it is imported
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="distributed")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """The error boundary of a command: one sentence on stderr, the documented exit status,
     and no traceback unless ``--debug`` or ``SEGFLOW_DEBUG=1``."""
@@ -105,7 +127,8 @@ def clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return fn(*args, **kwargs)
+            with _quiet_libraries():
+                return fn(*args, **kwargs)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise  # typer's own exits and usage errors (status 2)
         except KeyboardInterrupt:

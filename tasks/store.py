@@ -35,6 +35,7 @@ from unet_core.errors import (
     SegflowError,
     StorageAccessError,
     StorageError,
+    StoreConflictError,
     VolumeNotFoundError,
 )
 from unet_core.normalize import IntensityStats
@@ -291,6 +292,10 @@ def _translate_one(exc: BaseException, where: str) -> SegflowError | None:
         return StorageAccessError(f"{file}: the file system is read-only")
     if no == errno.ELOOP:
         return InvalidVolumeError(f"{file}: too many levels of symbolic links (a symlink loop)")
+    if no == errno.ENOTDIR:
+        return StorageError(f"{file}: a part of the path is a file, not a folder")
+    if no == errno.EEXIST:
+        return StoreConflictError(f"{file}: already exists (and is not a folder)")
     if isinstance(exc, PermissionError) or no in (errno.EACCES, errno.EPERM):
         if is_remote(where):
             return StorageAccessError(
@@ -400,11 +405,7 @@ def open_group(url: str, mode: str = "r") -> zarr.Group:
             raise
         if isinstance(exc, FileNotFoundError | zarr.errors.GroupNotFoundError):
             raise VolumeNotFoundError(f"{url}: no such store") from exc
-        if any(isinstance(e, json.JSONDecodeError) for e in _chain(exc)):
-            raise InvalidVolumeError(
-                f"{join(url, 'zarr.json')}: the zarr metadata is damaged ({_brief(exc)})"
-            ) from exc
-        raise _store_error(url, exc) from exc
+        raise _node_error(url, "", exc) from exc
 
 
 def check_access(url: str) -> None:
@@ -537,6 +538,8 @@ def read_image_info(url: str) -> ImageInfo:
         raise InvalidVolumeError(
             f"{url}: level '{path}' named in the metadata is missing"
         ) from None
+    except Exception as exc:
+        raise _node_error(url, path, exc) from exc
     if not isinstance(arr, zarr.Array):
         raise InvalidVolumeError(f"{url}: '{path}' is not an array")
     if arr.ndim != len(axes):
@@ -567,6 +570,16 @@ def attributes(node: zarr.Group | zarr.Array) -> dict[str, Any]:
     return dict(node.attrs.asdict())
 
 
+def _node_error(url: str, path: str, exc: BaseException) -> SegflowError:
+    """The error of opening node ``path`` of the store at ``url`` (a damaged zarr.json is
+    named as such)."""
+    if any(isinstance(e, json.JSONDecodeError) for e in _chain(exc)):
+        return InvalidVolumeError(
+            f"{join(url, path, 'zarr.json')}: the zarr metadata is damaged ({_brief(exc)})"
+        )
+    return _store_error(join(url, path), exc)
+
+
 def get_array(group: zarr.Group, path: str, url: str = "") -> zarr.Array:
     """``group[path]`` as an array, with a clear error if it is missing or a group."""
     where = url or str(group.store)
@@ -575,11 +588,7 @@ def get_array(group: zarr.Group, path: str, url: str = "") -> zarr.Array:
     except KeyError:
         raise InvalidVolumeError(f"{where}: '{path}' is missing") from None
     except Exception as exc:
-        if any(isinstance(e, json.JSONDecodeError) for e in _chain(exc)):
-            raise InvalidVolumeError(
-                f"{join(where, path, 'zarr.json')}: the zarr metadata is damaged ({_brief(exc)})"
-            ) from exc
-        raise _store_error(join(where, path), exc) from exc
+        raise _node_error(where, path, exc) from exc
     if not isinstance(node, zarr.Array):
         raise InvalidVolumeError(f"{url or group.store}: '{path}' is not an array")
     return node
