@@ -68,6 +68,14 @@ def describe_error(exc: BaseException, where: str = "") -> tuple[str, ExitCode]:
     ``where`` names what the command works on (a store, a file); it is used only for a
     storage failure that does not name its own file or chunk."""
     if isinstance(exc, SegflowError):
+        cause = getattr(exc, "cause", None)  # an error that wraps another (a failed block)
+        if isinstance(cause, BaseException) and not isinstance(cause, SegflowError):
+            from tasks.store import translate_storage_error
+
+            err = translate_storage_error(cause, where or "storage")
+            return _one_line(str(exc)), err.exit_code if err is not None else exc.exit_code
+        if isinstance(cause, SegflowError):
+            return _one_line(str(exc)), cause.exit_code
         return _one_line(str(exc)), exc.exit_code
     if type(exc).__name__ == "ValidationError" and hasattr(exc, "errors"):  # pydantic
         first = exc.errors()[0]
@@ -108,7 +116,9 @@ def _quiet_libraries() -> Iterator[None]:
     if debug_enabled():
         yield
         return
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")  # read when it is imported
+    env = "DASK_LOGGING__DISTRIBUTED"  # read when distributed is imported
+    saved = os.environ.get(env)
+    os.environ[env] = saved or "critical"
     logger = logging.getLogger("distributed")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
@@ -118,6 +128,8 @@ def _quiet_libraries() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+        if saved is None:
+            os.environ.pop(env, None)
 
 
 def clean_errors(fn: Callable[P, R]) -> Callable[P, R]:

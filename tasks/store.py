@@ -163,13 +163,19 @@ _CODEC_MODULES = ("/numcodecs/", "/zarr/codecs/", "/zarr/core/codec_pipeline", "
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and the exceptions it was raised from (``__cause__``, shown ``__context__``)."""
+    """``exc`` and the exceptions it was raised from: ``__cause__``, a ``cause`` attribute
+    (an error that wraps another, e.g. a failed block), or the shown ``__context__``."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         yield e
-        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+        e = e.__cause__ or _wrapped(e) or (None if e.__suppress_context__ else e.__context__)
+
+
+def _wrapped(e: BaseException) -> BaseException | None:
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else None
 
 
 def _names(e: BaseException) -> set[str]:
@@ -200,11 +206,12 @@ def is_transient(exc: BaseException) -> bool:
     Transient: connection resets and refusals, timeouts, unreachable endpoints, throttling
     (SlowDown, 503) and other passing service failures, at any depth of the chain of
     causes. Permanent: everything else, in particular any error segflow raised on purpose
-    (a truncated TIFF, a damaged chunk, a conflict) except :class:`StorageError` wrapping a
-    transient cause, missing files, denied access and a full disk.
+    (a truncated TIFF, a damaged chunk, a conflict) except :class:`StorageError` or an error
+    with a ``cause`` attribute wrapping a transient cause, missing files, denied access and
+    a full disk.
     """
     for e in _chain(exc):
-        if isinstance(e, SegflowError) and not isinstance(e, StorageError):
+        if isinstance(e, SegflowError) and not isinstance(e, StorageError) and not _wrapped(e):
             return False
         if _transient_one(e):
             return True

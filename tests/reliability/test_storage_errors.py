@@ -17,6 +17,7 @@ from tasks.store import is_transient, read_region, retry_transient, translate_st
 from unet_core.errors import (
     ExitCode,
     InvalidVolumeError,
+    SegflowError,
     StorageAccessError,
     StorageError,
     StoreConflictError,
@@ -197,3 +198,23 @@ def test_exit_codes_are_documented_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     table = dict(re.findall(r"^\| `(\d+)` \| ([^|]+) \|", readme, flags=re.MULTILINE))
     assert {int(k) for k in table} == {int(c) for c in ExitCode}
+
+
+class WrappingError(SegflowError, RuntimeError):
+    """The shape of an error that wraps another, like the runner's failed block."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def test_an_error_wrapping_a_cause_takes_its_kind():
+    outage = WrappingError(
+        "segment block (0, 1) of s3://b/o.zarr failed: cannot connect",
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
+    )
+    assert is_transient(outage)
+    assert describe_error(outage) == (str(outage), ExitCode.STORAGE)
+    damaged = WrappingError("block (0, 0) failed", InvalidVolumeError("x.zarr/0/c/0/0: damaged"))
+    assert not is_transient(damaged)
+    assert describe_error(damaged)[1] == ExitCode.BAD_INPUT
