@@ -42,7 +42,7 @@ from tasks.segment import (
     plan_segmentation,
     prepare_outputs,
 )
-from tasks.store import attributes, open_group
+from tasks.store import attributes, open_group, retry_transient
 from unet_core.errors import ConfigError, SegflowError
 from unet_core.runtime import configure
 
@@ -118,7 +118,7 @@ def _run_name() -> str:
 # -------------------------------------------------------------------------- tasks
 
 
-@task(name="ingest", retries=1)
+@task(name="ingest", retries=1, retry_condition_fn=retry_transient)
 def ingest_step(source: str, dst: str, levels: int, dask_address: str) -> str:
     from tasks.ingest import ingest_volume
 

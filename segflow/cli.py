@@ -2,20 +2,38 @@
 
 Each group of commands lives in its own module (``segflow/commands_*.py``) and registers
 itself on :data:`app`. Heavy imports (torch, dask, prefect) happen inside the commands so
-that ``segflow --help`` is quick. Errors segflow raises on purpose are printed as one line
-on stderr and exit with status 1; nothing else is swallowed.
+that ``segflow --help`` is quick.
+
+Every command runs inside one error boundary (:func:`clean_errors`): whatever reaches it
+is printed as one sentence on stderr and the command exits with the status of its kind
+(:class:`unet_core.errors.ExitCode`, tabled in the README): errors segflow raises on
+purpose carry their own, storage exceptions are translated by
+:func:`tasks.store.translate_storage_error`, anything else is "unexpected" (status 1).
+``--debug`` (or ``SEGFLOW_DEBUG=1``) also prints the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
-from typing import Annotated, ParamSpec, TypeVar
+import logging
+import os
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Annotated, Any, ParamSpec, TypeVar
 
+import click
 import typer
 
-from unet_core.errors import SegflowError
+from unet_core.errors import ExitCode, SegflowError
 from unet_core.runtime import configure
+
+#: Environment variable that turns on tracebacks like ``--debug``.
+DEBUG_ENV = "SEGFLOW_DEBUG"
+#: Arguments that name what a command reads or writes, in the order they are blamed for a
+#: storage failure that does not name its own file.
+_WHERE_ARGS = ("src", "store", "image", "ckpt", "model", "dst", "out", "to")
 
 app = typer.Typer(
     name="segflow",
@@ -27,18 +45,114 @@ app = typer.Typer(
 
 P = ParamSpec("P")
 R = TypeVar("R")
+_state = {"debug": False}
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help=f"Print the traceback of an error (or set {DEBUG_ENV}=1)."),
+    ] = False,
+) -> None:
+    """Exact overlap-tile U-Net segmentation of very large microscopy volumes."""
+    _state["debug"] = debug
+
+
+def debug_enabled() -> bool:
+    return _state["debug"] or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0", "false")
+
+
+def describe_error(exc: BaseException, where: str = "") -> tuple[str, ExitCode]:
+    """One sentence and the exit status for an exception that reached a command.
+
+    ``where`` names what the command works on (a store, a file); it is used only for a
+    storage failure that does not name its own file or chunk."""
+    if isinstance(exc, SegflowError):
+        cause = getattr(exc, "cause", None)  # an error that wraps another (a failed block)
+        if isinstance(cause, BaseException) and not isinstance(cause, SegflowError):
+            from tasks.store import translate_storage_error
+
+            err = translate_storage_error(cause, where or "storage")
+            return _one_line(str(exc)), err.exit_code if err is not None else exc.exit_code
+        if isinstance(cause, SegflowError):
+            return _one_line(str(exc)), cause.exit_code
+        return _one_line(str(exc)), exc.exit_code
+    if type(exc).__name__ == "ValidationError" and hasattr(exc, "errors"):  # pydantic
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ())) or "value"
+        return _one_line(f"invalid option {loc}: {first.get('msg', exc)}"), ExitCode.USAGE
+    from tasks.store import translate_storage_error
+
+    err = translate_storage_error(exc, where or "storage")
+    if err is not None:
+        return _one_line(str(err)), err.exit_code
+    if isinstance(exc, MemoryError):
+        return "ran out of memory (try smaller --chunks, tiles or batches)", ExitCode.OTHER
+    text = _one_line(str(exc), 200) or "(no message)"
+    return (
+        f"unexpected {type(exc).__name__}: {text} (an unhandled case; run with --debug "
+        "for the traceback)",
+        ExitCode.OTHER,
+    )
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _where(arguments: Mapping[str, Any]) -> str:
+    for name in _WHERE_ARGS:
+        value = arguments.get(name)
+        if value:
+            return str(value)
+    return ""
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Unless debugging, Dask's logs and warnings stay off stderr: a failed task is reported
+    once, as the error sentence, not also as a worker's "Compute Failed" traceback."""
+    if debug_enabled():
+        yield
+        return
+    env = "DASK_LOGGING__DISTRIBUTED"  # read when distributed is imported
+    saved = os.environ.get(env)
+    os.environ[env] = saved or "critical"
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="distributed")
+            yield
+    finally:
+        logger.setLevel(level)
+        if saved is None:
+            os.environ.pop(env, None)
 
 
 def clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn a :class:`SegflowError` into one line on stderr and exit status 1."""
+    """The error boundary of a command: one sentence on stderr, the documented exit status,
+    and no traceback unless ``--debug`` or ``SEGFLOW_DEBUG=1``."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return fn(*args, **kwargs)
-        except SegflowError as exc:
-            typer.echo(f"segflow: error: {exc}", err=True)
-            raise typer.Exit(1) from None
+            with _quiet_libraries():
+                return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # typer's own exits and usage errors (status 2)
+        except KeyboardInterrupt:
+            typer.echo("segflow: interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            message, code = describe_error(exc, _where(kwargs))
+            typer.echo(f"segflow: error: {message}", err=True)
+            raise typer.Exit(int(code)) from None
 
     return wrapper
 

@@ -66,6 +66,13 @@ def ingest(
     ] = 8.0,
     lease_wait: LeaseWait = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    allow_sparse: Annotated[
+        bool,
+        typer.Option(
+            "--allow-sparse",
+            help="Accept a TIFF that declares far more pixels than its file holds.",
+        ),
+    ] = False,
 ) -> None:
     """Stream SRC into a chunked, compressed OME-Zarr image (zarr v3, NGFF 0.5) at DST.
 
@@ -91,6 +98,7 @@ def ingest(
             voxel_size=voxels,
             unit_mib=unit_mib,
             workers=workers,
+            allow_sparse=allow_sparse,
         )
     summary: dict[str, Any] = {
         "dst": info.url,
@@ -109,5 +117,12 @@ def ingest(
             "std": info.stats.std,
             "p1": info.stats.percentile(1.0),
             "p99.8": info.stats.percentile(99.8),
+            "nonfinite": info.stats.nonfinite,
         }
+        if info.stats.nonfinite:
+            typer.echo(
+                f"segflow: warning: {src}: {info.stats.nonfinite} voxels are NaN or ±Inf "
+                "(left out of the statistics; segmented as normalised intensity 0)",
+                err=True,
+            )
     typer.echo(json.dumps(summary))

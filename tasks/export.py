@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -10,10 +11,12 @@ from typing import Any
 
 import numpy as np
 import tifffile
+import zarr
 
-from tasks.ngff import read_multiscale
+from tasks.ngff import label_names, read_multiscale
 from tasks.runstate import StrictArray, require_complete
 from tasks.store import LABELS_GROUP, filesystem, get_array, is_remote, open_group
+from unet_core.errors import InvalidVolumeError
 
 _UNITS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "angstrom": "Å"}
 
@@ -32,9 +35,14 @@ def export_tiff(
     """
     root = open_group(store, "r")
     path = f"{LABELS_GROUP}/{labels}" if labels else ""
+    group = root.get(path) if path else root
+    if group is None:
+        labels_group = root.get(LABELS_GROUP)
+        names = label_names(labels_group) if isinstance(labels_group, zarr.Group) else []
+        have = f"it has {', '.join(map(str, names))}" if names else "it has no labels"
+        raise InvalidVolumeError(f"{store}: there is no label image '{labels}' ({have})")
     if labels:
         require_complete(store, path, f"'{labels}' labels")
-    group = root[path] if path else root
     ms = read_multiscale(group, f"{store}/{path}" if path else store)
     arr0 = get_array(root, f"{path}/0" if path else "0", store)
     arr = StrictArray(arr0, store, f"{path}/0" if path else "0")
@@ -50,10 +58,10 @@ def export_tiff(
     def pages() -> Iterator[np.ndarray]:
         depth = arr.shape[0] if arr.ndim == 2 else int(arr.chunks[0])
         if arr.ndim == 2:
-            yield np.asarray(arr[...])
+            yield arr[...]
             return
         for z in range(0, arr.shape[0], depth):
-            slab = np.asarray(arr[z : z + depth])
+            slab = arr[z : z + depth]
             yield from slab.reshape(-1, *arr.shape[-2:])
             if progress is not None:
                 progress(min(z + depth, arr.shape[0]), arr.shape[0])
@@ -65,16 +73,21 @@ def export_tiff(
         local = os.path.join(tmpdir, os.path.basename(to))
     else:
         os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
+    partial = local + ".partial"
     try:
-        partial = local + ".partial"
-        with tifffile.TiffWriter(partial, bigtiff=True, ome=True) as tif:
-            tif.write(
-                pages(),
-                shape=tuple(arr.shape),
-                dtype=arr.dtype,
-                metadata=ome,
-                compression=compression,
-            )
+        try:
+            with tifffile.TiffWriter(partial, bigtiff=True, ome=True) as tif:
+                tif.write(
+                    pages(),
+                    shape=tuple(arr.shape),
+                    dtype=arr.dtype,
+                    metadata=ome,
+                    compression=compression,
+                )
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(partial)  # never leave a half-written file behind
+            raise
         os.replace(partial, local)
         if tmpdir is not None:
             filesystem(to).put(local, to)

@@ -19,12 +19,14 @@ What the store holds while and after ingesting (see :mod:`tasks.store`)::
                              status "incomplete" | "complete"), and only once complete:
                              ome.multiscales (NGFF 0.5) and segflow.stats
     dst/0, dst/1, ...        image levels ([c,] [z,] y, x), chunked, zstd by default
-    dst/segflow-done/ingest          one marker per unit (DoneTracker)
+    dst/segflow-done/ingest          one marker per unit (tasks.blockwise.Markers)
     dst/segflow-done/ingest-moments  per unit: count, sum, sum of squares, min, max
     dst/segflow-done/ingest-hist     per unit histogram (exact for <= 16-bit integers;
-                                     for other types filled by a read-back pass over
-                                     level 0 once the global min/max are known)
-    dst/segflow-done/ingest-stats    markers of that read-back pass (float images)
+                                     for wider types the coarse histogram of sort keys,
+                                     filled by a read-back pass over level 0)
+    dst/segflow-done/ingest-stats    markers of that read-back pass (wider types)
+    dst/segflow-done/ingest-fine     per unit exact keys inside the coarse bins that hold
+    dst/segflow-done/ingest-refine   the percentiles, and the markers of that second pass
     dst/segflow-done/ingest-level<N> markers of the downsampled levels
 
 A killed ingest leaves no ``ome.multiscales``, so :func:`tasks.store.read_image_info`
@@ -42,6 +44,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -55,7 +58,14 @@ from tasks.blockwise import Markers, ProgressFn, Runner, Step
 from tasks.cluster import client_for
 from tasks.ngff import Multiscale, compressors, image_ome
 from tasks.paths import volume_name
-from tasks.runstate import OWNER, Lease, delete_owned_store, owned_by_segflow, store_exists
+from tasks.runstate import (
+    OWNER,
+    Lease,
+    StrictArray,
+    delete_owned_store,
+    owned_by_segflow,
+    store_exists,
+)
 from tasks.store import (
     DONE_GROUP,
     ImageInfo,
@@ -63,15 +73,30 @@ from tasks.store import (
     check_access,
     every_chunk,
     filesystem,
+    is_remote,
     join,
     open_group,
     read_image_info,
     storage_options,
 )
 from tasks.tiff_source import TiffSource, open_source, read_box, release_files
-from unet_core.errors import ConfigError, InvalidVolumeError, SegflowError, StoreConflictError
+from unet_core.errors import (
+    ConfigError,
+    InvalidVolumeError,
+    SegflowError,
+    StorageError,
+    StoreConflictError,
+)
 from unet_core.geometry import Box
-from unet_core.normalize import IntensityStats, StatsAccumulator, integer_histogram
+from unet_core.normalize import (
+    KEY_BINS,
+    IntensityStats,
+    StatsAccumulator,
+    coarse_histogram,
+    fine_histogram,
+    finite_values,
+    integer_histogram,
+)
 
 COMPRESSIONS = ("zstd", "blosc", "none")
 #: Default chunk shape of 3D images (z, y, x) and 2D images (y, x); capped at the image.
@@ -79,8 +104,10 @@ DEFAULT_CHUNKS_3D = (64, 128, 128)
 DEFAULT_CHUNKS_2D = (1024, 1024)
 #: Default byte budget of one write unit (the most a task holds of the image at once).
 DEFAULT_UNIT_MIB = 8
-#: Bins of the histogram of float (and 32-bit integer) images.
-FLOAT_BINS = 65536
+#: A source declaring more than this many times the bytes its files hold is refused as
+#: sparse (deflate's best ratio is about 1032:1) unless asked for, if over the minimum.
+SPARSE_RATIO = 1000
+SPARSE_MIN_BYTES = 64 * 2**20
 #: Test hook: seconds each unit sleeps before its work (to interrupt an ingest on purpose).
 DELAY_ENV = "SEGFLOW_TEST_INGEST_DELAY"
 STEP = "ingest"
@@ -147,7 +174,7 @@ class IngestPlan:
     @property
     def bins(self) -> int:
         d = np.dtype(self.dtype)
-        return 1 << (8 * d.itemsize) if self.exact_stats else FLOAT_BINS
+        return 1 << (8 * d.itemsize) if self.exact_stats else KEY_BINS
 
 
 def default_chunks(axes: str, shape: Sequence[int]) -> tuple[int, ...]:
@@ -438,20 +465,12 @@ def _pieces(block: np.ndarray, voxels: int = 1 << 18) -> Iterator[np.ndarray]:
         yield block[i : i + step]
 
 
-def _finite(piece: np.ndarray) -> np.ndarray:
-    if piece.dtype.kind == "f":
-        flat = piece.reshape(-1) if piece.flags.c_contiguous else piece.ravel()
-        mask = np.isfinite(flat)
-        return flat if mask.all() else flat[mask]
-    return piece
-
-
 def _moments(block: np.ndarray) -> np.ndarray:
     """count, sum, sum of squares, min, max of the finite voxels of ``block``."""
     count, total, total_sq = 0, 0.0, 0.0
     lo, hi = math.inf, -math.inf
     for piece in _pieces(block):
-        p = _finite(piece)
+        p = finite_values(piece)
         if p.size == 0:
             continue
         f = p.astype(np.float64)
@@ -532,27 +551,38 @@ def _checksum(block: np.ndarray) -> int:
     return zlib.crc32(data.data) if data.size else 0
 
 
-@dataclass(frozen=True)
-class HistPlan:
-    """The read-back pass of float images: the ingest plan and the global value range."""
-
-    plan: IngestPlan
-    value_range: tuple[float, float]
-
-
-def histogram_unit(hp: HistPlan, index: tuple[int, ...]) -> int:
-    """Second pass for float images: histogram one unit of level 0 in the global range."""
-    plan, value_range = hp.plan, hp.value_range
+def histogram_unit(plan: IngestPlan, index: tuple[int, ...]) -> int:
+    """Read-back pass of wide types (float, 32-bit integers): the coarse histogram of one
+    unit of level 0 (:func:`unet_core.normalize.coarse_histogram`)."""
     grid = plan.level0
     box = grid.box(index)
-    block = np.asarray(_array(plan.dst, "0", "r")[_slices(box)])
-    acc = StatsAccumulator(np.dtype(plan.dtype), value_range=value_range, bins=FLOAT_BINS)
+    block = StrictArray(_array(plan.dst, "0", "r"), plan.dst, "0")[_slices(box)]
+    hist = np.zeros(KEY_BINS, dtype=np.int64)
     for piece in _pieces(block):
-        p = _finite(piece)
-        if p.size:
-            h, _ = np.histogram(p, bins=FLOAT_BINS, range=acc.value_range)
-            acc.hist += h
-    _array(plan.dst, f"{DONE_GROUP}/{STEP}-hist")[grid.flat(index)] = acc.hist
+        hist += coarse_histogram(piece)
+    _array(plan.dst, f"{DONE_GROUP}/{STEP}-hist")[grid.flat(index)] = hist
+    return int(block.nbytes)
+
+
+@dataclass(frozen=True)
+class RefinePlan:
+    """The second read-back pass: the ingest plan and the coarse bins to refine."""
+
+    plan: IngestPlan
+    bins: tuple[int, ...]
+
+
+def refine_unit(rp: RefinePlan, index: tuple[int, ...]) -> int:
+    """Second read-back pass of wide types: exact keys of one unit inside the coarse
+    ``bins`` that hold the percentiles (:func:`unet_core.normalize.fine_histogram`)."""
+    plan, bins = rp.plan, rp.bins
+    grid = plan.level0
+    box = grid.box(index)
+    block = StrictArray(_array(plan.dst, "0", "r"), plan.dst, "0")[_slices(box)]
+    fine = np.zeros((len(bins), KEY_BINS), dtype=np.int64)
+    for piece in _pieces(block):
+        fine += fine_histogram(piece, bins)
+    _array(plan.dst, f"{DONE_GROUP}/{STEP}-fine")[grid.flat(index)] = fine.reshape(-1)
     return int(block.nbytes)
 
 
@@ -630,7 +660,7 @@ def _unit_box(plan: Any, index: tuple[int, ...]) -> Box:
 
 
 def _ingest_plan(plan: Any) -> IngestPlan:
-    return plan.plan if isinstance(plan, HistPlan) else plan
+    return plan.plan if isinstance(plan, RefinePlan) else plan
 
 
 # -------------------------------------------------------------------------- main
@@ -652,6 +682,7 @@ def ingest_volume(
     workers: int | None = None,
     refresh: bool = False,
     lease_wait_s: float = 0.0,
+    allow_sparse: bool = False,
 ) -> ImageInfo:
     """Stream SRC (TIFF / OME-TIFF / BigTIFF file, folder or glob of slices) into DST.
 
@@ -661,13 +692,16 @@ def ingest_volume(
     ``progress`` receives a :class:`tasks.blockwise.Progress` as units finish (its step
     names the phase). ``refresh``: re-ingest in place when DST is segflow's ingest of this
     same source and the file changed (what the flows do). The ingest holds DST's lease.
-    See the module docstring for the store layout, resume and conflict rules.
+    ``allow_sparse`` accepts a source that declares far more data than its files hold
+    (:func:`check_sizes`). See the module docstring for the store layout, resume and
+    conflict rules.
     """
     if levels < 0:
         raise ConfigError(f"levels must be 0 or more, got {levels}")
     source = open_source(str(src), axes, voxel_size)
     plan = make_plan(source, str(dst), chunks, compression, unit_mib)
     check_access(plan.dst)
+    check_sizes(plan, levels, allow_sparse)
     with Lease(plan.dst, "ingest", wait_s=lease_wait_s) as lease:
         _prepare_store(plan, overwrite, refresh)
         grid = plan.level0
@@ -678,7 +712,7 @@ def ingest_volume(
         runner = ingest_runner(dask_client_or_scheduler, workers, progress)
         try:
             runner.run(Step(STEP, plan.dst, grid.grid, plan.key, ingest_unit, plan, _unit_box))
-            stats = _collect_stats(plan, runner, progress)
+            stats = _collect_stats(plan, runner)
             factors = _build_levels(plan, levels, runner, progress, unit_mib)
         finally:
             release_files()
@@ -687,38 +721,92 @@ def ingest_volume(
     return read_image_info(plan.dst)
 
 
-def _collect_stats(
-    plan: IngestPlan, runner: Runner, progress: ProgressFn | None
-) -> IntensityStats | None:
+def check_sizes(plan: IngestPlan, levels: int = 0, allow_sparse: bool = False) -> None:
+    """Refuse, before anything is written, a source that declares far more data than its
+    files hold (a crafted or sparse TIFF; ``allow_sparse`` accepts it) and a local
+    destination without the free space the image needs (a resumed ingest is not checked).
+    """
+    src = plan.source
+    declared = src.nbytes
+    held = sum(f.size for f in src.files)
+    if not allow_sparse and declared > max(SPARSE_MIN_BYTES, SPARSE_RATIO * held):
+        dims = "×".join(str(n) for n in src.shape)
+        raise InvalidVolumeError(
+            f"{src.url}: declares {dims} {src.dtype} ({_size(declared)}) but its file"
+            f"{'s hold' if len(src.files) > 1 else ' holds'} only {_size(held)}, "
+            f"more than {SPARSE_RATIO}:1; pass --allow-sparse if the image really is that "
+            "sparse"
+        )
+    if is_remote(plan.dst):
+        return
+    previous = _previous_ingest(plan.dst) if _is_zarr(plan.dst) else None
+    if previous is not None and previous.get("ingest", {}).get("data_key") == plan.data_key:
+        return
+    need = declared if plan.compression == "none" else min(declared, held)
+    if levels:
+        need = need * 4 // 3  # each level adds at most a quarter of the one above
+    parent = os.path.abspath(plan.dst)
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise StorageError(
+            f"{plan.dst}: the image needs about {_size(need)} but only {_size(free)} are "
+            "free there; free space or choose another destination"
+        )
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def _collect_stats(plan: IngestPlan, runner: Runner) -> IntensityStats:
+    """Merge the units' partial statistics; for wide types first run the read-back passes
+    (coarse histogram, then exact keys around the percentiles)."""
     grid = plan.level0
     moments = np.asarray(_array(plan.dst, f"{DONE_GROUP}/{STEP}-moments", "r")[...])
     counts = moments[:, 0]
+    voxels = math.prod(grid.shape)
     if counts.sum() == 0:
-        return None
+        raise InvalidVolumeError(
+            f"{plan.source.url}: the image has no finite values "
+            f"(all {voxels} voxels are NaN or ±Inf)"
+        )
     seen = counts > 0
-    if plan.exact_stats:
-        acc = StatsAccumulator(np.dtype(plan.dtype))
-    else:
-        value_range = (float(moments[seen, 3].min()), float(moments[seen, 4].max()))
-        key = _digest({"key": plan.key, "range": list(value_range)})
-        _partials(plan.dst, f"{STEP}-hist", (grid.n_units, plan.bins), "int64", key)
-        hp = HistPlan(plan, value_range)
-        runner.run(Step(f"{STEP}-stats", plan.dst, grid.grid, key, histogram_unit, hp, _unit_box))
-        acc = StatsAccumulator(np.dtype(plan.dtype), value_range=value_range, bins=FLOAT_BINS)
-    hist_arr = _array(plan.dst, f"{DONE_GROUP}/{STEP}-hist", "r")
-    hist = np.zeros(plan.bins, dtype=np.int64)
-    step = 4  # rows of 256 or 65536 bins at a time
-    for start in range(0, grid.n_units, step):
-        hist += np.asarray(hist_arr[start : start + step]).sum(axis=0)
+    if not plan.exact_stats:
+        key = _digest({"key": plan.key, "pass": "coarse"})
+        _partials(plan.dst, f"{STEP}-hist", (grid.n_units, KEY_BINS), "int64", key)
+        runner.run(Step(f"{STEP}-stats", plan.dst, grid.grid, key, histogram_unit, plan, _unit_box))
+    acc = StatsAccumulator(np.dtype(plan.dtype))
     acc.add_parts(
         int(counts.sum()),
         float(moments[:, 1].sum()),
         float(moments[:, 2].sum()),
         float(moments[seen, 3].min()),
         float(moments[seen, 4].max()),
-        hist,
+        _sum_rows(_array(plan.dst, f"{DONE_GROUP}/{STEP}-hist", "r")),
+        nonfinite=voxels - int(counts.sum()),
     )
+    bins = acc.refine_bins()
+    if bins:
+        key = _digest({"key": plan.key, "pass": "fine", "bins": list(bins)})
+        _partials(plan.dst, f"{STEP}-fine", (grid.n_units, len(bins) * KEY_BINS), "int64", key)
+        rp = RefinePlan(plan, tuple(bins))
+        runner.run(Step(f"{STEP}-refine", plan.dst, grid.grid, key, refine_unit, rp, _unit_box))
+        acc.add_fine_histogram(bins, _sum_rows(_array(plan.dst, f"{DONE_GROUP}/{STEP}-fine", "r")))
     return acc.result()
+
+
+def _sum_rows(arr: zarr.Array, step: int = 4) -> np.ndarray:
+    """Sum of the rows of a per-unit partial array, a few rows at a time."""
+    total = np.zeros(arr.shape[1], dtype=np.int64)
+    for start in range(0, arr.shape[0], step):
+        total += np.asarray(arr[start : start + step]).sum(axis=0)
+    return total
 
 
 def level_factors(axes: str, shape: Sequence[int], scale: Sequence[float]) -> tuple[int, ...]:

@@ -46,6 +46,7 @@ from tasks.store import (
     is_remote,
     join,
     open_group,
+    read_region,
 )
 from unet_core.errors import (
     IncompleteError,
@@ -491,27 +492,17 @@ class StrictArray:
                     f"{self._where(coords)} is missing (it was written before; the store "
                     "was damaged or is being rewritten)"
                 )
-        try:
-            return np.asarray(self.array[sel])
-        except SegflowError:
-            raise
-        except Exception as exc:
-            raise self._locate(keys, exc) from exc
+        return read_region(self.array, self._normal(sel), self.url)
 
-    def _locate(self, keys: list[tuple[tuple[int, ...], str]], exc: Exception) -> Exception:
-        from unet_core.errors import MissingDataError as Missing
-
-        grid = self.array.shards or self.array.chunks
-        for coords, _ in keys:
-            sl = tuple(
-                slice(i * c, min((i + 1) * c, n))
-                for i, c, n in zip(coords, grid, self.shape, strict=True)
-            )
-            try:
-                self.array[sl]
-            except Exception as inner:
-                return Missing(
-                    f"{self._where(coords)} cannot be decoded "
-                    f"({type(inner).__name__}: {str(inner)[:120]})"
-                )
-        return exc
+    def _normal(self, sel: Any) -> tuple[slice, ...]:
+        """The selection as one slice per axis (what :func:`read_region` takes)."""
+        ranges = []
+        if not isinstance(sel, tuple):
+            sel = (sel,)
+        if any(s is Ellipsis for s in sel):
+            i = sel.index(Ellipsis)
+            sel = sel[:i] + (slice(None),) * (self.ndim - len(sel) + 1) + sel[i + 1 :]
+        sel = sel + (slice(None),) * (self.ndim - len(sel))
+        for s, n in zip(sel, self.shape, strict=True):
+            ranges.append(s if isinstance(s, slice) else slice(int(s) % n, int(s) % n + 1))
+        return tuple(ranges)

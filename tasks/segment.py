@@ -61,12 +61,18 @@ from tasks.store import (
     open_group,
     open_level,
     read_image_info,
+    read_region,
 )
 from unet_core.checkpoint import load_checkpoint, read_checkpoint_header
 from unet_core.config import UNetConfig
 from unet_core.errors import ConfigError, InvalidVolumeError, StoreConflictError
 from unet_core.geometry import Block, Box, Tile, TileSpec, plan_tiles
-from unet_core.normalize import IntensityStats, StatsAccumulator, apply_affine
+from unet_core.normalize import (
+    NONFINITE_VALUE,
+    IntensityStats,
+    StatsAccumulator,
+    apply_affine,
+)
 from unet_core.predict import Predictor, class_labels, label_dtype, read_mirrored, softmax
 from unet_core.runtime import configure
 
@@ -286,6 +292,13 @@ def plan_segmentation(
     if meta.normalization.kind != "none" and stats is None:
         log.warning("%s has no stored intensity statistics; computing them now", src)
         stats = compute_image_stats(info)
+    if stats is not None and stats.nonfinite:
+        log.warning(
+            "%s: %d voxels are NaN or ±Inf; they are segmented as normalised intensity %s",
+            src,
+            stats.nonfinite,
+            NONFINITE_VALUE,
+        )
     offset, scale = meta.normalization.affine(stats)
     out_url = str(out or src).rstrip("/")
     digest = image_digest(info.url)
@@ -316,21 +329,19 @@ def plan_segmentation(
 
 
 def compute_image_stats(info: ImageInfo) -> IntensityStats:
-    """Global statistics by streaming the image's chunks (two passes for float data)."""
+    """Global statistics by streaming the image's chunks (two passes for wide types)."""
     arr = open_level(info)
     boxes = _chunk_slabs(arr)
-    dtype = np.dtype(info.dtype)
-    value_range = None
-    if not (dtype.kind in "ui" and dtype.itemsize <= 2):
-        lo, hi = np.inf, -np.inf
-        for sl in boxes:
-            a = np.asarray(arr[sl])
-            lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
-        value_range = (lo, hi)
-    acc = StatsAccumulator(dtype, value_range=value_range)
+    acc = StatsAccumulator(np.dtype(info.dtype))
     for sl in boxes:
-        acc.add(np.asarray(arr[sl]))
-    return acc.result()
+        acc.add(read_region(arr, sl, info.url))
+    if acc.refine_bins():
+        for sl in boxes:
+            acc.add_fine(read_region(arr, sl, info.url))
+    try:
+        return acc.result()
+    except InvalidVolumeError as exc:
+        raise InvalidVolumeError(f"{info.url}: {exc}") from None
 
 
 def _chunk_slabs(arr: zarr.Array) -> list[tuple[slice, ...]]:
@@ -552,7 +563,8 @@ def get_predictor(plan: SegmentPlan) -> Predictor:
 
 def read_block_input(plan: SegmentPlan, read: Box) -> np.ndarray:
     """(C, *read.shape) float32: the read box, mirror-extended at the volume border only,
-    normalised with the global statistics."""
+    normalised with the global statistics (non-finite voxels become 0, see
+    :func:`unet_core.normalize.apply_affine`). A missing or undecodable chunk is named."""
     arr = StrictArray(open_level(plan.image), plan.image.url, "0")
     c_axis = plan.image.channel_axis
     data = read_mirrored(arr, read, plan.image.spatial_shape, leading=0 if c_axis is None else 1)

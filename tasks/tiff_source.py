@@ -38,7 +38,13 @@ import numpy as np
 import tifffile
 
 from tasks.paths import is_tiff_name
-from tasks.store import check_access, filesystem, is_remote
+from tasks.store import (
+    check_access,
+    filesystem,
+    is_remote,
+    is_transient,
+    translate_storage_error,
+)
 from unet_core.errors import (
     ConfigError,
     InvalidVolumeError,
@@ -192,14 +198,26 @@ def _stat(url: str) -> FileId:
             raise VolumeNotFoundError(f"{url}: no such file") from None
         version = str(info.get("ETag") or info.get("LastModified") or "").strip('"')
         return FileId(url, int(info.get("size") or 0), version)
-    st = os.stat(url)
+    try:
+        st = os.stat(url)
+    except OSError as exc:
+        raise _os_error(url, exc) from None
     return FileId(url, int(st.st_size), str(st.st_mtime_ns))
 
 
+def _os_error(url: str, exc: OSError) -> SegflowError:
+    return translate_storage_error(exc, url) or InvalidVolumeError(
+        f"{url}: cannot be read ({exc.strerror or type(exc).__name__})"
+    )
+
+
 def _list_slices(src: str) -> list[str]:
-    """Files of a folder (TIFF suffixes only) or of a glob, in natural order."""
+    """Files of a folder (TIFF suffixes only) or of a glob, in natural order.
+
+    A path that exists is a folder, even if its name holds glob characters ('stack[2]');
+    only a path that does not exist is expanded as a pattern."""
     remote = is_remote(src)
-    if _GLOB_CHARS.search(src):
+    if _is_pattern(src):
         if remote:
             scheme = src.split("://", 1)[0]
             names = [f"{scheme}://{p}" for p in filesystem(src).glob(src)]
@@ -218,10 +236,19 @@ def _list_slices(src: str) -> list[str]:
     return sorted(names, key=natural_key)
 
 
+def _is_pattern(src: str) -> bool:
+    """Whether SRC is to be expanded as a glob: it has glob characters and no such path."""
+    if not _GLOB_CHARS.search(src):
+        return False
+    if is_remote(src):
+        return not filesystem(src).exists(src)
+    return not os.path.lexists(src)
+
+
 def _resolve(src: str) -> tuple[Literal["tiff", "slices"], list[str]]:
     if is_remote(src):
         check_access(src)
-        if _GLOB_CHARS.search(src):
+        if _is_pattern(src):
             kind: Literal["tiff", "slices"] = "slices"
         else:
             fs = filesystem(src)
@@ -234,17 +261,26 @@ def _resolve(src: str) -> tuple[Literal["tiff", "slices"], list[str]]:
             if not isdir:
                 raise VolumeNotFoundError(f"{src}: no such file or folder")
             kind = "slices"
-    elif _GLOB_CHARS.search(src) and not os.path.exists(src):
+    elif _is_pattern(src):
         kind = "slices"
     elif os.path.isfile(src):
         return "tiff", [src]
     elif os.path.isdir(src):
         kind = "slices"
     else:
+        if os.path.lexists(src):
+            _stat(src)  # names why it cannot be used (a symlink loop, no permission)
         raise VolumeNotFoundError(f"{src}: no such file or folder")
-    names = _list_slices(src)
+    try:
+        names = _list_slices(src)
+    except OSError as exc:
+        raise _os_error(src, exc) from None
     if not names:
-        what = "matches" if _GLOB_CHARS.search(src) else "TIFF files (.tif/.tiff) in the folder"
+        what = (
+            "matches"
+            if kind == "slices" and _is_pattern(src)
+            else "TIFF files (.tif/.tiff) in the folder"
+        )
         raise VolumeNotFoundError(f"{src}: no {what}")
     return kind, names
 
@@ -291,6 +327,10 @@ class _OpenTiff:
             self.fh = open_binary(fid.url)
         except FileNotFoundError:
             raise VolumeNotFoundError(f"{fid.url}: no such file") from None
+        except OSError as exc:
+            if is_transient(exc):
+                raise
+            raise _os_error(fid.url, exc) from None
         try:
             self.tif = tifffile.TiffFile(self.fh, name=os.path.basename(fid.url))
             self.series = self.tif.series[0]
@@ -383,10 +423,8 @@ def _describe_file(src: str, fid: FileId, axes: str | None) -> TiffSource:
             n_page_level = len(kf.shape)
             sshape, saxes = tuple(series.shape), str(series.axes)
             page_shape = sshape[: len(sshape) - n_page_level]
-            if (
-                tuple(sshape[len(page_shape) :]) != tuple(kf.shape)
-                or (math.prod(page_shape) != len(series) and not series.is_truncated)
-                or any(n == 1 for n in page_shape)
+            if tuple(sshape[len(page_shape) :]) != tuple(kf.shape) or (
+                math.prod(page_shape) != len(series) and not series.is_truncated
             ):
                 raise InvalidVolumeError(
                     f"{fid.url}: unsupported TIFF layout (series shape {sshape} "
@@ -632,6 +670,8 @@ def _map_axes(
             letter = _META_LETTERS.get(a) if meta_kind not in ("none",) else None
             if meta_kind == "slices":
                 letter = "z"
+            if n == 1 and letter in (None, "t"):
+                letter = ""  # one page along an unknown axis or one time point: no axis
             if letter is None:
                 raise InvalidVolumeError(
                     f"{url}: the axes are ambiguous ({n} pages along '{a}' could be z-slices, "
@@ -766,6 +806,8 @@ def _read_page(
     except SegflowError:
         raise
     except Exception as exc:
+        if is_transient(exc):
+            raise  # the connection, not the file: a retry may pass
         raise InvalidVolumeError(
             f"{fid.url}: cannot read page {index} ({type(exc).__name__}: {str(exc)[:160]})"
         ) from None

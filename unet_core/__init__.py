@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         InvalidVolumeError,
         SegflowError,
         StorageAccessError,
+        StorageError,
         StoreConflictError,
         VolumeNotFoundError,
     )
@@ -48,6 +49,7 @@ _EXPORTS = {
     "InvalidVolumeError": "unet_core.errors",
     "SegflowError": "unet_core.errors",
     "StorageAccessError": "unet_core.errors",
+    "StorageError": "unet_core.errors",
     "StoreConflictError": "unet_core.errors",
     "VolumeNotFoundError": "unet_core.errors",
     "UNet": "unet_core.model",
@@ -82,6 +84,7 @@ __all__ = [
     "SegflowError",
     "StatsAccumulator",
     "StorageAccessError",
+    "StorageError",
     "StoreConflictError",
     "UNet",
     "UNetConfig",

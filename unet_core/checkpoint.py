@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import zipfile
@@ -32,6 +33,9 @@ from unet_core.normalize import IntensityStats, Normalization
 
 FORMAT = "segflow-checkpoint"
 VERSION = 1
+#: Largest network a checkpoint may declare (4 GB of float32 weights; the paper's 2D
+#: network has 31 M parameters, a 3D one of depth 4 and 64 base channels about 90 M).
+MAX_PARAMETERS = 1_000_000_000
 
 
 class ObjectStats(BaseModel):
@@ -134,6 +138,38 @@ def load_checkpoint(
     return model, meta
 
 
+def _check_architecture(p: Path, config: UNetConfig, state: dict[str, Any]) -> None:
+    """The weights are the ones the config implies (names, shapes, a bounded count), checked
+    before any model is built (a crafted small file may declare a huge network)."""
+    expected = UNet.state_shapes(config)
+    count = sum(math.prod(shape) for shape in expected.values())
+    if count > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"{p}: the config declares a network of {count / 1e6:,.0f} M parameters "
+            f"(depth {config.depth}, {config.base_channels} base channels, "
+            f"{config.n_classes} classes), over the limit of {MAX_PARAMETERS / 1e6:,.0f} M"
+        )
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. '{missing[0]}'")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. '{unexpected[0]}'")
+        raise CheckpointError(
+            f"{p}: the weights do not match the network its config declares ({'; '.join(parts)})"
+        )
+    for name, shape in expected.items():
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise CheckpointError(
+                f"{p}: weight '{name}' has shape {got} but the network its config declares "
+                f"needs {shape}"
+            )
+
+
 def _read(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> tuple[UNetConfig, CheckpointMeta, dict[str, torch.Tensor]]:
@@ -172,6 +208,7 @@ def _read(
         raise CheckpointError(
             f"{p}: checkpoint header is malformed ({type(exc).__name__})"
         ) from exc
+    _check_architecture(p, config, state)
     digest = state_digest(config, state)
     if digest != payload.get("digest"):
         raise CheckpointError(f"{p}: checkpoint content does not match its digest (corrupted)")

@@ -1,44 +1,89 @@
-"""The one small error hierarchy of segflow.
+"""The one small error hierarchy of segflow, and the exit status of each kind of error.
 
 Every error subclasses :class:`SegflowError` *and* the builtin it refines, so callers may
 catch either ``SegflowError`` (anything segflow refused) or the builtin they already expect
 (``ValueError``, ``FileNotFoundError``, ...). Messages are one sentence that names the file
-or the value and the problem; the CLI prints exactly that sentence and exits non-zero.
+or the value and the problem; the CLI prints exactly that sentence and exits with the
+error's :attr:`SegflowError.exit_code` (the table is in the README).
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+from typing import ClassVar
+
+
+class ExitCode(IntEnum):
+    """Exit status of the ``segflow`` command, one per kind of failure."""
+
+    OK = 0
+    #: anything segflow did not foresee (a bug or an unhandled case)
+    OTHER = 1
+    #: a bad command line: unknown option, malformed or out-of-range value
+    USAGE = 2
+    #: an input that is missing, unreadable, damaged or unusable (TIFF, store, checkpoint)
+    BAD_INPUT = 3
+    #: storage that is unreachable, refuses access, is full or fails (local disk or S3)
+    STORAGE = 4
+    #: a destination that holds other data, or outputs another run is writing (lease)
+    CONFLICT = 5
 
 
 class SegflowError(Exception):
     """Base class of every error segflow raises on purpose."""
 
+    exit_code: ClassVar[ExitCode] = ExitCode.OTHER
+
 
 class InvalidShapeError(SegflowError, ValueError):
     """A tile or input shape the network cannot take (the message names valid ones)."""
+
+    exit_code = ExitCode.USAGE
 
 
 class ConfigError(SegflowError, ValueError):
     """A parameter or configuration value that is out of range or inconsistent."""
 
+    exit_code = ExitCode.USAGE
+
 
 class CheckpointError(SegflowError, ValueError):
     """A checkpoint that is corrupted, foreign, unsafe or incompatible."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 class InvalidVolumeError(SegflowError, ValueError):
     """An input image/volume that cannot be read or has an unsupported layout."""
 
+    exit_code = ExitCode.BAD_INPUT
+
 
 class VolumeNotFoundError(SegflowError, FileNotFoundError):
     """A source or store that does not exist."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 class StoreConflictError(SegflowError, FileExistsError):
     """A destination that already holds other data (use --overwrite to replace it)."""
 
+    exit_code = ExitCode.CONFLICT
+
 
 class StorageAccessError(SegflowError, PermissionError):
-    """Remote storage refused access (credentials, permissions, missing bucket)."""
+    """Storage refused access (credentials, permissions, missing bucket, read-only)."""
+
+    exit_code = ExitCode.STORAGE
+
+
+class StorageError(SegflowError, OSError):
+    """Storage failed: unreachable endpoint, throttling, full disk, I/O error.
+
+    Raised by :func:`tasks.store.translate_storage_error`; the original exception is kept
+    as ``__cause__`` (:func:`tasks.store.is_transient` looks at it)."""
+
+    exit_code = ExitCode.STORAGE
 
 
 class LeaseHeldError(StoreConflictError):
@@ -47,6 +92,8 @@ class LeaseHeldError(StoreConflictError):
 
 class IncompleteError(SegflowError, ValueError):
     """An input that a run has not finished writing (not marked complete)."""
+
+    exit_code = ExitCode.BAD_INPUT
 
 
 class MissingDataError(InvalidVolumeError):

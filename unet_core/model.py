@@ -86,7 +86,18 @@ class UNet(nn.Module):
             ConvBlock(config, 2 * ch[i], ch[i]) for i in reversed(range(config.depth))
         )
         self.head = conv(ch[0], config.n_classes, kernel_size=1)
-        self.reset_parameters()
+        if self.head.weight.device.type != "meta":  # meta tensors hold no values
+            self.reset_parameters()
+
+    @staticmethod
+    def state_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every entry of the state dict of a model of ``config``.
+
+        The model is built on PyTorch's meta device: no memory is allocated for weights, so
+        this is safe for any config, however large."""
+        with torch.device("meta"):
+            model = UNet(config)
+        return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
     def reset_parameters(self) -> None:
         """The paper's initialisation: Gaussian with std sqrt(2 / fan_in), zero bias."""

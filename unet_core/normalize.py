@@ -3,19 +3,34 @@
 Statistics are computed once over the whole volume (streamed, chunk by chunk, at ingest)
 and stored in the image's metadata; inference turns them into one affine map applied to
 every tile. Never normalise per tile or per chunk: that makes seams.
+
+Non-finite voxels (NaN, +Inf, -Inf) are left out of every statistic and counted in
+:attr:`IntensityStats.nonfinite`; :func:`apply_affine` maps them to 0.0, the normalised
+level of the low percentile (percentile normalisation) or of the mean (z-score).
+
+Percentiles are exact order statistics (see :meth:`StatsAccumulator.result`), so a
+handful of extreme voxels (one 3e38 in a volume of values near 1) cannot move them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from unet_core.errors import ConfigError
+from unet_core.errors import ConfigError, InvalidVolumeError
 
 #: Percentiles recorded for every volume (the defaults below must be among them).
 RECORDED_PERCENTILES = (0.1, 1.0, 2.0, 50.0, 98.0, 99.0, 99.8, 99.9)
+#: Bins of the coarse histogram of wide types (float, 32-bit integers): one per value of
+#: the top 16 bits of a 32-bit sort key (see :func:`sort_keys`); the refining pass
+#: histograms the low 16 bits inside the few bins that hold the wanted percentiles.
+KEY_BINS = 1 << 16
+_HALF = 16
+_LOW = np.uint32(KEY_BINS - 1)
+_SIGN = np.uint32(0x80000000)
 
 
 class IntensityStats(BaseModel):
@@ -30,6 +45,9 @@ class IntensityStats(BaseModel):
     std: float
     percentiles: dict[str, float] = Field(
         default_factory=dict, description="percentile (as a string, e.g. '99.8') -> value"
+    )
+    nonfinite: int = Field(
+        0, ge=0, description="NaN and ±Inf voxels (left out of every other statistic)"
     )
 
     def percentile(self, q: float) -> float:
@@ -66,50 +84,64 @@ class Normalization(BaseModel):
         return lo, 1.0 / max(hi - lo, 1e-12)
 
 
+#: What a non-finite voxel (NaN, ±Inf) becomes after normalisation.
+NONFINITE_VALUE = 0.0
+
+
 def apply_affine(x: np.ndarray, offset: float, scale: float) -> np.ndarray:
-    """float32 ``(x - offset) * scale``; the same arithmetic everywhere (bitwise exactness)."""
+    """float32 ``(x - offset) * scale``; the same arithmetic everywhere (bitwise exactness).
+
+    Voxels that are not finite, in ``x`` or after the affine map (a finite extreme that
+    overflows float32), become :data:`NONFINITE_VALUE` (0.0), so no NaN or Inf reaches
+    the network."""
     out = np.array(x, dtype=np.float32)  # one copy, then in place
     out -= np.float32(offset)
     out *= np.float32(scale)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        out[bad] = np.float32(NONFINITE_VALUE)
     return out
 
 
 class StatsAccumulator:
     """Streams chunks and yields :class:`IntensityStats`, never holding the whole image.
 
-    Integer images of up to 16 bits are histogrammed exactly (one bin per value), so their
-    percentiles are exact. Wider or float images use a fixed-range histogram: pass
-    ``value_range`` (e.g. from a first min/max pass); percentiles are then accurate to one
-    bin of ``bins``.
+    Integer images of up to 16 bits are histogrammed exactly (one bin per value), in one
+    pass. Wider types (float, 32-bit integers) take two passes over the same chunks: the
+    first (:meth:`add`) keeps a coarse histogram of :func:`sort_keys` (bins about 0.8 %
+    wide, logarithmic for floats, so any range fits), the second (:meth:`add_fine`) a
+    histogram of the exact keys inside the coarse bins that hold the recorded percentiles.
+    Their percentiles are then exact order statistics (float64 data to float32 precision),
+    whatever the range of the data. NaN and ±Inf are counted and left out.
     """
 
-    def __init__(
-        self,
-        dtype: np.dtype | type,
-        value_range: tuple[float, float] | None = None,
-        bins: int = 65536,
-    ) -> None:
+    def __init__(self, dtype: np.dtype | type) -> None:
         self.dtype = np.dtype(dtype)
         self.count = 0
+        self.nonfinite = 0
         self.total = 0.0
         self.total_sq = 0.0
         self.min = np.inf
         self.max = -np.inf
-        if self.dtype.kind in "ui" and self.dtype.itemsize <= 2:
+        self._exact = self.dtype.kind in "ui" and self.dtype.itemsize <= 2
+        if self._exact:
             info = np.iinfo(self.dtype)
-            self._lo, self._hi = float(info.min), float(info.max) + 1.0
+            self._lo = float(info.min)
             self._bins = int(info.max) - int(info.min) + 1
-            self._exact = True
         else:
-            if value_range is None:
-                raise ConfigError(f"a {self.dtype} image needs a value range for its histogram")
-            lo, hi = float(value_range[0]), float(value_range[1])
-            self._lo, self._hi = lo, (hi if hi > lo else lo + 1.0)
-            self._bins = bins
-            self._exact = False
+            self._lo = 0.0
+            self._bins = KEY_BINS
         self.hist = np.zeros(self._bins, dtype=np.int64)
+        self._fine_bins: tuple[int, ...] | None = None
+        self.fine: np.ndarray | None = None
+
+    @property
+    def exact(self) -> bool:
+        """True for integer images of up to 16 bits (one histogram bin per value)."""
+        return self._exact
 
     def add(self, chunk: np.ndarray) -> None:
+        """First pass: moments, extremes, the (coarse) histogram and the non-finite count."""
         a = np.asarray(chunk)
         if a.size == 0:
             return
@@ -117,24 +149,17 @@ class StatsAccumulator:
             # one bincount gives the histogram, and the moments follow from it exactly
             self.add_histogram(integer_histogram(a.astype(self.dtype, copy=False)))
             return
-        self.count += a.size
-        af = a.astype(np.float64, copy=False)
+        flat = finite_values(a)
+        self.nonfinite += int(a.size - flat.size)
+        if flat.size == 0:
+            return
+        af = flat.astype(np.float64, copy=False)
+        self.count += int(flat.size)
         self.total += float(af.sum())
-        self.total_sq += float(np.square(af).sum())
-        self.min = min(self.min, float(a.min()))
-        self.max = max(self.max, float(a.max()))
-        h, _ = np.histogram(af, bins=self._bins, range=(self._lo, self._hi))
-        self.hist += h
-
-    @property
-    def exact(self) -> bool:
-        """True for integer images of up to 16 bits (one histogram bin per value)."""
-        return self._exact
-
-    @property
-    def value_range(self) -> tuple[float, float]:
-        """The histogram's range ``[lo, hi)``."""
-        return self._lo, self._hi
+        self.total_sq += float(np.dot(af, af))
+        self.min = min(self.min, float(flat.min()))
+        self.max = max(self.max, float(flat.max()))
+        self.hist += coarse_histogram(flat)
 
     def add_histogram(self, hist: np.ndarray) -> None:
         """Add the exact histogram of some voxels (as from :func:`integer_histogram`)."""
@@ -156,12 +181,20 @@ class StatsAccumulator:
         self.hist += h
 
     def add_parts(
-        self, count: int, total: float, total_sq: float, lo: float, hi: float, hist: np.ndarray
+        self,
+        count: int,
+        total: float,
+        total_sq: float,
+        lo: float,
+        hi: float,
+        hist: np.ndarray,
+        nonfinite: int = 0,
     ) -> None:
-        """Merge partial results kept elsewhere (e.g. per region in a store)."""
+        """Merge partial first-pass results kept elsewhere (e.g. per region in a store)."""
         h = np.asarray(hist, dtype=np.int64)
         if h.shape != (self._bins,):
             raise ConfigError(f"histogram has {h.shape} bins, expected {self._bins}")
+        self.nonfinite += int(nonfinite)
         if count <= 0:
             return
         self.count += int(count)
@@ -173,25 +206,67 @@ class StatsAccumulator:
 
     def merge(self, other: StatsAccumulator) -> None:
         self.count += other.count
+        self.nonfinite += other.nonfinite
         self.total += other.total
         self.total_sq += other.total_sq
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
         self.hist += other.hist
 
+    # --------------------------------------------------------- second pass (wide types)
+
+    def refine_bins(self, percentiles: tuple[float, ...] = RECORDED_PERCENTILES) -> tuple[int, ...]:
+        """Coarse bins that hold the wanted percentiles (empty for exact types).
+
+        Fixed by the first call (or by :meth:`add_fine` / :meth:`add_fine_histogram`): the
+        second pass must see every chunk of the first."""
+        if self._exact or self.count == 0:
+            return ()
+        if self._fine_bins is None:
+            cdf = np.cumsum(self.hist)
+            bins = {
+                int(np.searchsorted(cdf, _target(q, self.count), side="left")) for q in percentiles
+            }
+            self._fine_bins = tuple(sorted(min(b, KEY_BINS - 1) for b in bins))
+            self.fine = np.zeros((len(self._fine_bins), KEY_BINS), dtype=np.int64)
+        return self._fine_bins
+
+    def add_fine(self, chunk: np.ndarray) -> None:
+        """Second pass (wide types only; a no-op otherwise): exact keys inside
+        :meth:`refine_bins`. Give it the same chunks as :meth:`add`, after all of them."""
+        bins = self.refine_bins()
+        if not bins:
+            return
+        assert self.fine is not None
+        self.fine += fine_histogram(np.asarray(chunk), bins)
+
+    def add_fine_histogram(self, bins: tuple[int, ...], fine: np.ndarray) -> None:
+        """Merge a partial second-pass histogram (as from :func:`fine_histogram`)."""
+        if tuple(bins) != self.refine_bins():
+            raise ConfigError(f"fine histogram of bins {bins}, expected {self.refine_bins()}")
+        assert self.fine is not None
+        self.fine += np.asarray(fine, dtype=np.int64).reshape(self.fine.shape)
+
+    # -------------------------------------------------------------------------- result
+
     def result(self, percentiles: tuple[float, ...] = RECORDED_PERCENTILES) -> IntensityStats:
+        """The statistics. Percentile q is the order statistic of (0-based) rank
+        ``ceil(q / 100 * (count - 1))``, exact for exact types and, after the second
+        pass, for wide types (without it: to within a coarse bin)."""
         if self.count == 0:
-            raise ConfigError("no voxels were seen; statistics of an empty image are undefined")
+            what = f" (all {self.nonfinite} voxels are NaN or ±Inf)" if self.nonfinite else ""
+            raise InvalidVolumeError(f"the image has no finite values{what}")
         mean = self.total / self.count
         var = max(self.total_sq / self.count - mean * mean, 0.0)
         cdf = np.cumsum(self.hist)
-        width = (self._hi - self._lo) / self._bins
         values: dict[str, float] = {}
         for q in percentiles:
-            rank = q / 100.0 * (self.count - 1)
-            idx = int(np.searchsorted(cdf, rank + 1, side="left"))
-            idx = min(idx, self._bins - 1)
-            value = self._lo + idx * width if self._exact else self._lo + (idx + 0.5) * width
+            target = _target(q, self.count)
+            idx = min(int(np.searchsorted(cdf, target, side="left")), self._bins - 1)
+            if self._exact:
+                value = self._lo + idx
+            else:
+                value = self._key_value(idx, target - (float(cdf[idx - 1]) if idx else 0.0))
             values[_pkey(q)] = float(min(max(value, self.min), self.max))
         return IntensityStats(
             count=self.count,
@@ -200,7 +275,90 @@ class StatsAccumulator:
             mean=float(mean),
             std=float(np.sqrt(var)),
             percentiles=values,
+            nonfinite=self.nonfinite,
         )
+
+    def _key_value(self, coarse: int, within: float) -> float:
+        """Value of the ``within``-th key (1-based, may be fractional) of a coarse bin."""
+        bins = self._fine_bins or ()
+        if coarse in bins:
+            assert self.fine is not None
+            fine_cdf = np.cumsum(self.fine[bins.index(coarse)])
+            low = min(int(np.searchsorted(fine_cdf, within, side="left")), KEY_BINS - 1)
+        else:
+            low = KEY_BINS // 2  # no second pass: the middle of the coarse bin
+        key = np.array([(coarse << _HALF) | low], dtype=np.uint32)
+        return float(key_values(key, self.dtype)[0])
+
+
+def _target(q: float, count: int) -> float:
+    """1-based cumulative count at which percentile ``q`` is reached."""
+    return math.ceil(q / 100.0 * (count - 1)) + 1.0
+
+
+def finite_values(a: np.ndarray) -> np.ndarray:
+    """The finite values of ``a``, flattened (a view when all are finite)."""
+    flat = np.asarray(a).reshape(-1)
+    if flat.dtype.kind != "f":
+        return flat
+    mask = np.isfinite(flat)
+    return flat if mask.all() else flat[mask]
+
+
+def sort_keys(values: np.ndarray) -> np.ndarray:
+    """uint32 keys whose order is the order of ``values`` (finite values of any real type).
+
+    int32 and uint32 map exactly; other types go through float32 (rounded to nearest, an
+    order-preserving map), whose bits are made sortable: negative numbers reversed below
+    the positives. :func:`key_values` inverts it."""
+    a = np.asarray(values)
+    if a.dtype == np.uint32:
+        return a.astype(np.uint32, copy=False)
+    if a.dtype == np.int32:
+        return a.view(np.uint32) ^ _SIGN
+    with np.errstate(over="ignore"):
+        bits = a.astype(np.float32).view(np.uint32)
+    return np.where(bits & _SIGN, ~bits, bits | _SIGN)
+
+
+def key_values(keys: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+    """float64 values of :func:`sort_keys` keys of data of ``dtype``."""
+    k = np.asarray(keys, dtype=np.uint32)
+    d = np.dtype(dtype)
+    if d == np.uint32:
+        return k.astype(np.float64)
+    if d == np.int32:
+        return (k ^ _SIGN).view(np.int32).astype(np.float64)
+    bits = np.where(k & _SIGN, k & ~_SIGN, ~k)
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def coarse_histogram(chunk: np.ndarray) -> np.ndarray:
+    """First-pass histogram of a wide type: counts of the top 16 bits of the keys of the
+    finite values of ``chunk``; ``KEY_BINS`` int64."""
+    return np.bincount(sort_keys(finite_values(chunk)) >> _HALF, minlength=KEY_BINS).astype(
+        np.int64, copy=False
+    )
+
+
+def fine_histogram(chunk: np.ndarray, bins: tuple[int, ...], piece: int = 1 << 20) -> np.ndarray:
+    """Second-pass histogram: for each coarse bin of ``bins`` (sorted), counts of the low 16
+    bits of the keys of the finite values of ``chunk`` that fall in it;
+    ``(len(bins), KEY_BINS)`` int64."""
+    out = np.zeros(len(bins) * KEY_BINS, dtype=np.int64)
+    if not bins:
+        return out.reshape(0, KEY_BINS)
+    slot = np.full(KEY_BINS, -1, dtype=np.int64)
+    slot[list(bins)] = np.arange(len(bins))
+    flat = finite_values(chunk)
+    for start in range(0, flat.size, piece):
+        keys = sort_keys(flat[start : start + piece])
+        where = slot[keys >> _HALF]
+        hit = where >= 0
+        if hit.any():
+            index = where[hit] * KEY_BINS + (keys[hit] & _LOW)
+            out += np.bincount(index, minlength=out.size)
+    return out.reshape(len(bins), KEY_BINS)
 
 
 def integer_histogram(a: np.ndarray, piece: int = 1 << 18) -> np.ndarray:
@@ -222,11 +380,14 @@ def integer_histogram(a: np.ndarray, piece: int = 1 << 18) -> np.ndarray:
     return hist
 
 
-def compute_stats(array: np.ndarray) -> IntensityStats:
-    """Statistics of an in-memory array (same definitions as the streamed ones)."""
-    a = np.asarray(array)
-    acc = StatsAccumulator(
-        a.dtype, value_range=(float(a.min()), float(a.max())) if a.size else None
-    )
-    acc.add(a)
+def compute_stats(*arrays: np.ndarray) -> IntensityStats:
+    """Statistics of in-memory arrays, pooled (the same definitions as the streamed ones)."""
+    if not arrays:
+        raise ConfigError("compute_stats needs at least one array")
+    dtype = np.result_type(*[np.asarray(a).dtype for a in arrays])
+    acc = StatsAccumulator(dtype)
+    for a in arrays:
+        acc.add(np.asarray(a).astype(dtype, copy=False))
+    for a in arrays:
+        acc.add_fine(np.asarray(a).astype(dtype, copy=False))
     return acc.result()

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -504,7 +503,7 @@ def test_bad_input_one_clear_error_and_nothing_written(tmp_path, case):
     assert not dst.exists()
 
 
-def test_cli_prints_one_line_and_exits_1(tmp_path):
+def test_cli_prints_one_line_and_exits_3(tmp_path):
     from typer.testing import CliRunner
 
     from segflow.cli import _register, app
@@ -512,7 +511,7 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
     _register()
     src, _, _pattern = _bad_inputs(tmp_path)["truncated"]
     result = CliRunner().invoke(app, ["ingest", str(src), str(tmp_path / "o.zarr"), "-q"])
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # ExitCode.BAD_INPUT
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("segflow: error: ")
@@ -686,37 +685,6 @@ def test_s3_missing_bucket(tmp_path, s3_endpoint):
 def test_s3_missing_object(tmp_path, s3_bucket):
     with pytest.raises(VolumeNotFoundError, match="no such file or folder"):
         ingest(f"s3://{s3_bucket}/nothing.tif", tmp_path / "o.zarr")
-
-
-@pytest.fixture
-def s3_with_auth(monkeypatch):
-    """A second S3 server (moto) that checks credentials; none are valid on it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
-        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def test_s3_wrong_credentials(tmp_path, s3_with_auth):

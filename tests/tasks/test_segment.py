@@ -289,7 +289,7 @@ def test_cli_segment(tmp_path):
     bad = subprocess.run(
         [*cmd[:4], str(tmp_path / "missing.zarr"), *cmd[5:]], capture_output=True, text=True
     )
-    assert bad.returncode == 1
+    assert bad.returncode == 3  # ExitCode.BAD_INPUT
     assert "missing.zarr" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 

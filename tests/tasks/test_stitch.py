@@ -288,5 +288,5 @@ def test_cli_segment_with_instances_then_export(tmp_path):
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["objects"] == ndimage.label(sem == 1)[1]
     bad = subprocess.run([*exe, "stitch", url, "--labels", "nope"], capture_output=True, text=True)
-    assert bad.returncode == 1
+    assert bad.returncode == 3  # ExitCode.BAD_INPUT
     assert "labels/nope/0" in bad.stderr

@@ -132,6 +132,6 @@ def test_cli_model_commands(tmp_path):
     bad = subprocess.run(
         [*exe, "model", "info", str(tmp_path / "nope.ckpt")], capture_output=True, text=True
     )
-    assert bad.returncode == 1
+    assert bad.returncode == 3  # ExitCode.BAD_INPUT
     assert bad.stderr.strip().count("\n") == 0
     assert "nope.ckpt" in bad.stderr

@@ -255,13 +255,13 @@ def test_bad_inputs_raise_clear_errors(pair, tmp_path):
     res = runner.invoke(
         app, ["train", "--image", str(img), "--labels", str(lab), "--out", str(tmp_path / "m")]
     )
-    assert res.exit_code == 1
+    assert res.exit_code == 3  # ExitCode.BAD_INPUT
     assert "lab.tif" in res.output
     assert "do not match" in res.output
     res = runner.invoke(
         app, ["train", "--image", str(img), "--labels", str(lab), "--out", "m", "--steps", "0"]
     )
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # ExitCode.USAGE
     assert "steps" in res.output
 
 
@@ -283,7 +283,7 @@ def test_evaluate_cli(tmp_path):
     assert (out["tp"], out["fn"], out["fp"]) == (1, 1, 0)
     assert out["f1"] == pytest.approx(2 / 3)
     res = runner.invoke(app, ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "nope.tif")])
-    assert res.exit_code == 1
+    assert res.exit_code == 3  # ExitCode.BAD_INPUT
     assert "nope.tif" in res.output
 
 

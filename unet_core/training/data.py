@@ -18,7 +18,7 @@ import numpy as np
 from unet_core.errors import ConfigError, InvalidVolumeError
 from unet_core.geometry import Box, Coord
 from unet_core.losses import class_frequencies, class_weights, weight_map
-from unet_core.normalize import IntensityStats, StatsAccumulator, apply_affine
+from unet_core.normalize import IntensityStats, apply_affine, compute_stats
 from unet_core.targets import (
     LabelMode,
     Targets,
@@ -66,23 +66,11 @@ def _as_channels(image: np.ndarray, label: np.ndarray, index: int) -> np.ndarray
 
 
 def _stats(images: Sequence[np.ndarray]) -> list[IntensityStats]:
-    out = []
-    for im in images:
-        rng = (float(im.min()), float(im.max())) if im.size else None
-        acc = StatsAccumulator(im.dtype, value_range=rng)
-        acc.add(im)
-        out.append(acc.result())
-    return out
+    return [compute_stats(im) for im in images]
 
 
 def _pooled_stats(images: Sequence[np.ndarray]) -> IntensityStats:
-    dtype = np.result_type(*[im.dtype for im in images])
-    lo = min(float(im.min()) for im in images)
-    hi = max(float(im.max()) for im in images)
-    acc = StatsAccumulator(dtype, value_range=(lo, hi))
-    for im in images:
-        acc.add(im.astype(dtype, copy=False))
-    return acc.result()
+    return compute_stats(*images)
 
 
 def _split_axis(spatial: Sequence[int], net_ndim: int) -> int:
