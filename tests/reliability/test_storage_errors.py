@@ -186,9 +186,9 @@ def test_read_region_names_the_damaged_chunk(tmp_path):
 def test_prefect_retries_only_transient_failures():
     from prefect.states import Failed
 
-    from tasks.ingest import ingest_task
+    from flows.segment import ingest_step
 
-    assert ingest_task.retry_condition_fn is retry_transient
+    assert ingest_step.retry_condition_fn is retry_transient
     truncated = InvalidVolumeError("x.tif: the TIFF is truncated")
     assert not retry_transient(None, None, Failed(data=truncated))
     assert retry_transient(None, None, Failed(data=ConnectionResetError("reset")))
