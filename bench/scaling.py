@@ -119,7 +119,7 @@ def prefect_overhead(src: str, workdir: str) -> dict:
         source=src, model=ckpt, output=f"{workdir}/flow.zarr", device="cpu", instances=False
     )
     t0 = time.perf_counter()
-    summary = segment_volume(flow_params)
+    summary = segment_volume(**flow_params.flow_parameters())
     flow_total = time.perf_counter() - t0
     regions = int(summary["regions"])
     seg_phase = float(summary["timings"]["segment"])
@@ -175,7 +175,7 @@ def region_overhead(n: int, workdir: str) -> dict:
         region_retries=0,
     )
     t0 = time.perf_counter()
-    summary = segment_volume(flow_params)
+    summary = segment_volume(**flow_params.flow_parameters())
     wall = time.perf_counter() - t0
     seg_phase = float(summary["timings"]["segment"])
     return {

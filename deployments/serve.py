@@ -8,15 +8,18 @@ runs itself. Deployments:
 - ``nightly-inbox/nightly``: cron (default ``0 2 * * *``) in a configurable time zone, with
   the inbox, output location and model as default parameters (editable in the UI);
 - ``segment-volume/on-demand``: one volume, started from the UI form or
-  ``prefect deployment run 'segment-volume/on-demand' --param params='{...}'``;
+  ``prefect deployment run 'segment-volume/on-demand' --param source=... --param model=...``;
 - ``train-model/on-demand``: train a U-Net from annotated images.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from unet_core.errors import ConfigError
 
 NIGHTLY = "nightly"
 ON_DEMAND = "on-demand"
@@ -34,6 +37,16 @@ class ServeSettings(BaseModel):
     timezone: str = Field("UTC", description="Time zone of the cron schedule (IANA name).")
     settle_s: float = Field(600.0, ge=0, description="Leave volumes younger than this.")
     paused: bool = Field(False, description="Create the nightly schedule paused.")
+    heartbeat_s: int = Field(
+        30, ge=30, le=3600, description="Seconds between heartbeats of each served flow run."
+    )
+    crash_after_s: float = Field(
+        120.0,
+        ge=40,
+        le=24 * 3600,
+        description="A run without a heartbeat for this long is marked Crashed (its serving "
+        "process died); it must exceed heartbeat_s.",
+    )
 
 
 def build_deployments(settings: ServeSettings) -> list[Any]:
@@ -65,12 +78,10 @@ def build_deployments(settings: ServeSettings) -> list[Any]:
                 description=f"Segment new volumes from {settings.inbox} every night.",
                 schedule=Cron(settings.cron, timezone=settings.timezone),
                 parameters={
-                    "params": {
-                        "inbox": settings.inbox,
-                        "output": settings.output,
-                        "model": settings.model,
-                        "settle_s": settings.settle_s,
-                    }
+                    "inbox": settings.inbox,
+                    "output": settings.output,
+                    "model": settings.model,
+                    "settle_s": settings.settle_s,
                 },
                 paused=settings.paused,
                 tags=["segflow", "nightly"],
@@ -80,8 +91,73 @@ def build_deployments(settings: ServeSettings) -> list[Any]:
     return deployments
 
 
+#: The automation ``segflow serve`` registers (one per Prefect API, replaced on each start).
+CRASH_AUTOMATION = "segflow: mark runs without heartbeats Crashed"
+
+
+def crash_detection(settings: ServeSettings) -> Any:
+    """Prefect's zombie-run detection: a flow run whose heartbeats stop (its process was
+    killed, its machine died) without reaching a final state is set to Crashed, which the UI
+    can retry. Heartbeats come from the served runs (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``)."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    if settings.crash_after_s <= settings.heartbeat_s:
+        raise ConfigError(
+            f"crash_after_s {settings.crash_after_s:g} must exceed heartbeat_s "
+            f"{settings.heartbeat_s}: live runs would be marked Crashed"
+        )
+    return Automation(
+        name=CRASH_AUTOMATION,
+        description="Registered by segflow serve: a run whose serving process died is "
+        "Crashed; retry it from the UI and it recomputes only unfinished regions.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=settings.crash_after_s),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"No heartbeat for {settings.crash_after_s:g} s: the process running "
+                "this flow died. Retry the run to recompute only its unfinished regions.",
+            )
+        ],
+    )
+
+
+def register_crash_detection(settings: ServeSettings) -> None:
+    """Create (or replace) the crash-detection automation on the Prefect API."""
+    from prefect import get_client
+
+    automation = crash_detection(settings)
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(CRASH_AUTOMATION):
+            client.delete_automation(old.id)
+    automation.create()
+
+
 def serve(settings: ServeSettings, limit: int | None = None) -> None:
-    """Register the deployments with the Prefect API and run their flow runs (blocks)."""
+    """Register the deployments and crash detection with the Prefect API and run the
+    deployments' flow runs (blocks until stopped)."""
     from prefect import serve as prefect_serve
 
+    # Served runs (child processes) send heartbeats; a run without them is crashed.
+    os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(settings.heartbeat_s)
+    register_crash_detection(settings)
     prefect_serve(*build_deployments(settings), limit=limit)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
+
+M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
 
 CORE_LOGGERS = ("unet_core", "tasks", "flows")
 
@@ -18,3 +28,136 @@ def core_logs_to_prefect() -> None:
         for handler in extra.handlers:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
+
+
+# ---------------------------------------------------------------- flat flow parameters
+
+#: Name suffixes that carry a unit: ``retry_delay_s`` is titled "Retry delay (s)".
+UNIT_SUFFIXES = {"s": "s", "mb": "MB", "gb": "GB", "px": "px"}
+
+
+def field_title(name: str, field: FieldInfo) -> str:
+    """The form title of a field: its own title, or its name in words with the unit."""
+    if field.title:
+        return field.title
+    words = name.split("_")
+    unit = UNIT_SUFFIXES.get(words[-1]) if len(words) > 1 else None
+    if unit:
+        words.pop()
+    text = " ".join(words).capitalize()
+    return f"{text} ({unit})" if unit else text
+
+
+def field_description(field: FieldInfo) -> str:
+    """The description as the UI shows it: no ``<...>`` (rendered as HTML and swallowed),
+    with the field's bounds stated."""
+    text = re.sub(r"<([^<>]*)>", r"{\1}", field.description or "").strip()
+    low = high = None
+    for m in field.metadata:
+        low = getattr(m, "ge", getattr(m, "gt", low))
+        high = getattr(m, "le", getattr(m, "lt", high))
+    if low is not None or high is not None:
+        lo = "" if low is None else f"{low:g}" if isinstance(low, float) else f"{low}"
+        hi = "" if high is None else f"{high:g}" if isinstance(high, float) else f"{high}"
+        bounds = f"from {lo} to {hi}" if lo and hi else f"at least {lo}" if lo else f"at most {hi}"
+        text = f"{text} Allowed: {bounds}.".strip()
+    return text
+
+
+def flat_signature(
+    model: type[BaseModel],
+    first: Sequence[str] = (),
+    examples: Mapping[str, list[Any]] | None = None,
+) -> inspect.Signature:
+    """Keyword parameters made from a pydantic model's fields, ``first`` ones first.
+
+    Prefect builds the run form and validates runs from a flow's signature, so each field
+    becomes one top-level parameter with its type, bounds (``Annotated`` metadata), default,
+    description and title; ``prefect deployment run --param NAME=VALUE`` sets one field.
+    """
+    names = list(first) + [n for n in model.model_fields if n not in first]
+    params = []
+    for position, name in enumerate(names):
+        field = model.model_fields[name]
+        extra: dict[str, Any] = {"title": field_title(name, field), "position": position}
+        shown = (examples or {}).get(name, field.examples)
+        if shown:
+            extra["examples"] = shown
+        if field.default_factory is not None:
+            default: Any = field.default_factory()  # type: ignore[call-arg]
+        else:
+            default = field.default
+        info = Field(default, description=field_description(field), json_schema_extra=extra)
+        annotation: Any = field.annotation
+        if field.metadata:
+            annotation = Annotated[(annotation, *field.metadata)]
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation
+            )
+        )
+    return inspect.Signature(params, return_annotation=dict[str, Any])
+
+
+def flat_parameters(
+    model: type[M], first: Sequence[str] = (), examples: Mapping[str, list[Any]] | None = None
+) -> Callable[[Callable[[M], R]], Callable[..., R]]:
+    """Turn ``fn(params: Model)`` into ``fn(**fields)`` with a flat signature for Prefect."""
+
+    def wrap(fn: Callable[[M], R]) -> Callable[..., R]:
+        def flat(**values: Any) -> R:
+            return fn(model(**values))
+
+        flat.__name__ = fn.__name__
+        flat.__qualname__ = fn.__qualname__
+        flat.__module__ = fn.__module__
+        flat.__doc__ = fn.__doc__
+        flat.__signature__ = flat_signature(model, first, examples)  # type: ignore[attr-defined]
+        return flat
+
+    return wrap
+
+
+# ------------------------------------------------------------------ run identity helpers
+
+
+def add_run_tags(*tags: str) -> None:
+    """Add tags to the current flow run (the UI filters runs by them)."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    if not run_id:
+        return
+    wanted = [t[:100] for t in tags if t]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        merged = list(dict.fromkeys([*run.tags, *wanted]))
+        if merged != list(run.tags):
+            client.update_flow_run(run_id, tags=merged)
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> None:
+    """One markdown artifact per key and flow run: a retried run replaces its own earlier
+    version instead of adding a second one (other runs' versions stay in the history)."""
+    from prefect import get_client
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    if run_id:
+        with get_client(sync_client=True) as client:
+            old = client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[key]),
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+                )
+            )
+            for artifact in old:
+                client.delete_artifact(artifact.id)
+    create_markdown_artifact(markdown, key=key, description=description)

@@ -8,48 +8,72 @@ reported, and the night goes on with the next one. The manifest in the output lo
 from __future__ import annotations
 
 import time
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
+from pydantic import ConfigDict, Field
 
-from flows import core_logs_to_prefect
+from flows import core_logs_to_prefect, flat_parameters
 from flows.segment import SegmentOptions, SegmentVolumeParams, segment_volume
 from tasks.inbox import classify, output_for, read_manifest, record, scan_inbox, write_manifest
+from tasks.paths import volume_name
+from tasks.runstate import store_exists
 from unet_core.runtime import configure
 
 
-class NightlyParams(BaseModel):
-    """Where new volumes arrive, where results go, and which model segments them."""
+class NightlyParams(SegmentOptions):
+    """Where new volumes arrive, where results go, which model segments them, and how."""
 
     model_config = ConfigDict(extra="forbid")
 
-    inbox: str = Field(..., min_length=1, description="Folder or s3:// prefix to watch.")
-    output: str = Field(
-        ..., min_length=1, description="Folder or s3:// prefix for results and the manifest."
+    inbox: str = Field(
+        ..., min_length=1, title="Inbox", description="Folder or s3:// prefix to watch."
     )
-    model: str = Field(..., min_length=1, description="Checkpoint file (.ckpt).")
+    output: str = Field(
+        ...,
+        min_length=1,
+        title="Output location",
+        description="Folder or s3:// prefix for results and the manifest.",
+    )
+    model: str = Field(..., min_length=1, title="Model", description="Checkpoint file (.ckpt).")
     settle_s: float = Field(
         600.0,
         ge=0,
         le=7 * 24 * 3600,
-        description="Volumes modified more recently than this are left for the next night.",
+        title="Settle time (s)",
+        description="Volumes modified more recently than this are left for a later run.",
     )
-    max_volumes: int = Field(100, ge=1, le=10_000, description="At most this many per night.")
-    options: SegmentOptions = Field(
-        default_factory=SegmentOptions, description="How each volume is segmented."
+    max_volumes: int = Field(
+        100, ge=1, le=10_000, title="Max volumes", description="At most this many per night."
     )
 
+    def options(self) -> dict[str, Any]:
+        """How each volume is segmented (the :class:`SegmentOptions` fields)."""
+        return self.model_dump(include=set(SegmentOptions.model_fields))
 
-@flow(name="nightly-inbox", log_prints=True)
-def nightly_inbox(params: NightlyParams) -> dict[str, Any]:
-    """Process the inbox: new settled volumes are segmented; failures don't stop the night."""
+
+def _nightly_name() -> str:
+    from prefect.runtime import flow_run
+
+    when = flow_run.scheduled_start_time or datetime.now(UTC)
+    return f"nightly-{when:%Y-%m-%d-%H%M}"
+
+
+@flow(name="nightly-inbox", flow_run_name=_nightly_name, log_prints=True)
+@flat_parameters(NightlyParams, first=("inbox", "output", "model", "settle_s", "max_volumes"))
+def nightly_inbox(params: NightlyParams) -> dict[str, Any] | State:
+    """Process the inbox: new settled volumes are segmented; failures don't stop the night,
+    and the run ends Failed when any volume failed."""
     configure()
     core_logs_to_prefect()
     logger = get_run_logger()
     manifest = read_manifest(params.output)
-    groups = classify(scan_inbox(params.inbox), manifest, params.settle_s)
+    now = time.time()
+    groups = classify(scan_inbox(params.inbox), manifest, params.settle_s, now=now)
     logger.info(
         "inbox %s: %d new, %d still arriving, %d done before, %d failed before (unchanged)",
         params.inbox,
@@ -61,11 +85,11 @@ def nightly_inbox(params: NightlyParams) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for c in groups["new"][: params.max_volumes]:
         out = output_for(params.output, c)
-        vp = SegmentVolumeParams(
-            source=c.path, model=params.model, output=out, **params.options.model_dump()
-        )
+        name = volume_name(c.path)
+        vp = SegmentVolumeParams(source=c.path, model=params.model, output=out, **params.options())
         t0 = time.perf_counter()
-        state = segment_volume(vp, return_state=True)
+        with tags("segflow", "nightly", name):
+            state = cast(State, segment_volume(**vp.flow_parameters(), return_state=True))
         seconds = round(time.perf_counter() - t0, 1)
         if state.is_completed():
             summary = state.result()
@@ -88,7 +112,7 @@ def nightly_inbox(params: NightlyParams) -> dict[str, Any]:
                 {
                     "volume": c.path,
                     "status": "failed",
-                    "output": out,
+                    "output": out if store_exists(out) else None,
                     "objects": None,
                     "seconds": seconds,
                     "detail": message,
@@ -98,9 +122,17 @@ def nightly_inbox(params: NightlyParams) -> dict[str, Any]:
     for c in groups["new"][params.max_volumes :]:
         rows.append(_row(c, "deferred", "over max_volumes; next night"))
     for c in groups["unsettled"]:
-        rows.append(_row(c, "skipped", f"modified less than {params.settle_s:.0f} s ago"))
+        eligible = datetime.fromtimestamp(c.modified + params.settle_s, UTC)
+        rows.append(
+            _row(
+                c,
+                "skipped",
+                f"modified less than {params.settle_s:.0f} s ago; eligible from "
+                f"{eligible:%Y-%m-%d %H:%M:%S} UTC",
+            )
+        )
     for c in groups["failed"]:
-        rows.append(_row(c, "skipped", "failed before and unchanged since"))
+        rows.append(_row(c, "skipped", "failed before and unchanged since; fix or replace it"))
     counts = {
         s: sum(r["status"] == s for r in rows)
         for s in ("processed", "failed", "skipped", "deferred")
@@ -114,7 +146,15 @@ def nightly_inbox(params: NightlyParams) -> dict[str, Any]:
         + f"\n\nInbox `{params.inbox}`, output `{params.output}`.\n",
         key="segflow-nightly-summary",
     )
-    return {"counts": counts, "volumes": rows}
+    result = {"counts": counts, "volumes": rows}
+    if counts["failed"]:
+        failed = [r["volume"] for r in rows if r["status"] == "failed"]
+        return Failed(
+            message=f"{len(failed)} of {counts['processed'] + len(failed)} volumes failed: "
+            + ", ".join(failed),
+            data=result,
+        )
+    return result
 
 
 def _row(c: Any, status: str, detail: str) -> dict[str, Any]:

@@ -9,16 +9,14 @@ retried run and retried task skip finished work.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
+from datetime import datetime
 from typing import Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
-    create_link_artifact,
-    create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
@@ -28,11 +26,17 @@ from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 from pydantic import ConfigDict, Field
 
-from flows import core_logs_to_prefect
+from flows import add_run_tags, core_logs_to_prefect, flat_parameters, publish_markdown
 from tasks.blockwise import Regions, Runner, blocks_per_region
 from tasks.paths import is_tiff_source, store_beside, volume_name
 from tasks.regions import forget_regions, run_region
-from tasks.report import markdown_report, write_preview
+from tasks.report import (
+    markdown_report,
+    png_data_uri,
+    preview_picture,
+    size_histogram,
+    write_preview,
+)
 from tasks.runstate import Lease
 from tasks.segment import (
     SegmentParams,
@@ -43,7 +47,13 @@ from tasks.segment import (
     prepare_outputs,
 )
 from tasks.store import attributes, open_group, retry_transient
-from unet_core.errors import ConfigError, SegflowError
+from unet_core.errors import (
+    CheckpointError,
+    ConfigError,
+    IncompleteError,
+    InvalidVolumeError,
+    SegflowError,
+)
 from unet_core.runtime import configure
 
 
@@ -93,29 +103,79 @@ class SegmentVolumeParams(SegmentOptions):
     """One volume: where it is, which model, where the outputs go, and how."""
 
     source: str = Field(
-        ..., min_length=1, description="TIFF file, slice folder or OME-Zarr image (or s3://)."
+        ...,
+        min_length=1,
+        title="Source",
+        description="TIFF file, folder of TIFF slices or OME-Zarr image (local path or s3://).",
+        examples=["/data/inbox/brain-01.tif"],
     )
-    model: str = Field(..., min_length=1, description="Checkpoint file (.ckpt).")
+    model: str = Field(
+        ...,
+        min_length=1,
+        title="Model",
+        description="U-Net checkpoint file (.ckpt) written by segflow train.",
+        examples=["/models/unet-2d.ckpt"],
+    )
     output: str | None = Field(
         None,
-        description="OME-Zarr store for the outputs (default: the image itself, or "
-        "<source>.ome.zarr beside a TIFF).",
+        title="Output store",
+        description="OME-Zarr store for the outputs. Empty: the image itself, or, for a "
+        "TIFF, a store named after it with .ome.zarr beside it.",
     )
     regions: list[int] | None = Field(
-        None, description="Recompute only these regions (ids from an earlier run's report)."
+        None,
+        title="Only these regions",
+        description="Recompute only these region ids (from a failed run's report).",
+        examples=[[0, 3]],
     )
-    force: bool = Field(False, description="Recompute everything.")
+    force: bool = Field(False, title="Force", description="Recompute everything.")
+
+    def flow_parameters(self) -> dict[str, Any]:
+        """The flow's keyword parameters: ``segment_volume(**p.flow_parameters())``."""
+        return self.model_dump()
+
+
+#: Prefect's own run names (two random words), replaced by volume + time.
+_GENERATED_NAME = re.compile(r"[a-z]+-[a-z]+")
 
 
 def _run_name() -> str:
+    """The volume and a short time stamp; a name typed in the run form (or set by an
+    earlier attempt of this run) is kept."""
     from prefect.runtime import flow_run
 
-    params = flow_run.parameters.get("params", {})
-    source = params.get("source", "volume") if isinstance(params, dict) else params.source
-    return "segment-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", volume_name(str(source)))[:60]
+    current = str(flow_run.name or "")
+    if current and not _GENERATED_NAME.fullmatch(current):
+        return current
+    source = str(flow_run.parameters.get("source", "volume"))
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", volume_name(source))[:60]
+    return f"{slug}-{datetime.now():%y%m%d-%H%M%S}"
 
 
 # -------------------------------------------------------------------------- tasks
+
+
+def _permanent(exc: BaseException) -> bool:
+    """A bad input (corrupt chunk, unreadable file, wrong parameter): retrying won't help."""
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    return any(
+        isinstance(e, (InvalidVolumeError, ConfigError, CheckpointError, IncompleteError))
+        for e in (exc, cause)
+        if e is not None
+    )
+
+
+def _retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
+    """Regions: retried unless their input is bad (a lost worker, an outage: retried)."""
+    try:
+        state.result()
+    except Exception as exc:
+        return not _permanent(exc)
+    return True
+
+
+class RegionsFailedError(SegflowError, RuntimeError):
+    """Some regions of a run failed after their retries (the report says where)."""
 
 
 @task(name="ingest", retries=1, retry_condition_fn=retry_transient)
@@ -162,23 +222,26 @@ def stitch_step(
         "seconds": res.seconds,
         "reused": res.reused,
         "top": res.table.nlargest(10, "voxels").to_dict(orient="records") if len(res.table) else [],
+        "size_histogram": size_histogram(res.table["voxels"].to_numpy()) if len(res.table) else [],
     }
 
 
 @task(name="report")
-def report_step(summary: dict[str, Any], image: str, out: str, labels: str) -> dict[str, Any]:
+def report_step(
+    summary: dict[str, Any], image: str, out: str, labels: str | None
+) -> dict[str, Any]:
+    """Publish the run's report (one per volume key; a retried run replaces its own)."""
     slug = re.sub(r"[^a-z0-9-]+", "-", summary["volume"].lower()).strip("-")[:40] or "volume"
-    try:
-        summary["preview"] = write_preview(image, out, labels)
-        link = summary["preview"]
-        link = link if "://" in link else "file://" + os.path.abspath(link)
-        create_link_artifact(
-            link, link_text="preview (middle slice)", key=f"segflow-preview-{slug}"
-        )
-    except Exception as exc:  # a missing preview must not fail a finished run
-        get_run_logger().warning("no preview: %s", exc)
-    create_markdown_artifact(
-        markdown_report(summary), key=f"segflow-report-{slug}", description="segflow run report"
+    if labels is not None:
+        try:
+            picture = preview_picture(image, out, labels)
+            summary["preview"] = write_preview(image, out, labels, picture=picture)
+            summary["preview_uri"] = png_data_uri(picture)
+        except Exception as exc:  # a missing preview must not fail a finished run
+            get_run_logger().warning("no preview: %s", exc)
+    shown = {k: v for k, v in summary.items() if k != "preview_uri"}
+    publish_markdown(
+        f"segflow-report-{slug}", markdown_report(summary), description="segflow run report"
     )
     if summary.get("top_objects"):
         create_table_artifact(
@@ -187,13 +250,18 @@ def report_step(summary: dict[str, Any], image: str, out: str, labels: str) -> d
     elif summary.get("class_voxels"):
         rows = [{"class": k, "voxels": v} for k, v in summary["class_voxels"].items()]
         create_table_artifact(rows, key=f"segflow-classes-{slug}", description="voxels per class")
-    return summary
+    return shown
 
 
 # --------------------------------------------------------------------------- flow
 
 
 @flow(name="segment-volume", flow_run_name=_run_name, log_prints=True)
+@flat_parameters(
+    SegmentVolumeParams,
+    first=("source", "model", "output"),
+    examples={"chunks": [[64, 256, 256]], "tile": [[1, 572, 572]]},
+)
 def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     """Segment one volume: ingest (TIFF), segment regions on Dask, stitch, report."""
     configure()
@@ -203,6 +271,8 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     name = volume_name(params.source)
+    add_run_tags("segflow", name)
+    complete = False
     with dask_client(address=params.dask_address) as client:
         address = params.dask_address or client.scheduler.address
         image = params.source
@@ -214,6 +284,7 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
             timings["ingest"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         plan = plan_step(image, params.model, output, params)
+        add_run_tags(f"model-{plan.model_digest[:8]}")
         with Lease(plan.out_url, "segment-volume", wait_s=params.lease_wait_s) as lease:
             summary, failed = _segment_regions(plan, params, address, name, logger)
             timings["segment"] = time.perf_counter() - t1
@@ -231,18 +302,20 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
                     objects=st["objects"],
                     objects_table=st["table_csv"],
                     top_objects=st["top"],
+                    size_histogram=st["size_histogram"],
                     stitch_reused=st["reused"],
                 )
     summary["seconds"] = time.perf_counter() - t0
     summary["voxels_per_second"] = plan.voxels / max(timings.get("segment", 0.0), 1e-9)
     summary["timings"] = timings
     shown = "instances" if summary.get("instances") else params.labels_name
-    if complete:
-        report_step(summary, plan.image.url, plan.out_url, shown)
+    summary = report_step(summary, plan.image.url, plan.out_url, shown if complete else None)
     if failed:
-        raise RuntimeError(
-            f"{name}: regions {sorted(failed)} failed after retries; re-run (or retry this flow "
-            "run) to recompute only them"
+        first = summary["failed_regions"][0]
+        raise RegionsFailedError(
+            f"{name}: regions {sorted(failed)} failed (first: region {first['region']}, voxels "
+            f"{first['voxel_box']}: {first['error']}); the run report lists each one and the "
+            "parameters to re-run exactly those; retrying this run recomputes only them"
         )
     return summary
 
@@ -290,10 +363,11 @@ def _segment_regions(
         retry_delay_seconds=exponential_backoff(backoff_factor=params.retry_delay_s)
         if params.retry_delay_s > 0
         else 0,
+        retry_condition_fn=_retry_unless_permanent,
     )
     results: list[dict[str, Any]] = []
-    failed: list[int] = []
-    finished = count - len(todo)
+    errors: dict[int, str] = {}
+    done_now = count - len(todo)
     waiting = list(reversed(todo))
     running: dict[Any, int] = {}
     # A bounded window of region tasks: a 2,000-region run must not start 2,000 threads.
@@ -306,12 +380,12 @@ def _segment_regions(
             region = running.pop(fut)
             try:
                 results.append(fut.result())
-            except Exception as exc:
-                failed.append(region)
-                logger.error("region %d failed for good: %s", region, exc)
-            finished += 1
+                done_now += 1
+            except Exception as exc:  # logged with its traceback by the task run already
+                errors[region] = str(exc) or type(exc).__name__
             break  # refill the window
-        update_progress_artifact(progress_id, 100.0 * (finished - len(failed)) / count)
+        update_progress_artifact(progress_id, 100.0 * done_now / count)
+    failed = sorted(errors)
     summary: dict[str, Any] = {
         "volume": name,
         "source": params.source,
@@ -325,7 +399,7 @@ def _segment_regions(
         "blocks_per_region": regions.per_region,
         "regions_computed": len(results),
         "regions_skipped": count - len(todo),
-        "regions_failed": sorted(failed) or None,
+        "regions_failed": failed or None,
         "blocks": plan.n_blocks,
         "blocks_computed": sum(r["computed"] for r in results),
         "blocks_reused": plan.n_blocks
@@ -337,6 +411,10 @@ def _segment_regions(
         "class_voxels": _class_voxels(plan, results) if len(results) == count else None,
         "parameters": params.model_dump(),
     }
+    if failed:
+        summary["failed_regions"] = [_where_region(plan, regions, r, errors[r]) for r in failed]
+        rerun = params.model_dump(exclude_defaults=True, exclude={"force", "regions"})
+        summary["rerun_parameters"] = {**rerun, "regions": failed}
     logger.info(
         "%s: %d blocks computed, %d reused from earlier runs under the same key",
         name,
@@ -344,6 +422,29 @@ def _segment_regions(
         summary["blocks_reused"],
     )
     return summary, failed
+
+
+def _where_region(plan: SegmentPlan, regions: Regions, region: int, error: str) -> dict[str, Any]:
+    """A failed region located: its blocks, their voxel and physical boxes, first error."""
+    blocks = regions.blocks(region)
+    axes = plan.image.spatial_axes
+    scale = plan.image.spatial_scale
+    unit = plan.image.unit or "units"
+    shown = blocks if len(blocks) <= 4 else [blocks[0], blocks[-1]]
+    sep = "; " if len(blocks) <= 4 else " .. "
+    voxel, physical = [], []
+    for index in shown:
+        box = plan.write_box(index)
+        spans = list(zip(axes, box.begin, box.end, scale, strict=True))
+        voxel.append(", ".join(f"{a} {b}:{e}" for a, b, e, _ in spans))
+        physical.append(", ".join(f"{a} {b * s:g}-{e * s:g}" for a, b, e, s in spans))
+    return {
+        "region": region,
+        "blocks": sep.join(str(tuple(int(i) for i in b)) for b in shown),
+        "voxel_box": sep.join(voxel),
+        "physical_box": sep.join(physical) + f" ({unit})",
+        "error": error.splitlines()[0] if error else "",
+    }
 
 
 def _labels_key(plan: SegmentPlan) -> str | None:

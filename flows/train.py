@@ -20,6 +20,7 @@ from prefect.artifacts import (
 )
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows import flat_parameters
 from tasks.training.report import summary
 from tasks.training.run import run_training
 from unet_core.runtime import configure
@@ -129,6 +130,7 @@ def report_markdown(result: dict[str, Any]) -> str:
 
 
 @flow(name="train-model", log_prints=True)
+@flat_parameters(TrainParams, first=("images", "labels", "out", "resume"))
 def train_model(params: TrainParams) -> dict[str, Any]:
     """Train a U-Net on annotated images and publish a report artifact."""
     configure()

@@ -31,6 +31,10 @@ def serve(
         float, typer.Option(help="Seconds a volume must be unmodified before it is taken.")
     ] = 600.0,
     limit: Annotated[int | None, typer.Option(help="At most this many flow runs at once.")] = None,
+    crash_after: Annotated[
+        float,
+        typer.Option(help="Seconds without a heartbeat after which a run is marked Crashed."),
+    ] = 120.0,
 ) -> None:
     """Register segflow's deployments with the Prefect API (PREFECT_API_URL) and run them.
 
@@ -41,7 +45,13 @@ def serve(
     from deployments.serve import serve as run_serve
 
     settings = ServeSettings(
-        inbox=inbox, output=output, model=model, cron=cron, timezone=timezone, settle_s=settle
+        inbox=inbox,
+        output=output,
+        model=model,
+        cron=cron,
+        timezone=timezone,
+        settle_s=settle,
+        crash_after_s=crash_after,
     )
     if not (inbox and output and model):
         typer.echo("no --inbox/--output/--model: serving the on-demand deployments only", err=True)

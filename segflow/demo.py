@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     store = out / "volume.ome.zarr"
     print("[3/5] segment-volume flow: ingest -> segment -> stitch -> report ...", flush=True)
     summary = segment_volume(
-        SegmentVolumeParams(
+        **SegmentVolumeParams(
             source=str(tif),
             model=str(ckpt),
             output=str(store),
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             probabilities=True,
             max_regions=6,
             retry_delay_s=1,
-        )
+        ).flow_parameters()
     )
     print(
         f"      {summary['blocks_computed']} blocks computed, {summary['blocks_reused']} reused"

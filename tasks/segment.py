@@ -101,11 +101,19 @@ class SegmentParams(BaseModel):
         description="CPU fp32: bitwise equal to a whole-volume pass (slower kernels).",
     )
     probabilities: bool = Field(False, description="Also write class probabilities.")
-    probabilities_dtype: Literal["float16", "float32"] = Field("float16")
+    probabilities_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Data type of the written probabilities."
+    )
     channel: int | None = Field(
         None, ge=0, description="Use only this channel of a multi-channel image."
     )
-    labels_name: str = Field("semantic", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    labels_name: str = Field(
+        "semantic",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name of the labels image written under labels/ (letters, digits, _ . -).",
+    )
 
     def output_fields(self) -> dict[str, Any]:
         """The fields that change what is written (device and batch size do not)."""

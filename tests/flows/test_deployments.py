@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import pytest
 import torch
 import zarr
 
+from tasks.blockwise import Markers
 from tasks.store import write_image
 from unet_core import UNet, UNetConfig, save_checkpoint
 
@@ -54,10 +56,9 @@ def _api(method: str, url: str, **kw) -> httpx.Response:
     return r
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def _stack(tmp: Path, *serve_args: str):
     """A prefect server and a `segflow serve` process, both real, on loopback."""
-    tmp = tmp_path_factory.mktemp("served")
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
@@ -71,7 +72,7 @@ def served(tmp_path_factory):
     torch.manual_seed(0)
     model = tmp / "m.ckpt"
     save_checkpoint(model, UNet(UNetConfig(ndim=2, depth=2, base_channels=4)))
-    (tmp / "inbox").mkdir()
+    (tmp / "inbox").mkdir(exist_ok=True)
     logs = open(tmp / "server.log", "w")  # noqa: SIM115 - closed at teardown
     server = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -81,30 +82,40 @@ def served(tmp_path_factory):
         start_new_session=True,
     )
     procs = [server]
+    serve_cmd = [
+        str(BIN / "segflow"),
+        "serve",
+        "--inbox",
+        str(tmp / "inbox"),
+        "--output",
+        str(tmp / "results"),
+        "--model",
+        str(model),
+        "--timezone",
+        "Europe/Berlin",
+        *serve_args,
+    ]
+
+    def start_serve() -> subprocess.Popen:
+        serve_log = open(tmp / "serve.log", "a")  # noqa: SIM115
+        proc = subprocess.Popen(
+            serve_cmd, env=env, stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        procs.append(proc)
+        return proc
+
     try:
         _wait(f"{api}/health")
-        serve_log = open(tmp / "serve.log", "w")  # noqa: SIM115
-        serve = subprocess.Popen(
-            [
-                str(BIN / "segflow"),
-                "serve",
-                "--inbox",
-                str(tmp / "inbox"),
-                "--output",
-                str(tmp / "results"),
-                "--model",
-                str(model),
-                "--timezone",
-                "Europe/Berlin",
-            ],
-            env=env,
-            stdout=serve_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        procs.append(serve)
+        serve = start_serve()
         _wait(f"{api}/deployments/name/segment-volume/on-demand")
-        yield {"api": api, "tmp": tmp, "model": str(model)}
+        yield {
+            "api": api,
+            "tmp": tmp,
+            "model": str(model),
+            "serve": serve,
+            "start_serve": start_serve,
+            "port": port,
+        }
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -116,12 +127,30 @@ def served(tmp_path_factory):
         logs.close()
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with _stack(tmp_path_factory.mktemp("served")) as stack:
+        yield stack
+
+
+def _wait_state(api: str, run_id: str, states: set[str], timeout: float) -> dict:
+    deadline = time.time() + timeout
+    run: dict = {}
+    while time.time() < deadline:
+        run = _api("GET", f"{api}/flow_runs/{run_id}").json()
+        if run["state"]["type"] in states:
+            return run
+        time.sleep(1)
+    raise TimeoutError(f"run {run_id} still {run.get('state', {}).get('type')}")
+
+
 def test_deployments_schema_and_nightly_schedule(served):
     api = served["api"]
     dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
     schema = dep["parameter_openapi_schema"]
     assert dep["enforce_parameter_schema"] is True
-    props = schema["definitions"]["SegmentVolumeParams"]["properties"]
+    props = schema["properties"]
+    assert list(props)[:3] == ["source", "model", "output"]
     assert props["batch_size"]["minimum"] == 1
     assert props["batch_size"]["maximum"] == 256
     assert props["connectivity"]["maximum"] == 3
@@ -131,15 +160,18 @@ def test_deployments_schema_and_nightly_schedule(served):
     sched = nightly["schedules"][0]["schedule"]
     assert sched["cron"] == "0 2 * * *"
     assert sched["timezone"] == "Europe/Berlin"
-    assert nightly["parameters"]["params"]["inbox"].endswith("inbox")
+    assert nightly["parameters"]["inbox"].endswith("inbox")
+    assert nightly["parameters"]["settle_s"] == 600.0
+    names = [a["name"] for a in _api("POST", f"{api}/automations/filter", json={}).json()]
+    assert names.count("segflow: mark runs without heartbeats Crashed") == 1
     train = _wait(f"{api}/deployments/name/train-model/on-demand").json()
-    assert "TrainParams" in train["parameter_openapi_schema"]["definitions"]
+    assert list(train["parameter_openapi_schema"]["properties"])[:3] == ["images", "labels", "out"]
 
 
 def test_out_of_bounds_parameter_is_rejected_by_the_server(served):
     api = served["api"]
     dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
-    bad = {"params": {"source": "x.ome.zarr", "model": "m.ckpt", "batch_size": 0}}
+    bad = {"source": "x.ome.zarr", "model": "m.ckpt", "batch_size": 0}
     r = _api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": bad})
     assert r.status_code == 409, r.text
     assert "batch_size" in r.text
@@ -155,9 +187,7 @@ def test_triggered_run_completes(served):
         chunks=(2, 32, 32),
     )
     dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
-    params = {
-        "params": {"source": src, "model": served["model"], "tile": [1, 60, 60], "device": "cpu"}
-    }
+    params = {"source": src, "model": served["model"], "tile": [1, 60, 60], "device": "cpu"}
     r = _api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
     assert r.status_code == 201, r.text
     run_id = r.json()["id"]
@@ -170,7 +200,99 @@ def test_triggered_run_completes(served):
             break
         time.sleep(2)
     assert state == "COMPLETED", (state, (tmp / "serve.log").read_text()[-3000:])
-    assert run["name"] == "segment-vol"
+    assert run["name"].startswith("vol-")
+    assert {"segflow", "vol"} <= set(run["tags"])
     root = zarr.open_group(src, mode="r")
     assert root["labels/semantic/0"].shape == (4, 64, 64)
     assert root["labels/instances"].attrs["segflow"]["complete"] is True
+
+
+def test_one_field_of_the_nightly_run_is_set_from_the_command_line(served):
+    """`prefect deployment run ... --param settle_s=0` changes one field, keeps the rest."""
+    env = {**os.environ, "PREFECT_API_URL": served["api"]}
+    out = subprocess.run(
+        [
+            str(BIN / "prefect"),
+            "deployment",
+            "run",
+            "nightly-inbox/nightly",
+            "--param",
+            "settle_s=0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_id = out.stdout.split("UUID:")[1].split()[0]
+    run = _api("GET", f"{served['api']}/flow_runs/{run_id}").json()
+    assert run["parameters"]["settle_s"] == 0
+    assert run["parameters"]["inbox"].endswith("inbox")
+
+
+def test_killed_serve_process_leaves_a_crashed_run_that_retries_only_unfinished_work(
+    tmp_path,
+):
+    """SIGKILL of `segflow serve` mid-run: the run is Crashed within crash_after_s (+ the
+    server's evaluation delay); retried (what the UI's Retry does) after serve restarts, it
+    computes only the blocks that had no marker."""
+    with _stack(tmp_path, "--crash-after", "45") as stack:
+        api = stack["api"]
+        src = str(tmp_path / "big.ome.zarr")
+        rng = np.random.default_rng(1)
+        write_image(
+            src, (rng.random((24, 128, 128)) * 255).astype(np.uint8), "zyx", chunks=(1, 64, 64)
+        )
+        dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
+        params = {
+            "source": src,
+            "model": stack["model"],
+            "tile": [1, 60, 60],
+            "device": "cpu",
+            "instances": False,
+            "max_regions": 48,
+            "regions_in_flight": 1,
+        }
+        r = _api(
+            "POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params}
+        )
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        _wait_state(api, run_id, {"RUNNING"}, 180)
+        markers = tmp_path / "big.ome.zarr"
+        deadline = time.time() + 180
+        while time.time() < deadline:  # let a few regions finish, then kill
+            m = Markers.open(src, "segment-semantic")
+            if m is not None and int(m.done_mask().sum()) >= 4:
+                break
+            time.sleep(0.5)
+        os.killpg(stack["serve"].pid, signal.SIGKILL)
+        killed = time.time()
+        done_before = int(Markers.open(src, "segment-semantic").done_mask().sum())
+        assert done_before < 96, "the run finished before it was killed"
+        crashed = _wait_state(api, run_id, {"CRASHED"}, 300)
+        to_crashed = time.time() - killed
+        print(f"kill to Crashed: {to_crashed:.0f} s")
+        assert "heartbeat" in crashed["state"]["message"]
+        (tmp_path / "kill_to_crashed_s.txt").write_text(f"{to_crashed:.1f}\n")
+        stack["start_serve"]()
+        _wait(f"{api}/deployments/name/segment-volume/on-demand")
+        r = _api(
+            "POST",
+            f"{api}/flow_runs/{run_id}/set_state",
+            json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True},
+        )
+        assert r.status_code in (200, 201), r.text
+        done = _wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"}, 400)
+        assert done["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        report = _api(
+            "POST",
+            f"{api}/artifacts/filter",
+            json={"artifacts": {"key": {"any_": ["segflow-report-big"]}}},
+        ).json()
+        assert len([a for a in report if a["flow_run_id"] == run_id]) == 1
+        text = report[0]["data"]
+        computed = int(text.split("| regions computed | ")[1].split(" ")[0])
+        assert computed < 48  # finished regions were not recomputed
+        assert markers.exists()

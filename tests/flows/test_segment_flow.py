@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -43,7 +45,7 @@ def params(source, model, dask_client, **kw):
         "dask_address": dask_client.scheduler.address,
     }
     base.update(kw)
-    return SegmentVolumeParams(**base)
+    return SegmentVolumeParams(**base).flow_parameters()
 
 
 def task_runs(flow_run_id):
@@ -74,7 +76,7 @@ def run_logs(flow_run_id):
 def test_flow_end_to_end_from_tiff(tmp_path, model, dask_client):
     tif = tmp_path / "sample.tif"
     tifffile.imwrite(tif, volume(), metadata={"axes": "ZYX"})
-    state = segment_volume(params(tif, model, dask_client), return_state=True)
+    state = segment_volume(**params(tif, model, dask_client), return_state=True)
     assert state.is_completed(), state
     summary = state.result()
     out = str(tmp_path / "sample.ome.zarr")
@@ -93,12 +95,34 @@ def test_flow_end_to_end_from_tiff(tmp_path, model, dask_client):
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
         artifacts = client.read_artifacts()
-    assert run.name == "segment-sample"
-    keys = {a.key for a in artifacts}
-    assert {"segflow-report-sample", "segflow-preview-sample"} <= keys
+    assert re.fullmatch(r"sample-\d{6}-\d{6}", run.name), run.name
+    assert {"segflow", "sample", f"model-{summary['model_digest'][:8]}"} <= set(run.tags)
+    reports = [a for a in artifacts if a.key == "segflow-report-sample"]
+    assert len(reports) == 1
+    assert "](data:image/png;base64," in str(reports[0].data)  # the preview, embedded
+    assert "## Object sizes" in str(reports[0].data)
     assert any(a.type == "progress" for a in artifacts)
     logs = run_logs(state.state_details.flow_run_id)
     assert any("region 0:" in m and "blocks computed" in m for m in logs)
+
+
+def _report(state, key):
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
+        )
+    assert len(found) == 1, found
+    return str(found[0].data)
 
 
 def test_region_fails_then_succeeds_on_retry(tmp_path, model, dask_client, monkeypatch):
@@ -106,7 +130,7 @@ def test_region_fails_then_succeeds_on_retry(tmp_path, model, dask_client, monke
     write_image(src, volume(1), "zyx", chunks=(2, 32, 32))
     monkeypatch.setenv(FAULT_ENV, "1:2")
     state = segment_volume(
-        params(src, model, dask_client, region_retries=2, instances=False), return_state=True
+        **params(src, model, dask_client, region_retries=2, instances=False), return_state=True
     )
     assert state.is_completed()
     runs = {t.name: t for t in task_runs(state.state_details.flow_run_id)}
@@ -122,29 +146,39 @@ def test_failed_region_then_rerun_recomputes_only_it(tmp_path, model, dask_clien
     write_image(clean, volume(2), "zyx", chunks=(2, 32, 32))
     monkeypatch.setenv(FAULT_ENV, "2:always")
     state = segment_volume(
-        params(src, model, dask_client, region_retries=1, instances=False), return_state=True
+        **params(src, model, dask_client, region_retries=1, instances=False), return_state=True
     )
     assert state.is_failed()
-    assert "regions [2] failed" in str(state.message) or "[2]" in repr(
-        state.result(raise_on_failure=False)
-    )
+    assert "regions [2] failed" in str(state.message)
+    assert "injected fault in region 2" in str(state.message)
+    report = _report(state, "segflow-report-img")
+    assert "## Failed regions (1)" in report
+    # region 2 = blocks 6-8 of the (3, 2, 2) grid, each named with its voxel box
+    assert "| 2 | (1, 1, 0); (1, 1, 1); (2, 0, 0) | z 2:4, y 32:64, x 0:32; " in report
+    assert "injected fault in region 2" in report.split("## Failed regions")[1]
+    rerun = json.loads(report.split("```json")[1].split("```")[0])
+    assert rerun["regions"] == [2]
+    assert rerun["max_regions"] == 4
+    # the failure's traceback is logged once (by its task run), not again by the flow
+    logs = run_logs(state.state_details.flow_run_id)
+    assert sum("in _inject_fault" in m for m in logs) == 1, logs
     done = Markers.open(str(src), "segment-semantic").done_mask()
     assert done.sum() == done.size - 3  # region 2 = 3 blocks of 12
     assert zarr.open_group(src)["labels/semantic"].attrs["segflow"]["complete"] is False
     monkeypatch.delenv(FAULT_ENV)
-    again = segment_volume(params(src, model, dask_client, instances=False))
+    again = segment_volume(**params(src, model, dask_client, instances=False))
     assert again["regions_computed"] == 1
     assert again["regions_skipped"] == 3
     assert again["blocks_computed"] == 3
-    reference = segment_volume(params(clean, model, dask_client, instances=False))
+    reference = segment_volume(**params(clean, model, dask_client, instances=False))
     assert reference["regions_computed"] == 4
     a = zarr.open_group(src, mode="r")["labels/semantic/0"][...]
     b = zarr.open_group(clean, mode="r")["labels/semantic/0"][...]
     assert np.array_equal(a, b)
     # Choosing regions re-runs just those; force re-runs everything.
-    chosen = segment_volume(params(src, model, dask_client, instances=False, regions=[0, 3]))
+    chosen = segment_volume(**params(src, model, dask_client, instances=False, regions=[0, 3]))
     assert chosen["regions_computed"] == 2
-    forced = segment_volume(params(src, model, dask_client, instances=False, force=True))
+    forced = segment_volume(**params(src, model, dask_client, instances=False, force=True))
     assert forced["regions_computed"] == 4
 
 
@@ -163,8 +197,11 @@ def test_nightly_inbox_with_a_corrupt_volume(tmp_path, model, dask_client):
         "region_retries": 0,
         "dask_address": dask_client.scheduler.address,
     }
-    p = NightlyParams(inbox=str(inbox), output=str(out), model=model, settle_s=0, options=options)
-    first = nightly_inbox(p)
+    p = NightlyParams(inbox=str(inbox), output=str(out), model=model, settle_s=0, **options)
+    state = nightly_inbox(**p.model_dump(), return_state=True)
+    assert state.is_failed()  # after processing all the others
+    assert "c.tif" in str(state.message)
+    first = state.result(raise_on_failure=False)
     status = {os.path.basename(r["volume"]): r["status"] for r in first["volumes"]}
     assert status == {"a.tif": "processed", "b.tif": "processed", "c.tif": "failed"}
     failed = next(r for r in first["volumes"] if r["status"] == "failed")
@@ -174,15 +211,30 @@ def test_nightly_inbox_with_a_corrupt_volume(tmp_path, model, dask_client):
         64,
         64,
     )
-    second = nightly_inbox(p)
+    second = nightly_inbox(**p.model_dump())
     assert second["counts"]["processed"] == 0
     assert second["counts"]["failed"] == 0
     assert second["counts"]["already_done"] == 2
     # A volume still being copied (too recent) waits for the next night.
     tifffile.imwrite(inbox / "d.tif", volume(5), metadata={"axes": "ZYX"})
-    third = nightly_inbox(p.model_copy(update={"settle_s": 3600}))
+    third = nightly_inbox(**{**p.model_dump(), "settle_s": 3600})
     status = {os.path.basename(r["volume"]): r["status"] for r in third["volumes"]}
     assert status["d.tif"] == "skipped"
+    detail = next(r["detail"] for r in third["volumes"] if r["volume"].endswith("d.tif"))
+    assert "eligible from" in detail
+    # subflows carry the tags to filter them by
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        subs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                    any_=[state.state_details.flow_run_id]
+                )
+            )
+        )
+    assert {"segflow", "nightly", "a"} <= set(next(r for r in subs if "a" in r.tags).tags)
     assert third["counts"]["processed"] == 0
 
 
@@ -194,17 +246,17 @@ def test_a_rewritten_tiff_is_ingested_again_and_unchanged_results_are_reused(
     tif = tmp_path / "v.tif"
     tifffile.imwrite(tif, data, metadata={"axes": "ZYX"})
     out = str(tmp_path / "v.ome.zarr")
-    first = segment_volume(params(tif, model, dask_client, output=out))
+    first = segment_volume(**params(tif, model, dask_client, output=out))
     assert first["blocks_computed"] == first["blocks"]
     os.utime(tif, (1, 1))  # "changed" on disk: re-ingested, same content
     tifffile.imwrite(tif, data, metadata={"axes": "ZYX"})
-    second = segment_volume(params(tif, model, dask_client, output=out))
+    second = segment_volume(**params(tif, model, dask_client, output=out))
     assert second["blocks_computed"] == 0
     assert second["blocks_reused"] == second["blocks"]
     assert second["stitch_reused"] is True
     # other content: everything is recomputed
     tifffile.imwrite(tif, data[:, ::-1].copy(), metadata={"axes": "ZYX"})
-    third = segment_volume(params(tif, model, dask_client, output=out))
+    third = segment_volume(**params(tif, model, dask_client, output=out))
     assert third["blocks_computed"] == third["blocks"]
     assert third["stitch_reused"] is False
 
@@ -212,16 +264,16 @@ def test_a_rewritten_tiff_is_ingested_again_and_unchanged_results_are_reused(
 def test_regions_rerun_with_other_parameters_is_refused(tmp_path, model, dask_client):
     src = str(tmp_path / "img.ome.zarr")
     write_image(src, volume(12), "zyx", chunks=(2, 32, 32))
-    segment_volume(params(src, model, dask_client, instances=False, chunks=None))
+    segment_volume(**params(src, model, dask_client, instances=False, chunks=None))
     # the same parameters written differently: only region 0 is recomputed
     same = segment_volume(
-        params(src, model, dask_client, instances=False, chunks=[2, 32, 32], regions=[0])
+        **params(src, model, dask_client, instances=False, chunks=[2, 32, 32], regions=[0])
     )
     assert same["regions_computed"] == 1
     assert same["blocks_computed"] == same["blocks_per_region"]
     # other parameters would change every region's key: refused, nothing recomputed
     state = segment_volume(
-        params(src, model, dask_client, instances=False, probabilities=True, regions=[0]),
+        **params(src, model, dask_client, instances=False, probabilities=True, regions=[0]),
         return_state=True,
     )
     assert state.is_failed()

@@ -40,7 +40,7 @@ def test_train_model_flow_writes_checkpoint_and_report(tmp_path, prefect_api):
             depth=2, base_channels=4, patch=(60, 60), batch_size=2, steps=3, val_every=3
         ),
     )
-    result = train_model(params)
+    result = train_model(**params.model_dump())
     assert result["steps"] == 3
     assert (tmp_path / "model.ckpt.loss.png").is_file()
     _, meta = load_checkpoint(tmp_path / "model.ckpt")
