@@ -443,12 +443,7 @@ class StrictArray:
         return int(self.array.ndim)
 
     def _ranges(self, sel: Any) -> list[range]:
-        if not isinstance(sel, tuple):
-            sel = (sel,)
-        if any(s is Ellipsis for s in sel):
-            i = sel.index(Ellipsis)
-            sel = sel[:i] + (slice(None),) * (self.ndim - len(sel) + 1) + sel[i + 1 :]
-        sel = sel + (slice(None),) * (self.ndim - len(sel))
+        sel = self._expand(sel)
         grid = self.array.shards or self.array.chunks
         out = []
         for s, n, c in zip(sel, self.shape, grid, strict=True):
@@ -492,17 +487,26 @@ class StrictArray:
                     f"{self._where(coords)} is missing (it was written before; the store "
                     "was damaged or is being rewritten)"
                 )
-        return read_region(self.array, self._normal(sel), self.url)
+        out = read_region(self.array, self._normal(sel), self.url)
+        dropped = self._integer_axes(sel)  # an integer index drops its axis, as in NumPy
+        return out.reshape([n for i, n in enumerate(out.shape) if i not in dropped])
 
-    def _normal(self, sel: Any) -> tuple[slice, ...]:
-        """The selection as one slice per axis (what :func:`read_region` takes)."""
-        ranges = []
+    def _expand(self, sel: Any) -> tuple[Any, ...]:
+        """One entry (a slice or an integer) per axis."""
         if not isinstance(sel, tuple):
             sel = (sel,)
         if any(s is Ellipsis for s in sel):
             i = sel.index(Ellipsis)
             sel = sel[:i] + (slice(None),) * (self.ndim - len(sel) + 1) + sel[i + 1 :]
-        sel = sel + (slice(None),) * (self.ndim - len(sel))
+        return tuple(sel) + (slice(None),) * (self.ndim - len(sel))
+
+    def _integer_axes(self, sel: Any) -> set[int]:
+        return {i for i, s in enumerate(self._expand(sel)) if not isinstance(s, slice)}
+
+    def _normal(self, sel: Any) -> tuple[slice, ...]:
+        """The selection as one slice per axis (what :func:`read_region` takes)."""
+        ranges = []
+        sel = self._expand(sel)
         for s, n in zip(sel, self.shape, strict=True):
             ranges.append(s if isinstance(s, slice) else slice(int(s) % n, int(s) % n + 1))
         return tuple(ranges)

@@ -2,151 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-import torch
 import zarr
+from served_stack import BIN, api_call, serve_stack, wait_ok, wait_state
 
 from tasks.blockwise import Markers
 from tasks.store import write_image
-from unet_core import UNet, UNetConfig, save_checkpoint
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(url: str, timeout: float = 150.0) -> httpx.Response:
-    deadline = time.time() + timeout
-    last: Exception | None = None
-    while time.time() < deadline:
-        try:
-            r = httpx.get(url, timeout=5)
-            if r.status_code == 200:
-                return r
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready: {last}")
-
-
-def _api(method: str, url: str, **kw) -> httpx.Response:
-    """One API call, retried on 503 like Prefect's own client does: the server answers 503
-    when its SQLite database is briefly locked by its background services."""
-    for attempt in range(6):
-        r = httpx.request(method, url, timeout=30, **kw)
-        if r.status_code != 503:
-            return r
-        time.sleep(0.5 * 2**attempt)
-    return r
-
-
-@contextlib.contextmanager
-def _stack(tmp: Path, *serve_args: str):
-    """A prefect server and a `segflow serve` process, both real, on loopback."""
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_UI_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-    }
-    torch.manual_seed(0)
-    model = tmp / "m.ckpt"
-    save_checkpoint(model, UNet(UNetConfig(ndim=2, depth=2, base_channels=4)))
-    (tmp / "inbox").mkdir(exist_ok=True)
-    logs = open(tmp / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=logs,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    procs = [server]
-    serve_cmd = [
-        str(BIN / "segflow"),
-        "serve",
-        "--inbox",
-        str(tmp / "inbox"),
-        "--output",
-        str(tmp / "results"),
-        "--model",
-        str(model),
-        "--timezone",
-        "Europe/Berlin",
-        *serve_args,
-    ]
-
-    def start_serve() -> subprocess.Popen:
-        serve_log = open(tmp / "serve.log", "a")  # noqa: SIM115
-        proc = subprocess.Popen(
-            serve_cmd, env=env, stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        procs.append(proc)
-        return proc
-
-    try:
-        _wait(f"{api}/health")
-        serve = start_serve()
-        _wait(f"{api}/deployments/name/segment-volume/on-demand")
-        yield {
-            "api": api,
-            "tmp": tmp,
-            "model": str(model),
-            "serve": serve,
-            "start_serve": start_serve,
-            "port": port,
-        }
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-        logs.close()
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    with _stack(tmp_path_factory.mktemp("served")) as stack:
+    with serve_stack(tmp_path_factory.mktemp("served")) as stack:
         yield stack
-
-
-def _wait_state(api: str, run_id: str, states: set[str], timeout: float) -> dict:
-    deadline = time.time() + timeout
-    run: dict = {}
-    while time.time() < deadline:
-        run = _api("GET", f"{api}/flow_runs/{run_id}").json()
-        if run["state"]["type"] in states:
-            return run
-        time.sleep(1)
-    raise TimeoutError(f"run {run_id} still {run.get('state', {}).get('type')}")
 
 
 def test_deployments_schema_and_nightly_schedule(served):
     api = served["api"]
-    dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
+    dep = api_call("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
     schema = dep["parameter_openapi_schema"]
     assert dep["enforce_parameter_schema"] is True
     props = schema["properties"]
@@ -156,23 +36,23 @@ def test_deployments_schema_and_nightly_schedule(served):
     assert props["connectivity"]["maximum"] == 3
     assert set(props["device"]["enum"]) == {"auto", "cpu", "cuda"}
     assert "description" in props["source"]
-    nightly = _wait(f"{api}/deployments/name/nightly-inbox/nightly").json()
+    nightly = wait_ok(f"{api}/deployments/name/nightly-inbox/nightly").json()
     sched = nightly["schedules"][0]["schedule"]
     assert sched["cron"] == "0 2 * * *"
     assert sched["timezone"] == "Europe/Berlin"
     assert nightly["parameters"]["inbox"].endswith("inbox")
     assert nightly["parameters"]["settle_s"] == 600.0
-    names = [a["name"] for a in _api("POST", f"{api}/automations/filter", json={}).json()]
+    names = [a["name"] for a in api_call("POST", f"{api}/automations/filter", json={}).json()]
     assert names.count("segflow: mark runs without heartbeats Crashed") == 1
-    train = _wait(f"{api}/deployments/name/train-model/on-demand").json()
+    train = wait_ok(f"{api}/deployments/name/train-model/on-demand").json()
     assert list(train["parameter_openapi_schema"]["properties"])[:3] == ["images", "labels", "out"]
 
 
 def test_out_of_bounds_parameter_is_rejected_by_the_server(served):
     api = served["api"]
-    dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
+    dep = api_call("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
     bad = {"source": "x.ome.zarr", "model": "m.ckpt", "batch_size": 0}
-    r = _api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": bad})
+    r = api_call("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": bad})
     assert r.status_code == 409, r.text
     assert "batch_size" in r.text
 
@@ -186,15 +66,17 @@ def test_triggered_run_completes(served):
         "zyx",
         chunks=(2, 32, 32),
     )
-    dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
+    dep = api_call("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
     params = {"source": src, "model": served["model"], "tile": [1, 60, 60], "device": "cpu"}
-    r = _api("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params})
+    r = api_call(
+        "POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params}
+    )
     assert r.status_code == 201, r.text
     run_id = r.json()["id"]
     deadline = time.time() + 300
     state = None
     while time.time() < deadline:
-        run = _api("GET", f"{api}/flow_runs/{run_id}").json()
+        run = api_call("GET", f"{api}/flow_runs/{run_id}").json()
         state = run["state"]["type"]
         if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
@@ -226,7 +108,7 @@ def test_one_field_of_the_nightly_run_is_set_from_the_command_line(served):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     run_id = out.stdout.split("UUID:")[1].split()[0]
-    run = _api("GET", f"{served['api']}/flow_runs/{run_id}").json()
+    run = api_call("GET", f"{served['api']}/flow_runs/{run_id}").json()
     assert run["parameters"]["settle_s"] == 0
     assert run["parameters"]["inbox"].endswith("inbox")
 
@@ -237,14 +119,14 @@ def test_killed_serve_process_leaves_a_crashed_run_that_retries_only_unfinished_
     """SIGKILL of `segflow serve` mid-run: the run is Crashed within crash_after_s (+ the
     server's evaluation delay); retried (what the UI's Retry does) after serve restarts, it
     computes only the blocks that had no marker."""
-    with _stack(tmp_path, "--crash-after", "45") as stack:
+    with serve_stack(tmp_path, "--crash-after", "45") as stack:
         api = stack["api"]
         src = str(tmp_path / "big.ome.zarr")
         rng = np.random.default_rng(1)
         write_image(
             src, (rng.random((24, 128, 128)) * 255).astype(np.uint8), "zyx", chunks=(1, 64, 64)
         )
-        dep = _api("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
+        dep = api_call("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
         params = {
             "source": src,
             "model": stack["model"],
@@ -254,12 +136,12 @@ def test_killed_serve_process_leaves_a_crashed_run_that_retries_only_unfinished_
             "max_regions": 48,
             "regions_in_flight": 1,
         }
-        r = _api(
+        r = api_call(
             "POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params}
         )
         assert r.status_code == 201, r.text
         run_id = r.json()["id"]
-        _wait_state(api, run_id, {"RUNNING"}, 180)
+        wait_state(api, run_id, {"RUNNING"}, 180)
         markers = tmp_path / "big.ome.zarr"
         deadline = time.time() + 180
         while time.time() < deadline:  # let a few regions finish, then kill
@@ -271,22 +153,22 @@ def test_killed_serve_process_leaves_a_crashed_run_that_retries_only_unfinished_
         killed = time.time()
         done_before = int(Markers.open(src, "segment-semantic").done_mask().sum())
         assert done_before < 96, "the run finished before it was killed"
-        crashed = _wait_state(api, run_id, {"CRASHED"}, 300)
+        crashed = wait_state(api, run_id, {"CRASHED"}, 300)
         to_crashed = time.time() - killed
         print(f"kill to Crashed: {to_crashed:.0f} s")
         assert "heartbeat" in crashed["state"]["message"]
         (tmp_path / "kill_to_crashed_s.txt").write_text(f"{to_crashed:.1f}\n")
         stack["start_serve"]()
-        _wait(f"{api}/deployments/name/segment-volume/on-demand")
-        r = _api(
+        wait_ok(f"{api}/deployments/name/segment-volume/on-demand")
+        r = api_call(
             "POST",
             f"{api}/flow_runs/{run_id}/set_state",
             json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True},
         )
         assert r.status_code in (200, 201), r.text
-        done = _wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"}, 400)
+        done = wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"}, 400)
         assert done["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
-        report = _api(
+        report = api_call(
             "POST",
             f"{api}/artifacts/filter",
             json={"artifacts": {"key": {"any_": ["segflow-report-big"]}}},

@@ -1,0 +1,133 @@
+"""A real `prefect server` and `segflow serve` on 127.0.0.1 for the deployment and browser
+tests (imported by test modules in this folder)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from unet_core import UNet, UNetConfig, save_checkpoint
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ok(url: str, timeout: float = 150.0) -> httpx.Response:
+    deadline = time.time() + timeout
+    last: Exception | None = None
+    while time.time() < deadline:
+        try:
+            r = httpx.get(url, timeout=5)
+            if r.status_code == 200:
+                return r
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready: {last}")
+
+
+def api_call(method: str, url: str, **kw) -> httpx.Response:
+    """One API call, retried on 503 like Prefect's own client does: the server answers 503
+    when its SQLite database is briefly locked by its background services."""
+    for attempt in range(6):
+        r = httpx.request(method, url, timeout=30, **kw)
+        if r.status_code != 503:
+            return r
+        time.sleep(0.5 * 2**attempt)
+    return r
+
+
+@contextlib.contextmanager
+def serve_stack(tmp: Path, *serve_args: str):
+    """A prefect server and a `segflow serve` process, both real, on loopback."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_UI_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    torch.manual_seed(0)
+    model = tmp / "m.ckpt"
+    save_checkpoint(model, UNet(UNetConfig(ndim=2, depth=2, base_channels=4)))
+    (tmp / "inbox").mkdir(exist_ok=True)
+    logs = open(tmp / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=logs,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    procs = [server]
+    serve_cmd = [
+        str(BIN / "segflow"),
+        "serve",
+        "--inbox",
+        str(tmp / "inbox"),
+        "--output",
+        str(tmp / "results"),
+        "--model",
+        str(model),
+        "--timezone",
+        "Europe/Berlin",
+        *serve_args,
+    ]
+
+    def start_serve() -> subprocess.Popen:
+        serve_log = open(tmp / "serve.log", "a")  # noqa: SIM115
+        proc = subprocess.Popen(
+            serve_cmd, env=env, stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        procs.append(proc)
+        return proc
+
+    try:
+        wait_ok(f"{api}/health")
+        serve = start_serve()
+        wait_ok(f"{api}/deployments/name/segment-volume/on-demand")
+        yield {
+            "api": api,
+            "tmp": tmp,
+            "model": str(model),
+            "serve": serve,
+            "start_serve": start_serve,
+            "port": port,
+        }
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+        logs.close()
+
+
+def wait_state(api: str, run_id: str, states: set[str], timeout: float) -> dict:
+    deadline = time.time() + timeout
+    run: dict = {}
+    while time.time() < deadline:
+        run = api_call("GET", f"{api}/flow_runs/{run_id}").json()
+        if run["state"]["type"] in states:
+            return run
+        time.sleep(1)
+    raise TimeoutError(f"run {run_id} still {run.get('state', {}).get('type')}")

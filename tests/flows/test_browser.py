@@ -1,0 +1,131 @@
+"""An operator's run in a real browser: headless Chromium drives the Prefect UI of a real
+`prefect server` with `segflow serve`, from the Deployments page to the rendered report.
+
+Debian's chromium and the playwright package are installed when missing (playwright's own
+browser download is not used); the test skips, saying why, only where that cannot be done.
+Screenshots of the form and the artifacts are kept under the test's temporary folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from served_stack import serve_stack, wait_state
+
+from tasks.store import write_image
+
+pytestmark = pytest.mark.slow
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS_COPY = os.environ.get("SEGFLOW_SCREENSHOTS")  # optional extra copy, for development
+
+
+def _ensure_chromium() -> None:
+    if CHROMIUM.exists():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip(f"{CHROMIUM} is missing and apt-get cannot install it here (not root/Debian)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            pytest.skip(f"`{' '.join(cmd)}` failed: {out.stderr.strip()[-300:]}")
+    if not CHROMIUM.exists():
+        pytest.skip(f"apt-get installed chromium but {CHROMIUM} is still missing")
+
+
+def _ensure_playwright():
+    try:
+        from playwright import sync_api
+    except ImportError:
+        out = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "playwright"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if out.returncode != 0:
+            pytest.skip(f"the playwright package cannot be installed: {out.stderr[-300:]}")
+        from playwright import sync_api
+    return sync_api
+
+
+def _shot(page, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if SHOTS_COPY:
+        Path(SHOTS_COPY).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(SHOTS_COPY) / path.name)
+    return path
+
+
+def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
+    _ensure_chromium()
+    sync_api = _ensure_playwright()
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    src = str(tmp_path / "vol.ome.zarr")
+    image = (np.random.default_rng(0).random((4, 64, 64)) * 255).astype(np.uint8)
+    write_image(src, image, "zyx", chunks=(2, 32, 32))
+    with serve_stack(tmp_path) as stack, sync_api.sync_playwright() as pw:
+        api, ui = stack["api"], f"http://127.0.0.1:{stack['port']}"
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        # Deployments -> segment-volume's on-demand -> Run -> Custom run
+        page.goto(f"{ui}/deployments")
+        row = page.locator("tr", has_text="segment-volume")
+        row.get_by_role("link", name="on-demand").click()
+        page.wait_for_url("**/deployments/deployment/**")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run", exact=True).click()
+        page.wait_for_url("**/run?**")
+
+        def field(label: str):
+            prop = page.locator(".schema-form-property").filter(
+                has=page.locator(".schema-form-property__label", has_text=label)
+            )
+            return prop.first.locator("textarea")
+
+        run_name = page.locator(".p-label", has_text="Run Name").first.locator("input")
+        name = run_name.input_value()
+        assert name, "the form offers no run name"
+        field("Source").fill(src)
+        field("Model").fill(stack["model"])
+        _shot(page, shots, "1-form")
+        page.get_by_role("button", name="Submit", exact=True).click()
+        # the deployment's run list shows the new run under the form's name: open it
+        page.get_by_role("link", name=name, exact=True).first.click()
+        page.wait_for_url("**/runs/flow-run/**")
+        run_id = page.url.split("/flow-run/")[1].split("?")[0].split("/")[0]
+        run = wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 180)
+        assert run["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        assert run["name"] == name  # the name shown in the form is kept
+        assert run["parameters"]["source"] == src
+
+        # the run's Artifacts tab -> the report artifact
+        page.reload()
+        page.get_by_text("Artifacts", exact=True).click()
+        _shot(page, shots, "2-artifacts-tab")
+        page.get_by_text("segflow-report-vol", exact=True).first.click()
+        report = page.locator(".markdown-renderer", has_text="segflow: vol").first
+        report.wait_for()
+        preview = page.locator("img[alt=preview]")
+        preview.wait_for()
+        page.wait_for_function(
+            "() => { const i = document.querySelector('img[alt=preview]');"
+            " return i && i.complete && i.naturalWidth > 0; }",
+            timeout=30_000,
+        )
+        _shot(page, shots, "3-report")
+        width, height = preview.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+        assert (width, height) == (64, 64)  # the middle slice, full size (it is small)
+        for heading in ("Preview (middle slice)", "Object sizes", "Work"):
+            assert page.get_by_role("heading", name=heading).count() == 1, heading
+        assert report.locator("table").count() >= 3
+        browser.close()
+    print(f"screenshots: {sorted(p.name for p in shots.iterdir())} in {shots}")
