@@ -322,7 +322,9 @@ def test_missing_or_garbage_chunks_are_errors_not_zeros(tmp_path, volume):
     with pytest.raises(BlockError, match=r"img\.ome\.zarr: chunk 0/1/0/1 is missing"):
         segment_image(src, model, out, params())
     chunk.write_bytes(b"garbage" * 10)
-    with pytest.raises(BlockError, match=r"chunk 0/1/0/1 cannot be decoded"):
+    with pytest.raises(
+        BlockError, match=r"img\.ome\.zarr/0/c/1/0/1: stored data cannot be decoded"
+    ):
         segment_image(src, model, out, params())
     chunk.write_bytes(saved)
     segment_image(src, model, out, params())
