@@ -48,6 +48,7 @@ SEED = 13
 SHAPE = (8, 64, 64)  # zyx; chunks 2x16x16 -> 64 blocks at level 0, 8 at level 1
 CHUNKS = "2,16,16"
 DELAY_S = "0.1"
+SEGMENT_ARGS = "--tile 1,64,64 --device cpu -q"
 
 
 def commands(tif: Path, store: Path, model: str, exported: Path) -> dict[str, list[object]]:
@@ -56,27 +57,9 @@ def commands(tif: Path, store: Path, model: str, exported: Path) -> dict[str, li
             "ingest",
             tif,
             store,
-            "--chunks",
-            CHUNKS,
-            "--levels",
-            "1",
-            "--unit-mib",
-            "0.001",
-            "-q",
+            *f"--chunks {CHUNKS} --levels 1 --unit-mib 0.001 -q".split(),
         ],
-        "segment": [
-            "segment",
-            store,
-            "-m",
-            model,
-            "--chunks",
-            CHUNKS,
-            "--tile",
-            "1,64,64",
-            "--device",
-            "cpu",
-            "-q",
-        ],
+        "segment": ["segment", store, "-m", model, *f"--chunks {CHUNKS} {SEGMENT_ARGS}".split()],
         "stitch": ["stitch", store],
         "export": ["export", store, "--to", exported],
     }
