@@ -360,7 +360,7 @@ class Runner:
             return
         first = errors[0]
         if len(errors) > 1:
-            log.error("%s: %d blocks failed; the first: %s", step.name, len(errors), first)
+            log.info("%s: %d blocks failed; the first: %s", step.name, len(errors), first)
         if isinstance(first, BlockError):
             first.failed_blocks = len(errors)
         raise first
