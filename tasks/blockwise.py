@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +51,16 @@ Index = tuple[int, ...]
 #: Retries of a block's transient storage errors, and the first backoff delay (doubles).
 DEFAULT_RETRIES = 4
 DEFAULT_BACKOFF_S = 0.5
+#: Test hook: seconds every block of a resumable step (and every export slab) sleeps before
+#: its work, to interrupt a run on purpose at a chosen point (the kill harness).
+DELAY_ENV = "SEGFLOW_TEST_BLOCK_DELAY"
+
+
+def injected_delay() -> None:
+    """Sleep for :data:`DELAY_ENV` seconds, if that test hook is set."""
+    delay = os.environ.get(DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
 
 
 def key_token(key: str) -> int:
@@ -238,6 +249,8 @@ class StepResult:
 
 def run_block(step: Step, index: Index, retries: int, backoff_s: float) -> Any:
     """Run one block with retries of transient errors, then mark it (worker side)."""
+    if step.resumable:
+        injected_delay()
     attempt = 0
     while True:
         try:
@@ -287,8 +300,6 @@ class Runner:
         retries: int = DEFAULT_RETRIES,
         backoff_s: float = DEFAULT_BACKOFF_S,
     ) -> None:
-        import os
-
         self.client = client
         self.threads = threads or 2 * (os.cpu_count() or 1)
         self.progress = progress
@@ -349,7 +360,7 @@ class Runner:
             return
         first = errors[0]
         if len(errors) > 1:
-            log.error("%s: %d blocks failed; the first: %s", step.name, len(errors), first)
+            log.info("%s: %d blocks failed; the first: %s", step.name, len(errors), first)
         if isinstance(first, BlockError):
             first.failed_blocks = len(errors)
         raise first

@@ -28,7 +28,12 @@ class dask_client:  # noqa: N801 - used like a function in a with statement
             self._owned.append(client)
             return client
         cluster = LocalCluster(
-            n_workers=1, threads_per_worker=self.threads, processes=False, dashboard_address=None
+            n_workers=1,
+            threads_per_worker=self.threads,
+            processes=False,
+            # the scheduler's and the worker's HTTP servers listen on loopback only
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address="127.0.0.1:0",
         )
         client = Client(cluster)
         self._owned += [client, cluster]

@@ -13,6 +13,7 @@ import numpy as np
 import tifffile
 import zarr
 
+from tasks.blockwise import injected_delay
 from tasks.ngff import label_names, read_multiscale
 from tasks.runstate import StrictArray, require_complete
 from tasks.store import LABELS_GROUP, filesystem, get_array, is_remote, open_group
@@ -61,6 +62,7 @@ def export_tiff(
             yield arr[...]
             return
         for z in range(0, arr.shape[0], depth):
+            injected_delay()
             slab = arr[z : z + depth]
             yield from slab.reshape(-1, *arr.shape[-2:])
             if progress is not None:

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -584,8 +583,6 @@ def read_block_input(plan: SegmentPlan, read: Box) -> np.ndarray:
 
 
 _fault_hook: Callable[[SegmentPlan, Block], None] | None = None
-#: Test hook: seconds each block sleeps before its work (to interrupt a run on purpose).
-DELAY_ENV = "SEGFLOW_TEST_BLOCK_DELAY"
 
 
 _cpu_executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -634,9 +631,6 @@ def segment_block(plan: SegmentPlan, index: Sequence[int]) -> dict[str, Any]:
     block = plan.block(index)
     if _fault_hook is not None:
         _fault_hook(plan, block)
-    delay = os.environ.get(DELAY_ENV)
-    if delay:  # test hook: slow blocks down to interrupt a run on purpose
-        time.sleep(float(delay))
     predictor = get_predictor(plan)
     spec = predictor.spec(block.write.ndim)
     read, tiles = plan_tiles(spec, block.write, plan.tile)

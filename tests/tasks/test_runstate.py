@@ -17,10 +17,10 @@ import tifffile
 import torch
 import zarr
 
-from tasks.blockwise import Markers, Runner, Step
+from tasks.blockwise import DELAY_ENV, Markers, Runner, Step
 from tasks.ingest import ingest_volume
 from tasks.runstate import Lease, StrictArray, write_beside
-from tasks.segment import DELAY_ENV, SegmentParams, segment_image
+from tasks.segment import SegmentParams, segment_image
 from tasks.stitch import stitch
 from tasks.store import every_chunk, write_image
 from unet_core import CheckpointMeta, Normalization, UNet, UNetConfig, save_checkpoint

@@ -1,0 +1,122 @@
+"""Helpers of the fault tests (kill, S3 outage, full disk, secrets): the real CLI as a
+subprocess, a tiny model and volume, and what "the same outputs" means.
+
+Outputs are compared by content: every array of a store (decoded, outside segflow's own
+bookkeeping groups) with its dtype, shape and chunks, every node's attributes, and the
+files segflow writes beside a store (object tables) byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from scipy import ndimage
+
+from tasks.store import filesystem, open_group
+from unet_core import CheckpointMeta, Normalization, UNet, UNetConfig, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Groups of a store that hold run bookkeeping (markers, scratch), not outputs.
+BOOKKEEPING = ("segflow-done", "segflow-scratch")
+
+
+def make_model(path: Path, seed: int = 0) -> str:
+    """A tiny 2D U-Net checkpoint (depth 2, 4 base channels): fast on CPU."""
+    torch.manual_seed(seed)
+    model = UNet(UNetConfig(ndim=2, base_channels=4, depth=2, n_classes=2))
+    save_checkpoint(path, model, CheckpointMeta(normalization=Normalization(kind="zscore")))
+    return str(path)
+
+
+def blobs(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Smooth uint16 noise: objects that cross chunk faces."""
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.random(shape), 2)
+    smooth = (smooth - smooth.min()) / max(float(np.ptp(smooth)), 1e-9)
+    return (smooth * 60000).astype(np.uint16)
+
+
+def segflow_argv(*args: object) -> list[str]:
+    return [sys.executable, "-m", "segflow", *map(str, args)]
+
+
+def cli(*args: object, env: dict[str, str] | None = None, timeout: float = 300) -> Any:
+    """Run ``segflow ARGS`` to its end; returns the CompletedProcess (text)."""
+    return subprocess.run(
+        segflow_argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def _digest(data: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+
+
+def store_contents(url: str) -> dict[str, Any]:
+    """Every array's (dtype, shape, chunks, digest of its values) and every node's
+    attributes, by path, leaving out the bookkeeping groups and the lease."""
+    out: dict[str, Any] = {}
+
+    def visit(group: zarr.Group, prefix: str) -> None:
+        out[f"{prefix}@attrs"] = json.dumps(dict(group.attrs), sort_keys=True)
+        for name, node in group.members():
+            if not prefix and name in BOOKKEEPING:
+                continue
+            path = f"{prefix}{name}"
+            if isinstance(node, zarr.Array):
+                out[path] = (str(node.dtype), node.shape, node.chunks, _digest(node[...]))
+                out[f"{path}@attrs"] = json.dumps(dict(node.attrs), sort_keys=True)
+            else:
+                visit(node, f"{path}/")
+
+    visit(open_group(url, "r"), "")
+    return out
+
+
+def file_digest(url: str) -> str:
+    with filesystem(url).open(url, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def assert_same_store(url: str, reference: str) -> None:
+    got, want = store_contents(url), store_contents(reference)
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    differ = [k for k in want if got[k] != want[k]]
+    assert not differ, f"{url} differs from {reference} in {differ}"
+
+
+def complete_flag(url: str, path: str) -> bool:
+    """Whether ``path`` of the store is marked complete (its segflow attributes say so)."""
+    root = open_group(url, "r")
+    node = root.get(path) if path else root
+    if node is None:
+        return False
+    seg = dict(node.attrs).get("segflow", {})
+    return bool(seg.get("complete")) or seg.get("ingest", {}).get("status") == "complete"
+
+
+def one_sentence(stderr: str) -> str:
+    """The one ``segflow: error:`` line of a failed command (asserts there is exactly one,
+    no traceback, and no other noise than warnings)."""
+    assert "Traceback" not in stderr, stderr
+    assert "Exception ignored" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("segflow: error: ")]
+    assert len(errors) == 1, stderr
+    noise = [line for line in lines if not line.startswith(("segflow: error: ", "segflow: warn"))]
+    assert not noise, stderr
+    return errors[0]
