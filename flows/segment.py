@@ -66,7 +66,11 @@ class SegmentOptions(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
     )
-    exact: bool = Field(True, description="CPU: bitwise equal to a whole-volume pass.")
+    mode: Literal["invariant", "reference", "fast"] = Field(
+        "invariant",
+        description="invariant: same bits for any chunking; reference: equal to one "
+        "whole-volume pass (CPU, slow); fast: tiles per block.",
+    )
     probabilities: bool = Field(False, description="Also write class probabilities.")
     instances: bool = Field(True, description="Label objects across chunks (stitch).")
     min_size: int | None = Field(
@@ -96,7 +100,7 @@ class SegmentOptions(BaseModel):
             device=self.device,
             batch_size=self.batch_size,
             precision=self.precision,
-            exact=self.exact,
+            mode=self.mode,
             probabilities=self.probabilities,
             labels_name=self.labels_name,
         )
