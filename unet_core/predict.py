@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
@@ -233,24 +234,22 @@ class _SlabConv(nn.Module):
     bitwise that of the whole convolution (checked in the tests).
     """
 
-    def __init__(self, conv: nn.Conv2d | nn.Conv3d, budget: int = SLAB_BYTES) -> None:
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d, budget: int | None = None) -> None:
         super().__init__()
         self.conv = conv
         self.budget = budget
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        k = int(conv.kernel_size[0])
-        pad = int(conv.padding[0])
-        out_len = x.shape[2] + 2 * pad - k + 1
         sizes = [int(p) for p in conv.padding]
         kernel = [int(k) for k in conv.kernel_size]
-        rest = [
-            n + 2 * p - kk + 1 for n, p, kk in zip(x.shape[3:], sizes[1:], kernel[1:], strict=True)
-        ]
-        kernel_voxels = int(np.prod(conv.kernel_size))
-        per_plane = x.shape[0] * x.shape[1] * kernel_voxels * int(np.prod(rest)) * 4
-        planes = max(1, self.budget // max(per_plane, 1))
+        k, pad = kernel[0], sizes[0]
+        out_len = x.shape[2] + 2 * pad - k + 1
+        spatial = zip(x.shape[3:], sizes[1:], kernel[1:], strict=True)
+        rest = [n + 2 * p - kk + 1 for n, p, kk in spatial]
+        per_plane = x.shape[0] * x.shape[1] * math.prod(kernel) * math.prod(rest) * 4
+        budget = SLAB_BYTES if self.budget is None else self.budget
+        planes = max(1, budget // max(per_plane, 1))
         if planes >= out_len:
             return conv(x)
         if pad:
