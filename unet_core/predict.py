@@ -340,7 +340,7 @@ class Predictor:
     def spec(self, volume_ndim: int) -> TileSpec:
         return TileSpec(self.config, volume_ndim)
 
-    def _numerics(self) -> contextlib.AbstractContextManager[None]:
+    def numerics(self) -> contextlib.AbstractContextManager[None]:
         if self.mode == "reference":
             return exact_numerics()
         if self.mode == "invariant":
@@ -398,7 +398,7 @@ class Predictor:
                     ]
             pending.clear()
 
-        with torch.inference_mode(), self._numerics():
+        with torch.inference_mode(), self.numerics():
             for start in range(0, len(tiles), self.batch_size):
                 group = list(tiles[start : start + self.batch_size])
                 parts = []
