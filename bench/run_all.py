@@ -646,7 +646,8 @@ NOTES = """How to read it (details and every figure: `bench/results.json`, modul
 - **peers**: a 2D `padding="same"` U-Net (depth 2, 4 base channels) run slice by slice;
   segflow's tile = MONAI's `roi_size` = segflow's default-mode tile (its tile lattice for
   the volume, 560×560 for 512×512 slices), overlap 0.25, gaussian blending, batch 4, 2
-  torch threads in every path. Every path reads the store and writes labels and float32 probabilities. MONAI and naive Dask run
+  torch threads in every path. Every path reads the store and writes labels and float32
+  probabilities. MONAI and naive Dask run
   with glibc's default allocator, as their users run them; "tuned" runs them under
   segflow's allocator settings (`unet_core._malloc`), which speed up every PyTorch CPU
   path here, to separate the engine from the allocator. MONAI and naive Dask differ from
