@@ -43,11 +43,12 @@ import numpy as np
 import torch
 
 from bench.common import OUT, emit, load_average, machine, peak_rss_mib, run_child
+from unet_core.predict import MODES as NUMERICS
 
 PRESETS = {
     "issue17": {"shape": "48,256,256", "ndim": 3, "depth": 2, "base": 8, "chunks": "48,128,128"},
 }
-MODES = ("invariant", "fast", "reference", "plain", "whole")
+MODES = (*NUMERICS, "plain", "whole")
 
 
 def _make_inputs(work: Path, args: argparse.Namespace) -> tuple[str, str, tuple[int, ...]]:
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", default="8,256,256")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--mode", default="invariant", choices=("invariant", "fast", "reference"))
+    parser.add_argument("--mode", default="invariant", choices=NUMERICS)
     parser.add_argument("--modes", action="store_true", help="compare the modes (see above)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named case")
     parser.add_argument(

@@ -14,9 +14,9 @@ store, normalises with the same global statistics, computes class probabilities 
 uint8 labels plus float32 probabilities to zarr with the same chunks and compressor. Each
 runs in its own subprocess with ``torch.set_num_threads(--threads)``:
 
-- ``reference``: ``unet_core.predict.predict(model, volume, tile_shape=None)``, the
-  whole-volume single pass (each slice in one forward pass, mirror-extended at the border);
-  not timed against the others, it is what every output is compared with;
+- ``reference``: ``unet_core.predict.predict(model, volume, mode="reference")``, bitwise
+  the whole-volume single pass (mirror-extended at the border), run on default tiles to
+  bound its memory; not timed against the others, it is what every output is compared with;
 - ``segflow``: ``tasks.segment.segment_image`` (in-process LocalCluster) in its default
   mode (the tile lattice: the same bits for any chunking; oneDNN, like the peers);
 - ``segflow_fast``: the same with ``--fast`` (tiles planned per block of the image's
@@ -104,16 +104,19 @@ def _setup(opts: dict):
 def child_reference(opts: dict) -> dict:
 
     from unet_core import load_checkpoint
+    from unet_core.geometry import TileSpec
     from unet_core.predict import predict
 
     plan = _setup(opts)
     model, _ = load_checkpoint(opts["ckpt"])
     t0 = time.perf_counter()
     volume = np.asarray(open_array(opts["src"], "0")[...])
+    # The reference mode: bitwise the whole-volume pass for any tiling; default tiles bound
+    # its memory (one 3D pass over the whole volume took 3 GiB here).
     probs = predict(
         model,
         volume,
-        tile_shape=None,
+        tile_shape=TileSpec(model.config, volume.ndim).default_tile_shape(),
         batch_size=int(opts["batch_size"]),
         normalization=(plan.offset, plan.scale),
         mode="reference",
@@ -138,7 +141,9 @@ def child_segflow(opts: dict) -> dict:
     )
     with dask_client() as client:
         t0 = time.perf_counter()
-        res = segment_image(opts["src"], opts["ckpt"], opts["out"], params, client=client)
+        res = segment_image(
+            opts["src"], opts["ckpt"], opts["out"], params, client=client, force=True
+        )
         seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
