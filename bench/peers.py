@@ -94,8 +94,10 @@ def _setup(opts: dict):
     torch.set_num_threads(int(opts["threads"]))
     from tasks.segment import SegmentParams, plan_segmentation
 
-    plan = plan_segmentation(opts["src"], opts["ckpt"], None, SegmentParams(device="cpu"))
-    return plan
+    # --fast keeps the image's chunks: every path writes with those (a Dask task per chunk
+    # must not share a zarr chunk with another).
+    params = SegmentParams(device="cpu", mode="fast")
+    return plan_segmentation(opts["src"], opts["ckpt"], None, params)
 
 
 # ------------------------------------------------------------------------ children

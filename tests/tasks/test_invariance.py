@@ -134,3 +134,15 @@ def test_default_mode_same_bits_for_any_chunks_workers_and_resume(
     record_property("max_abs_dp_default_vs_reference", dp)
     print(f"max |dp| default vs reference ({model_kw}, {shape}): {dp:.3g}")
     assert dp < 1e-5
+
+
+def test_cli_modes_exclude_each_other(tmp_path):
+    from typer.testing import CliRunner
+
+    from segflow.cli import app
+
+    res = CliRunner().invoke(
+        app, ["segment", str(tmp_path / "x.zarr"), "-m", "m.ckpt", "--fast", "--reference"]
+    )
+    assert res.exit_code == 2
+    assert "exclude each other" in res.output

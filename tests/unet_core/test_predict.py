@@ -107,14 +107,10 @@ INVARIANT_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("kw", "shape", "bound", "batch", "chunkings"), INVARIANT_CASES)
-def test_invariant_mode_same_bits_for_any_blocks_threads_and_batch_fill(
-    kw, shape, bound, batch, chunkings, record_property
-):
-    """The lattice fixes which tile computes a voxel; blocks, torch threads and how full a
-    batch is (short ones are padded) change nothing, bit for bit."""
-    model = net(**kw)
-    x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+def assert_invariant(model, x, bound, batch, chunkings) -> np.ndarray:
+    """Blocks of each chunking (torch threads 1, then 2) give the bits of the whole volume
+    as one block; returns those probabilities."""
+    shape = x.shape
     whole = predict(model, x, bound, batch, mode="invariant")  # the volume as one block
     lattice = plan_lattice(TileSpec(model.config, len(shape)), shape, bound)
     assert lattice.n_tiles > 1
@@ -122,7 +118,7 @@ def test_invariant_mode_same_bits_for_any_blocks_threads_and_batch_fill(
     try:
         for chunks, threads in zip(chunkings, (1, 2), strict=True):
             torch.set_num_threads(threads)
-            logits = np.full((3, *shape), np.nan, dtype=np.float32)
+            logits = np.full((model.config.n_classes, *shape), np.nan, dtype=np.float32)
             for write in iter_chunks(shape, chunks):
                 read, tiles = lattice.plan(write)
                 data = read_mirrored(x[None], read, shape, leading=1)
@@ -132,11 +128,34 @@ def test_invariant_mode_same_bits_for_any_blocks_threads_and_batch_fill(
             assert np.array_equal(softmax(logits), whole), (chunks, threads)
     finally:
         torch.set_num_threads(2)
+    return whole
+
+
+@pytest.mark.parametrize(("kw", "shape", "bound", "batch", "chunkings"), INVARIANT_CASES)
+def test_invariant_mode_same_bits_for_any_blocks_threads_and_batch_fill(
+    kw, shape, bound, batch, chunkings, record_property
+):
+    """The lattice fixes which tile computes a voxel; blocks, torch threads and how full a
+    batch is (short ones are padded) change nothing, bit for bit."""
+    model = net(**kw)
+    x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    whole = assert_invariant(model, x, bound, batch, chunkings)
     # Against the oracle: the same computation with other kernels, float32 noise apart.
     dp = float(np.abs(whole - predict(model, x, mode="reference")).max())
     record_property("max_abs_dp_invariant_vs_reference", dp)
     print(f"max |dp| invariant vs reference, {kw} {shape}: {dp:.3g}")
     assert dp < 1e-5
+
+
+def test_invariant_mode_first_convolution_in_slabs(monkeypatch):
+    """The first convolution runs in slabs planned from the tile shape alone: still the
+    same bits for any blocks."""
+    monkeypatch.setattr(predict_mod, "SLAB_BYTES", 4096)
+    model = net(ndim=2)
+    x = np.random.default_rng(5).normal(size=(46, 53)).astype(np.float32)
+    sliced = assert_invariant(model, x, (60, 60), 2, [(16, 16), (23, 53)])
+    monkeypatch.setattr(predict_mod, "SLAB_BYTES", 2**40)
+    assert np.abs(sliced - predict(model, x, (60, 60), 2)).max() < 1e-5
 
 
 def test_reference_convolutions_in_slabs_are_bitwise_the_whole(monkeypatch):
