@@ -25,6 +25,10 @@ reach below 0 or beyond the volume, where data is mirror-extended.
 The reference pass (no tiling) is the special case of one tile whose input starts at
 the anchor (``-context`` for a valid network) and is the smallest valid size covering the
 volume plus the margins.
+
+Two planners: :func:`plan_tiles` plans the tiles of one box (fewest voxels for that box);
+:class:`TileLattice` (from :func:`plan_lattice`) fixes one tiling of the whole volume, so
+that the tile computing a voxel does not depend on how the volume is cut into blocks.
 """
 
 from __future__ import annotations
