@@ -139,10 +139,13 @@ def test_default_mode_same_bits_for_any_chunks_workers_and_resume(
 def test_cli_modes_exclude_each_other(tmp_path):
     from typer.testing import CliRunner
 
-    from segflow.cli import app
+    from segflow.cli import _register, app
 
+    _register()
     res = CliRunner().invoke(
-        app, ["segment", str(tmp_path / "x.zarr"), "-m", "m.ckpt", "--fast", "--reference"]
+        app,
+        ["segment", str(tmp_path / "x.zarr"), "-m", "m.ckpt", "--fast", "--reference"],
+        terminal_width=200,
     )
     assert res.exit_code == 2
     assert "exclude each other" in res.output
