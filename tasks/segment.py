@@ -51,6 +51,7 @@ from unet_core.errors import ConfigError, InvalidVolumeError
 from unet_core.geometry import Block, Box, Tile, TileLattice, TileSpec, plan_lattice, plan_tiles
 from unet_core.normalize import IntensityStats, StatsAccumulator, apply_affine
 from unet_core.predict import (
+    DEFAULT_BATCH_SIZE,
     Mode,
     Predictor,
     class_labels,
@@ -77,7 +78,7 @@ class SegmentParams(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     batch_size: int = Field(
-        4,
+        DEFAULT_BATCH_SIZE,
         ge=1,
         le=256,
         description="Tiles per forward pass (a 3D network's default-mode tile fills one alone).",

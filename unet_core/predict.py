@@ -43,6 +43,10 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Mode = Literal["invariant", "reference", "fast"]
 MODES: tuple[Mode, ...] = ("invariant", "reference", "fast")
 
+#: Tiles per forward pass by default (``segflow segment``'s default too): the default mode's
+#: bits depend on it for 2D networks, so the in-memory and the Dask paths share it.
+DEFAULT_BATCH_SIZE = 4
+
 #: Reference mode: most bytes one convolution unfolds (im2col) at once.
 SLAB_BYTES = 64 * 2**20
 
@@ -313,7 +317,7 @@ class Predictor:
         self,
         model: UNet,
         device: str | torch.device = "auto",
-        batch_size: int = 1,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         precision: Precision = "auto",
         mode: Mode = "invariant",
         channels_last: bool | None = None,
@@ -432,6 +436,21 @@ class Predictor:
         return out
 
 
+def plan_box(
+    spec: TileSpec,
+    volume_shape: Sequence[int],
+    box: Box,
+    mode: Mode,
+    tile_shape: Sequence[int] | None = None,
+) -> tuple[Box, list[Tile]]:
+    """(read box, tiles) for ``box`` of a volume as ``mode`` plans them: on the volume's
+    tile lattice in the invariant mode (``tile_shape`` bounds the tile), for the box alone
+    otherwise (``tile_shape=None``: one tile)."""
+    if mode == "invariant":
+        return plan_lattice(spec, volume_shape, tile_shape).plan(box)
+    return plan_tiles(spec, box, tile_shape)
+
+
 def effective_batch_size(ndim: int, mode: Mode, batch_size: int) -> int:
     """Tiles per forward pass: ``batch_size``, except that in the invariant mode a 3D
     network runs one tile per pass (its tiles are sized to fill a pass, and padding short
@@ -443,7 +462,7 @@ def predict(
     model: UNet,
     array: np.ndarray,
     tile_shape: Sequence[int] | None = None,
-    batch_size: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
     normalization: tuple[float, float] | None = None,
     channel_axis: int | None = None,
@@ -477,10 +496,6 @@ def predict(
     predictor = Predictor(
         model, device=device, batch_size=batch_size, precision=precision, mode=mode
     )
-    spec = predictor.spec(volume.ndim)
-    if mode == "invariant":
-        read, tiles = plan_lattice(spec, volume.shape, tile_shape).plan(volume)
-    else:
-        read, tiles = plan_tiles(spec, volume, tile_shape)
+    read, tiles = plan_box(predictor.spec(volume.ndim), volume.shape, volume, mode, tile_shape)
     data = apply_affine(read_mirrored(a, read, volume.shape, leading=1), offset, scale)
     return softmax(predictor.logits(data, read, tiles, volume))
