@@ -280,7 +280,7 @@ def end_to_end(name: str, device: Any, quick: bool) -> dict[str, Any]:
         tile=tile,
         batch_size=int(spec_m["batch"]),
         precision="bf16" if cuda else "fp32",
-        exact=False,
+        mode="fast",  # tiles sized to one chunk (tile_for), planned per block
     )
     with dask_client() as client:
         segment_image(warm_src, ckpt, str(work / "warm-out.zarr"), params, client=client)

@@ -6,12 +6,12 @@
 Each volume (uint16, written slab by slab into an OME-Zarr store) is segmented by the
 ``segflow segment`` command in its own process with a tiny network (2D, depth 1, 2 base
 channels: the engine's memory, not the network's, is what is measured), CLI defaults
-otherwise (exact numerics, batch 4, in-process Dask cluster). Peak RSS is the command's
-``ru_maxrss`` from ``wait4``. Target: RSS(8x) <= 1.2 x RSS(1x). The smallest and largest are
-run again with ``SEGFLOW_MALLOC_TUNING=0`` (glibc's default allocator settings): segflow's
-tuning keeps freed buffers in the heap for reuse (2x faster CPU forward passes), so its
-peak RSS is higher and varies by a few hundred MiB from run to run, with where the freed
-buffers happen to sit in the heap.
+otherwise (the default mode: tile lattice, oneDNN; batch 4; in-process Dask cluster). Peak
+RSS is the command's ``ru_maxrss`` from ``wait4``. Target: RSS(8x) <= 1.2 x RSS(1x). The
+smallest and largest are run again with ``SEGFLOW_MALLOC_TUNING=0`` (glibc's default
+allocator settings): segflow's tuning keeps freed buffers in the heap for reuse (2x faster
+CPU forward passes), so its peak RSS is higher and varies by a few hundred MiB from run to
+run, with where the freed buffers happen to sit in the heap.
 
 Then one run under a memory limit smaller than the volume (default: a 1 GiB volume under
 900 MiB), to show that it completes. How the limit is enforced: ``RLIMIT_DATA``

@@ -235,7 +235,7 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
         vol = _shape(r["volume_shape"])
         rows += [
             (
-                f"wall time segflow / MONAI ({vol}, exact mode; MONAI as users run it)",
+                f"wall time segflow / MONAI ({vol}, default mode; MONAI as users run it)",
                 _fmt(q["segflow_wall_over_monai"], 3) + _met(r.get("target_met")),
                 f"≤ {r.get('target_wall_over_monai')}",
             ),
@@ -245,22 +245,22 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"≤ {r.get('target_wall_over_monai')}",
             ),
             (
-                "wall time segflow / MONAI under segflow's allocator tuning (exact; --fast)",
+                "wall time segflow / MONAI under segflow's allocator tuning (default; --fast)",
                 f"{_fmt(q.get('segflow_wall_over_monai_tuned'), 3)}; "
                 f"{_fmt(q.get('segflow_fast_wall_over_monai_tuned'), 3)}",
                 "reported",
             ),
             (
-                "peak RSS segflow / MONAI (exact; --fast)",
+                "peak RSS segflow / MONAI (default; --fast)",
                 f"{_fmt(q['segflow_rss_over_monai'], 3)}; "
                 f"{_fmt(q['segflow_fast_rss_over_monai'], 3)}",
                 "",
             ),
             (
-                "max abs Δp to the whole-volume pass: segflow exact / --fast",
+                "max abs Δp to the whole-volume pass: segflow default / --fast",
                 f"{_fmt(p['segflow']['max_abs_diff'])} / {_fmt(p['segflow_fast']['max_abs_diff'])}"
-                + _met(p["segflow"]["max_abs_diff"] == 0.0),
-                "exact: 0",
+                + _met(p["segflow"]["max_abs_diff"] <= 1e-5),
+                "≤ 1e-5 (float32 rounding)",
             ),
             (
                 "max abs Δp MONAI: to segflow's pass / to its own plain pass (interior)",
@@ -269,19 +269,19 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 "reported",
             ),
             (
-                "wall time segflow / naive Dask map_overlap (exact; --fast)",
+                "wall time segflow / naive Dask map_overlap (default; --fast)",
                 f"{_fmt(q['segflow_wall_over_naive_dask'], 3)}; "
                 f"{_fmt(q['segflow_fast_wall_over_naive_dask'], 3)}",
                 "",
             ),
             (
-                "wall time segflow / naive Dask under segflow's allocator tuning (exact; --fast)",
+                "wall time segflow / naive Dask under segflow's allocator tuning (default; --fast)",
                 f"{_fmt(q.get('segflow_wall_over_naive_dask_tuned'), 3)}; "
                 f"{_fmt(q.get('segflow_fast_wall_over_naive_dask_tuned'), 3)}",
                 "",
             ),
             (
-                "peak RSS segflow / naive Dask (exact; --fast)",
+                "peak RSS segflow / naive Dask (default; --fast)",
                 f"{_fmt(q['segflow_rss_over_naive_dask'], 3)}; "
                 f"{_fmt(q['segflow_fast_rss_over_naive_dask'], 3)}",
                 "",
@@ -593,7 +593,7 @@ def plots(results: dict[str, Any], where: Path) -> list[str]:
     peers = b.get("peers", {}).get("result")
     if peers:
         names = ["segflow", "segflow_fast", "monai", "naive_dask"]
-        labels = ["segflow (exact)", "segflow --fast", "MONAI", "naive Dask"]
+        labels = ["segflow (default)", "segflow --fast", "MONAI", "naive Dask"]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
         a1.bar(labels, [peers["paths"][n]["seconds"] for n in names], color="C0")
         a1.set_ylabel("seconds")
@@ -644,9 +644,10 @@ def readme_section(results: dict[str, Any], table: str, images: list[str]) -> st
 NOTES = """How to read it (details and every figure: `bench/results.json`, module docstrings):
 
 - **peers**: a 2D `padding="same"` U-Net (depth 2, 4 base channels) run slice by slice;
-  segflow's tile = MONAI's `roi_size` = 304×304 (the tile segflow plans for one 256×256
-  chunk), overlap 0.25, gaussian blending, batch 4, 2 torch threads in every path. Every
-  path reads the store and writes labels and float32 probabilities. MONAI and naive Dask run
+  segflow's tile = MONAI's `roi_size` = segflow's default-mode tile (its tile lattice for
+  the volume, 560×560 for 512×512 slices), overlap 0.25, gaussian blending, batch 4, 2
+  torch threads in every path. Every path reads the store and writes labels and float32
+  probabilities. MONAI and naive Dask run
   with glibc's default allocator, as their users run them; "tuned" runs them under
   segflow's allocator settings (`unet_core._malloc`), which speed up every PyTorch CPU
   path here, to separate the engine from the allocator. MONAI and naive Dask differ from

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in (101, 102, 103):
         test_image, test_labels = blobs((args.size, args.size), rng=k)
         norm = meta.normalization.affine(compute_stats(test_image))
-        prob = predict(model, test_image, normalization=norm, exact=False)
+        prob = predict(model, test_image, normalization=norm, mode="fast")
         pred = np.argmax(prob, axis=0)
         fg = pred == meta.foreground_class
         rep = class_report(fg.astype(np.uint8), (test_labels > 0).astype(np.uint8), 2)

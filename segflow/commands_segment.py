@@ -29,7 +29,20 @@ def segment(
     batch_size: Annotated[int, typer.Option(min=1, help="Tiles per forward pass.")] = 4,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     fast: Annotated[
-        bool, typer.Option("--fast", help="CPU: oneDNN kernels (faster, not bitwise exact).")
+        bool,
+        typer.Option(
+            "--fast",
+            help="Tiles planned per block: fewest voxels for the chunks, but the last bits "
+            "of the result depend on the chunking (default: the same bits for any chunking).",
+        ),
+    ] = False,
+    reference: Annotated[
+        bool,
+        typer.Option(
+            "--reference",
+            help="Bitwise equal to one pass over the whole volume (PyTorch's own CPU "
+            "kernels; several times slower). The oracle the default mode is tested against.",
+        ),
     ] = False,
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Also write class probabilities.")
@@ -58,6 +71,9 @@ def segment(
     """Segment SRC with MODEL; masks land in SRC's labels/ group (or in --out)."""
     from tasks.segment import SegmentParams, plan_segmentation, segment_image
 
+    if fast and reference:
+        raise typer.BadParameter("--fast and --reference exclude each other; pick one")
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("distributed", "tornado", "bokeh"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -68,7 +84,7 @@ def segment(
             "device": device,
             "batch_size": batch_size,
             "precision": precision,
-            "exact": not fast,
+            "mode": "fast" if fast else "reference" if reference else "invariant",
             "probabilities": probabilities,
             "probabilities_dtype": probabilities_dtype,
             "channel": channel,

@@ -110,17 +110,18 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
-    # 4. The exactness promise: tiled, chunked, Dask == one pass over the whole volume.
+    # 4. The exactness promise: chunked on Dask == the same tile lattice over the whole
+    # volume in memory (the default mode: the same bits for any chunking).
     model, meta = load_checkpoint(ckpt)
     root = zarr.open_group(str(store), mode="r")
     from tasks.store import get_array, read_image_info
 
     info = read_image_info(str(store))
     norm = meta.normalization.affine(info.stats)
-    whole = predict(model, np.asarray(get_array(root, "0")[...]), normalization=norm)
+    whole = predict(model, np.asarray(get_array(root, "0")[...]), batch_size=4, normalization=norm)
     semantic = np.asarray(get_array(root, "labels/semantic/0")[...])
     exact = bool(np.array_equal(semantic, whole.argmax(0)))
-    print(f"[4/5] tiled result equals the whole-volume pass bit for bit: {exact}", flush=True)
+    print(f"[4/5] chunked result equals the in-memory pass bit for bit: {exact}", flush=True)
 
     # 5. Quality against the known objects, and a TIFF for other tools.
     instances = np.asarray(get_array(root, "labels/instances/0")[...])

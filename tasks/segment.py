@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,14 +66,23 @@ from tasks.store import (
 from unet_core.checkpoint import load_checkpoint, read_checkpoint_header
 from unet_core.config import UNetConfig
 from unet_core.errors import ConfigError, InvalidVolumeError, StoreConflictError
-from unet_core.geometry import Block, Box, Tile, TileSpec, plan_tiles
+from unet_core.geometry import Block, Box, Tile, TileLattice, TileSpec, plan_lattice, plan_tiles
 from unet_core.normalize import (
     NONFINITE_VALUE,
     IntensityStats,
     StatsAccumulator,
     apply_affine,
 )
-from unet_core.predict import Predictor, class_labels, label_dtype, read_mirrored, softmax
+from unet_core.predict import (
+    DEFAULT_BATCH_SIZE,
+    Mode,
+    Predictor,
+    class_labels,
+    effective_batch_size,
+    label_dtype,
+    read_mirrored,
+    softmax,
+)
 from unet_core.runtime import configure
 
 log = logging.getLogger(__name__)
@@ -91,13 +101,22 @@ class SegmentParams(BaseModel):
         description="Largest tile input shape per spatial axis (default: chosen from the model).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
-    batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
+    batch_size: int = Field(
+        DEFAULT_BATCH_SIZE,
+        ge=1,
+        le=256,
+        description="Tiles per forward pass (a 3D network's default-mode tile fills one alone).",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
     )
-    exact: bool = Field(
-        True,
-        description="CPU fp32: bitwise equal to a whole-volume pass (slower kernels).",
+    mode: Mode = Field(
+        "invariant",
+        description=(
+            "invariant: bitwise the same result for any chunks, workers or resumed runs, "
+            "fast kernels; reference: bitwise equal to one whole-volume pass (CPU, slow); "
+            "fast: tiles planned per block, equal up to float rounding."
+        ),
     )
     probabilities: bool = Field(False, description="Also write class probabilities.")
     probabilities_dtype: Literal["float16", "float32"] = Field(
@@ -196,8 +215,31 @@ class SegmentPlan:
         volume = Box.of_shape(self.image.spatial_shape)
         begin = tuple(i * b for i, b in zip(index, self.block_shape, strict=True))
         write = Box(begin, self.block_shape).intersect(volume)
-        read, _ = plan_tiles(TileSpec(self.config, volume.ndim), write, self.tile)
+        read, _ = self.tiles(write)
         return Block(index=index, read=read, write=write)
+
+    @property
+    def lattice(self) -> TileLattice | None:
+        """The run's tile lattice (invariant mode), else None: tiles are planned per block."""
+        if self.params.mode != "invariant":
+            return None
+        return TileLattice(
+            TileSpec(self.config, len(self.image.spatial_shape)),
+            self.image.spatial_shape,
+            self.tile,
+        )
+
+    def tiles(self, write: Box) -> tuple[Box, list[Tile]]:
+        """(read box, tiles) of a block writing ``write``, as this run's mode plans them."""
+        lattice = self.lattice
+        if lattice is not None:
+            return lattice.plan(write)
+        return plan_tiles(TileSpec(self.config, write.ndim), write, self.tile)
+
+    @property
+    def batch_size(self) -> int:
+        """Tiles per forward pass (see :func:`unet_core.predict.effective_batch_size`)."""
+        return effective_batch_size(self.config.ndim, self.params.mode, self.params.batch_size)
 
     @property
     def voxels(self) -> int:
@@ -241,14 +283,44 @@ class SegmentResult:
 
 
 def default_block_shape(
-    spec: TileSpec, chunks: Sequence[int], tile: Sequence[int]
+    spec: TileSpec,
+    chunks: Sequence[int],
+    tile: Sequence[int],
+    lattice: TileLattice | None = None,
+    batch: int = 1,
 ) -> tuple[int, ...]:
-    """Whole chunks per block, about one tile's usable output along each model axis."""
-    usable = spec.usable(tile)
-    return tuple(
-        c if a < spec.slice_axes else c * max(1, u // c)
-        for a, (c, u) in enumerate(zip(chunks, usable, strict=True))
-    )
+    """Whole chunks per block.
+
+    Without a lattice: about one tile's usable output along each model axis. On a lattice:
+    the fewest whole chunks whose borders sit on the lattice (chunks from
+    :meth:`TileLattice.aligned_chunks` already do), so that no tile is computed twice; then
+    grown until a block holds a multiple of ``batch`` tiles where the volume allows, so
+    that no forward pass is padded.
+    """
+    if lattice is None:
+        usable = spec.usable(tile)
+        return tuple(
+            c if a < spec.slice_axes else c * max(1, u // c)
+            for a, (c, u) in enumerate(zip(chunks, usable, strict=True))
+        )
+    shape = lattice.volume_shape
+    block = []
+    for a, (c, s, n) in enumerate(zip(chunks, lattice.step, shape, strict=True)):
+        b = c
+        if a >= spec.slice_axes and c % s and c < n:
+            common = math.lcm(c, s)
+            b = common if common <= 4 * max(c, s) else c * max(1, round(s / c))
+        block.append(min(b, c * -(-n // c)))
+    for _ in range(4):
+        tiles = math.prod(
+            -(-min(b, n) // s) for b, n, s in zip(block, shape, lattice.step, strict=True)
+        )
+        room = [a for a in range(len(block)) if block[a] < shape[a]]
+        if tiles % batch == 0 or not room:
+            break
+        a = max(room, key=lambda i: shape[i] / block[i])
+        block[a] *= 2
+    return tuple(block)
 
 
 def plan_segmentation(
@@ -283,7 +355,16 @@ def plan_segmentation(
     chunks = tuple(params.chunks or info.chunks[-len(spatial) :])
     if len(chunks) != len(spatial) or any(c < 1 for c in chunks):
         raise ConfigError(f"chunks {chunks} do not fit the image's {len(spatial)} spatial axes")
-    tile = spec.valid_tile_shape(params.tile) if params.tile else spec.default_tile_shape()
+    if params.tile is not None and len(params.tile) != len(spatial):
+        raise ConfigError(f"tile {params.tile} does not fit the image's {len(spatial)} axes")
+    lattice = None
+    if params.mode == "invariant":
+        lattice = plan_lattice(spec, spatial, params.tile)
+        tile = lattice.tile
+        if params.chunks is None:
+            chunks = lattice.aligned_chunks(chunks)
+    else:
+        tile = spec.valid_tile_shape(params.tile) if params.tile else spec.default_tile_shape()
     overhead = float(np.prod(tile)) / max(float(np.prod(spec.usable(tile))), 1.0)
     if overhead > 8:
         log.warning(
@@ -292,9 +373,18 @@ def plan_segmentation(
             spec.usable(tile),
             overhead,
         )
-    blocks_shape = tuple(block_shape) if block_shape else default_block_shape(spec, chunks, tile)
+    batch = effective_batch_size(config.ndim, params.mode, params.batch_size)
+    blocks_shape = (
+        tuple(block_shape)
+        if block_shape
+        else default_block_shape(spec, chunks, tile, lattice, batch)
+    )
     if any(b % c for b, c in zip(blocks_shape, chunks, strict=True)):
         raise ConfigError(f"block shape {blocks_shape} is not a multiple of the chunks {chunks}")
+    numerics: dict[str, Any] | None = None
+    if lattice is not None:
+        _warn_misaligned(lattice, blocks_shape)
+        numerics = {"tile": list(tile), "batch": batch, "device": params.device}
     stats = info.stats
     if meta.normalization.kind != "none" and stats is None:
         log.warning("%s has no stored intensity statistics; computing them now", src)
@@ -315,6 +405,8 @@ def plan_segmentation(
         "tile": list(tile),
         "channel": None if info.n_channels == 1 else params.channel,
     }
+    if numerics is not None:  # what fixes the bits in the invariant mode
+        effective["numerics"] = numerics
     return SegmentPlan(
         image=info,
         model_path=str(model_path),
@@ -332,6 +424,25 @@ def plan_segmentation(
         image_digest=digest,
         foreground_class=min(meta.foreground_class, config.n_classes - 1),
         suggested_min_size=meta.object_stats.suggested_min_size if meta.object_stats else 0,
+    )
+
+
+def _warn_misaligned(lattice: TileLattice, block_shape: Sequence[int]) -> None:
+    """Blocks that cut through lattice tiles compute those tiles once per block they meet:
+    the same values each time (the result does not change), at a price in time."""
+    axes = lattice.misaligned_axes(block_shape)
+    if not axes:
+        return
+    ideal = lattice.n_tiles * math.prod(lattice.tile)
+    factor = lattice.computed_voxels(block_shape) / ideal
+    log.warning(
+        "blocks %s cut through the tile lattice (step %s) on axes %s: tiles on block borders "
+        "are computed once per block they meet (%.2fx the work; the result is the same). "
+        "Chunks that are multiples of the step avoid it.",
+        tuple(block_shape),
+        lattice.step,
+        axes,
+        factor,
     )
 
 
@@ -539,7 +650,7 @@ def get_predictor(plan: SegmentPlan) -> Predictor:
     """The worker's predictor for this checkpoint (loaded once per process)."""
     configure()  # this process's CPU settings, before its first model load
     p = plan.params
-    key = (plan.model_path, plan.model_digest, p.device, p.batch_size, p.precision, p.exact)
+    key = (plan.model_path, plan.model_digest, p.device, p.batch_size, p.precision, p.mode)
     global model_loads
     with _predictors_lock:
         predictor = _predictors.get(key)
@@ -555,7 +666,7 @@ def get_predictor(plan: SegmentPlan) -> Predictor:
                 device=p.device,
                 batch_size=p.batch_size,
                 precision=p.precision,
-                exact=p.exact,
+                mode=p.mode,
             )
             _predictors[key] = predictor
             _device_locks.setdefault(str(predictor.device), threading.Lock())
@@ -632,8 +743,7 @@ def segment_block(plan: SegmentPlan, index: Sequence[int]) -> dict[str, Any]:
     if _fault_hook is not None:
         _fault_hook(plan, block)
     predictor = get_predictor(plan)
-    spec = predictor.spec(block.write.ndim)
-    read, tiles = plan_tiles(spec, block.write, plan.tile)
+    read, tiles = plan.tiles(block.write)
     if read != block.read:
         raise ConfigError(f"block {block.index}: planned read box {block.read} != {read}")
     if predictor.device.type == "cpu":

@@ -25,10 +25,15 @@ reach below 0 or beyond the volume, where data is mirror-extended.
 The reference pass (no tiling) is the special case of one tile whose input starts at
 the anchor (``-context`` for a valid network) and is the smallest valid size covering the
 volume plus the margins.
+
+Two planners: :func:`plan_tiles` plans the tiles of one box (fewest voxels for that box);
+:class:`TileLattice` (from :func:`plan_lattice`) fixes one tiling of the whole volume, so
+that the tile computing a voxel does not depend on how the volume is cut into blocks.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -287,8 +292,7 @@ class TileSpec:
         """
         if axis < self.slice_axes:
             return 0, 0
-        begin, end = self.config.exact_region_1d(size)
-        return begin, size - end
+        return _margins(self.config, size)
 
     def anchor(self, axis: int) -> int:
         """Where the whole-volume pass starts (volume coordinates); tile origins sit on
@@ -336,12 +340,24 @@ class TileSpec:
         return Coord(self.usable_1d(a, t) for a, t in enumerate(tile_shape))
 
     def default_tile_shape(self) -> Coord:
-        """A tile that keeps the halo overhead moderate at CPU-friendly memory."""
-        want = 572 if self.config.ndim == 2 else 132
+        """A tile that keeps the halo overhead moderate at CPU-friendly memory.
+
+        2D: the paper's 572. 3D: 144 per axis, about 3 million voxels: the default mode runs
+        one such tile per forward pass, about what ``--fast`` passes in a batch of four
+        smaller tiles (measured on issue 17's case: similar peak RSS, fewer voxels).
+        """
+        want = 572 if self.config.ndim == 2 else 144
         return self.valid_tile_shape(
             (1,) * self.slice_axes
             + (max(want, 2 * self.config.context + 4 * self.config.grid),) * self.config.ndim
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _margins(config: UNetConfig, size: int) -> tuple[int, int]:
+    """(before, after) margins of a tile of ``size`` (cached: planning asks often)."""
+    begin, end = config.exact_region_1d(size)
+    return begin, size - end
 
 
 def _axis_tiles(
@@ -391,15 +407,14 @@ def _axis_tiles(
 def plan_tiles(
     spec: TileSpec, write: Box, tile_shape: Sequence[int] | None = None
 ) -> tuple[Box, list[Tile]]:
-    """Tiles that write ``write`` exactly once; returns (block read box, tiles).
+    """Tiles that write ``write`` exactly once, planned for this box alone; returns (block
+    read box, tiles).
 
     All tiles share one input shape (so they batch). ``tile_shape=None`` makes each axis
     one tile as large as needed: the reference pass when ``write`` is the whole volume.
+    The tiles depend on the box; :class:`TileLattice` plans tiles that do not.
     """
-    if write.ndim != spec.volume_ndim:
-        raise ConfigError(f"box {write} has {write.ndim} axes, the volume {spec.volume_ndim}")
-    if write.empty:
-        raise ConfigError(f"cannot plan tiles for the empty box {write}")
+    _check_write(spec, write)
     tiles_per_axis: list[list[tuple[int, int, int]]] = []  # (origin, write begin, end)
     sizes: list[int] = []
     for axis in range(write.ndim):
@@ -412,6 +427,20 @@ def plan_tiles(
         )
         sizes.append(size)
         tiles_per_axis.append(axis_tiles)
+    return _combine(tiles_per_axis, sizes)
+
+
+def _check_write(spec: TileSpec, write: Box) -> None:
+    if write.ndim != spec.volume_ndim:
+        raise ConfigError(f"box {write} has {write.ndim} axes, the volume {spec.volume_ndim}")
+    if write.empty:
+        raise ConfigError(f"cannot plan tiles for the empty box {write}")
+
+
+def _combine(
+    tiles_per_axis: Sequence[Sequence[tuple[int, int, int]]], sizes: Sequence[int]
+) -> tuple[Box, list[Tile]]:
+    """Tiles (C order) from per-axis (origin, write begin, write end); and their read box."""
     planned = [
         Tile(
             read=Box(tuple(t[0] for t in combo), tuple(sizes)),
@@ -511,6 +540,238 @@ class ChunkGrid:
         stop = inside.end.ceildiv(self.chunks)
         for index in itertools.product(*(range(b, e) for b, e in zip(first, stop, strict=True))):
             yield Coord(index)
+
+
+# --------------------------------------------------------------------- tile lattice
+
+
+@dataclass(frozen=True)
+class TileLattice:
+    r"""One tiling of the whole volume, fixed for a run: every output voxel has one tile.
+
+    Along each axis tile ``k`` reads ``tile`` voxels from ``anchor + k * step`` (on the
+    pooling grid of the whole-volume pass) and **owns** the outputs
+    ``[k * step, (k + 1) * step)``, a part of its usable centre::
+
+        volume    0            step         2*step       3*step   n
+                  ├────────────┼────────────┼────────────┼────────┤
+        tile 0 ◀──┼─── owns ───┼─▶
+        tile 1               ◀─┼─── owns ───┼─▶              (each reads its context
+        tile 2                            ◀─┼─── owns ───┼─▶  on either side)
+        tile 3                                         ◀─┼── owns ┼─ - - ▶
+
+    A block computes the tiles whose owned outputs meet its write box and keeps those
+    parts. The lattice depends on the network, the tile shape and the volume shape, never
+    on the blocks: a voxel is always computed by the same tile, from the same input, in a
+    forward pass of the same shape, so with deterministic kernels the result is bitwise
+    the same for any chunking, block order or number of workers. A tile that straddles a
+    block border is computed by each block it meets (the same values each time: a cost,
+    not an error); blocks whose borders sit on multiples of ``step`` (see
+    :meth:`aligned_chunks`) compute every tile once.
+    """
+
+    spec: TileSpec
+    volume_shape: tuple[int, ...]
+    tile: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "volume_shape", _coord(self.volume_shape))
+        object.__setattr__(self, "tile", _coord(self.tile))
+        ndim = self.spec.volume_ndim
+        if len(self.volume_shape) != ndim or any(n < 1 for n in self.volume_shape):
+            raise ConfigError(f"volume shape {self.volume_shape} does not fit a {ndim}D lattice")
+        if len(self.tile) != ndim:
+            raise InvalidShapeError(f"tile shape {self.tile} has {len(self.tile)} axes, not {ndim}")
+        for axis, t in enumerate(self.tile):
+            if axis < self.spec.slice_axes:
+                if t != 1:
+                    raise InvalidShapeError(f"a 2D network's tiles are one slice thick, not {t}")
+                continue
+            smallest = _lattice_size(self.spec, axis, self.spec.grid[axis])
+            if self.spec.config._output_size_1d(t) is None or t < smallest:
+                raise InvalidShapeError(
+                    f"tile {t} on axis {axis} cannot advance on the grid of this network "
+                    f"(the smallest lattice tile is {smallest})"
+                )
+
+    @property
+    def ndim(self) -> int:
+        return len(self.tile)
+
+    @property
+    def step(self) -> tuple[int, ...]:
+        """Outputs each tile owns per axis (a multiple of the grid on the model's axes)."""
+        return tuple(_lattice_step(self.spec, a, t) for a, t in enumerate(self.tile))
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Tiles per axis."""
+        return tuple(-(-n // s) for n, s in zip(self.volume_shape, self.step, strict=True))
+
+    @property
+    def n_tiles(self) -> int:
+        n = 1
+        for c in self.counts:
+            n *= c
+        return n
+
+    def origin(self, axis: int, k: int) -> int:
+        """First input voxel of tile ``k`` along ``axis`` (volume coordinates)."""
+        if axis < self.spec.slice_axes:
+            return k
+        return self.spec.anchor(axis) + k * self.step[axis]
+
+    def _axis(self, axis: int, begin: int, end: int) -> list[tuple[int, int, int]]:
+        s = self.step[axis]
+        return [
+            (self.origin(axis, k), max(k * s, begin), min((k + 1) * s, end))
+            for k in range(begin // s, (end - 1) // s + 1)
+        ]
+
+    def plan(self, write: Box) -> tuple[Box, list[Tile]]:
+        """The lattice tiles a block writing ``write`` computes; returns (read box, tiles)."""
+        _check_write(self.spec, write)
+        if not Box.of_shape(self.volume_shape).contains(write):
+            raise ConfigError(f"box {write} leaves the volume {self.volume_shape}")
+        per_axis = [
+            self._axis(a, b, e) for a, (b, e) in enumerate(zip(write.begin, write.end, strict=True))
+        ]
+        return _combine(per_axis, self.tile)
+
+    def computed_voxels(self, block_shape: Sequence[int]) -> int:
+        """Input voxels the forward passes of all blocks of ``block_shape`` cover together.
+
+        Equal to ``n_tiles * prod(tile)`` when block borders sit on the lattice, more when
+        blocks share tiles.
+        """
+        total = 1
+        for axis, (n, b, t) in enumerate(
+            zip(self.volume_shape, _coord(block_shape), self.tile, strict=True)
+        ):
+            per_axis = sum(len(self._axis(axis, i, min(i + b, n))) for i in range(0, n, b))
+            total *= per_axis * t
+        return total
+
+    def aligned_chunks(self, preferred: Sequence[int]) -> tuple[int, ...]:
+        """Chunks near ``preferred`` whose borders sit on the lattice: whole multiples of
+        ``step`` on the model's axes (the whole axis where one tile covers it)."""
+        out = []
+        for axis, (n, c, s, k) in enumerate(
+            zip(self.volume_shape, _coord(preferred), self.step, self.counts, strict=True)
+        ):
+            if axis < self.spec.slice_axes:
+                out.append(min(max(c, 1), n))
+            elif k == 1:
+                out.append(n)
+            else:
+                out.append(min(s * max(1, round(c / s)), n))
+        return tuple(out)
+
+    def misaligned_axes(self, block_shape: Sequence[int]) -> list[int]:
+        """Axes along which blocks of ``block_shape`` cut through lattice tiles."""
+        return [
+            a
+            for a, (n, b, s) in enumerate(
+                zip(self.volume_shape, _coord(block_shape), self.step, strict=True)
+            )
+            if b < n and b % s
+        ]
+
+
+def _lattice_lag(spec: TileSpec, axis: int) -> int:
+    """Voxels between a tile's first usable output and its first owned one (0 for valid
+    networks; below one grid step for same networks, whose anchor is rounded to the grid)."""
+    return -spec.anchor(axis) - spec.before(axis)
+
+
+def _lattice_step(spec: TileSpec, axis: int, size: int, lag: int | None = None) -> int:
+    if axis < spec.slice_axes:
+        return 1
+    g = spec.grid[axis]
+    lag = _lattice_lag(spec, axis) if lag is None else lag
+    return g * ((spec.usable_1d(axis, size) - lag) // g)
+
+
+def _lattice_size(spec: TileSpec, axis: int, step: int) -> int:
+    """The smallest tile whose lattice step is at least ``step``."""
+    return spec.valid_size(axis, 1, usable=step + _lattice_lag(spec, axis))
+
+
+def _lattice_candidates(spec: TileSpec, axis: int, n: int, largest: int) -> list[tuple[int, int]]:
+    """(tile, tiles needed) along one axis, the smallest tile for each count, up to
+    ``largest`` (or the one tile that covers the axis); tiles ascending, counts descending."""
+    g = spec.grid[axis]
+    lag = _lattice_lag(spec, axis)
+    size = _lattice_size(spec, axis, g)
+    whole = _lattice_size(spec, axis, g * -(-n // g))
+    out: list[tuple[int, int]] = []
+    while True:
+        count = -(-n // _lattice_step(spec, axis, size, lag))
+        if not out or count < out[-1][1]:
+            out.append((size, count))
+        if size >= min(largest, whole):
+            break
+        size = spec.config.valid_input_size_1d(size + 1)
+        if size > largest:
+            break
+    return out
+
+
+def plan_lattice(
+    spec: TileSpec,
+    volume_shape: Sequence[int],
+    tile_shape: Sequence[int] | None = None,
+    max_voxels: int | None = None,
+) -> TileLattice:
+    """The tile lattice of a run: the tile shape that computes the fewest voxels in all.
+
+    ``tile_shape`` bounds each axis (rounded up to a valid size, as in :func:`plan_tiles`);
+    ``max_voxels`` bounds one tile's voxels on the model's axes (default: those of
+    ``tile_shape``, else of :meth:`TileSpec.default_tile_shape`, which sizes a forward
+    pass for CPU memory). Where the volume is small, one tile covers an axis; elsewhere the
+    tiles are balanced so the last one does not compute mostly mirrored voxels.
+    """
+    shape = _coord(volume_shape)
+    if len(shape) != spec.volume_ndim or any(n < 1 for n in shape):
+        raise ConfigError(f"volume shape {shape} does not fit a {spec.volume_ndim}D network")
+    model_axes = list(range(spec.slice_axes, spec.volume_ndim))
+    if tile_shape is not None:
+        bound = spec.valid_tile_shape(tile_shape)
+    else:
+        bound = Coord((1,) * spec.slice_axes + (max(shape) * 4 + 4096,) * len(model_axes))
+    budget = max_voxels
+    if budget is None:
+        reference = spec.default_tile_shape() if tile_shape is None else bound
+        budget = 1
+        for a in model_axes:
+            budget *= reference[a]
+    candidates = []
+    for a in model_axes:
+        smallest = _lattice_size(spec, a, spec.grid[a])
+        others = 1
+        for b in model_axes:
+            if b != a:
+                others *= _lattice_size(spec, b, spec.grid[b])
+        largest = max(min(bound[a], budget // others), smallest)
+        options = _lattice_candidates(spec, a, shape[a], largest)
+        if len(options) > 32:  # thin very long axes: neighbouring sizes cost nearly the same
+            keep = sorted({round(i * (len(options) - 1) / 31) for i in range(32)})
+            options = [options[i] for i in keep]
+        candidates.append(options)
+    best: tuple[int, int, tuple[int, ...]] | None = None
+    for combo in itertools.product(*candidates):
+        voxels = 1
+        cost = 1
+        for size, count in combo:
+            voxels *= size
+            cost *= size * count
+        if voxels > budget:
+            continue
+        key = (cost, voxels, tuple(size for size, _ in combo))
+        if best is None or key < best:
+            best = key
+    sizes = best[2] if best else tuple(options[0][0] for options in candidates)
+    return TileLattice(spec, shape, (1,) * spec.slice_axes + sizes)
 
 
 def plan_blocks(

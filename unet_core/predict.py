@@ -1,62 +1,119 @@
-"""Tiled prediction in memory: mirror reads, batched forward passes, exact numerics.
+"""Tiled prediction in memory: mirror reads, batched forward passes, three numerics modes.
 
-:func:`predict` runs a model over a NumPy array. With ``tile_shape=None`` it is the
-reference: one forward pass over the whole mirror-extended array. With any tile shape it
-gives the identical result (bitwise on CPU in float32, see :func:`exact_numerics`), because
-tiles are planned by :func:`unet_core.geometry.plan_tiles`. The Dask engine in ``tasks``
-uses the same :class:`Predictor` per block, so engine, tiles and reference agree.
+:func:`predict` runs a model over a NumPy array; :class:`Predictor` is what it and the Dask
+engine in ``tasks`` run per block. The modes (``Mode``) say what is guaranteed:
+
+- ``"invariant"`` (default): tiles on one lattice per volume
+  (:class:`unet_core.geometry.TileLattice`), every forward pass of the same shape (a short
+  batch is padded), the fast deterministic kernels (oneDNN on CPU; cuDNN with
+  deterministic algorithms and benchmarking off on CUDA) and the 1x1 head as separate
+  multiplies and adds. A voxel's value then does not depend on the chunking, the block
+  order, the number of workers or torch threads: bitwise, on one kind of processor.
+- ``"reference"``: PyTorch's own CPU kernels (see :func:`exact_numerics`), which sum in an
+  order that does not depend on where a voxel sits: any tiling is bitwise equal to one
+  pass over the whole volume (the test oracle). Slower; convolutions run in slabs so they
+  never unfold more than :data:`SLAB_BYTES` at once.
+- ``"fast"``: tiles planned per block, no padded batches, default kernels: the fewest
+  voxels for given blocks, equal to the others up to float rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from unet_core.errors import ConfigError, InvalidVolumeError
-from unet_core.geometry import Box, Tile, TileSpec, plan_tiles
+from unet_core.geometry import Box, Tile, TileSpec, plan_lattice, plan_tiles
 from unet_core.model import UNet
 from unet_core.normalize import apply_affine
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Mode = Literal["invariant", "reference", "fast"]
+MODES: tuple[Mode, ...] = ("invariant", "reference", "fast")
+
+#: Tiles per forward pass by default (``segflow segment``'s default too): the default mode's
+#: bits depend on it for 2D networks, so the in-memory and the Dask paths share it.
+DEFAULT_BATCH_SIZE = 4
+
+#: Reference mode: most bytes one convolution unfolds (im2col) at once.
+SLAB_BYTES = 64 * 2**20
 
 # ------------------------------------------------------------------------- numerics
 
-_exact_lock = threading.Lock()
-_exact_depth = 0
-_exact_saved = True
+# Process-wide kernel settings. Forward passes that need different settings never overlap
+# in one process: a kind waits until the passes of another kind have finished.
+_settings = threading.Condition()
+_settings_kind: str | None = None
+_settings_users = 0
+_settings_saved: Callable[[], None] | None = None
+
+
+def _apply(kind: str) -> Callable[[], None]:
+    """Switch the process to ``kind``'s kernels; returns what restores the old settings."""
+    if kind in ("native", "onednn"):
+        was = bool(torch._C._get_mkldnn_enabled())
+        torch._C._set_mkldnn_enabled(kind == "onednn")
+        return lambda: torch._C._set_mkldnn_enabled(was)
+    cudnn = torch.backends.cudnn
+    det, bench = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+
+    def restore() -> None:
+        cudnn.deterministic, cudnn.benchmark = det, bench
+
+    return restore
 
 
 @contextlib.contextmanager
-def exact_numerics() -> Iterator[None]:
-    """Make CPU convolutions shift-invariant, bit for bit.
+def _kernels(kind: str) -> Iterator[None]:
+    """Hold the process's kernel settings at ``kind`` (re-entrant, thread safe)."""
+    global _settings_kind, _settings_users, _settings_saved
+    with _settings:
+        while _settings_users and _settings_kind != kind:
+            _settings.wait()
+        if _settings_users == 0:
+            _settings_saved = _apply(kind)
+            _settings_kind = kind
+        _settings_users += 1
+    try:
+        yield
+    finally:
+        with _settings:
+            _settings_users -= 1
+            if _settings_users == 0:
+                if _settings_saved is not None:
+                    _settings_saved()
+                _settings_kind, _settings_saved = None, None
+                _settings.notify_all()
+
+
+def exact_numerics() -> contextlib.AbstractContextManager[None]:
+    """Make CPU convolutions shift-invariant, bit for bit (the reference mode's kernels).
 
     oneDNN picks kernels by tensor shape, and its results for one voxel differ in the last
     bits between a large and a small input (measured up to ~5e-6). PyTorch's own
     convolution kernels (im2col + GEMM) sum in an order that does not depend on where the
-    voxel sits, so a tile reproduces the whole-volume pass exactly. They are 2-6x slower;
-    ``exact=False`` keeps oneDNN. Re-entrant and safe across threads (reference counted).
+    voxel sits, so a tile reproduces the whole-volume pass exactly. They are 2-6x slower.
     """
-    global _exact_depth, _exact_saved
-    with _exact_lock:
-        if _exact_depth == 0:
-            _exact_saved = bool(torch._C._get_mkldnn_enabled())
-            torch._C._set_mkldnn_enabled(False)
-        _exact_depth += 1
-    try:
-        yield
-    finally:
-        with _exact_lock:
-            _exact_depth -= 1
-            if _exact_depth == 0:
-                torch._C._set_mkldnn_enabled(_exact_saved)
+    return _kernels("native")
+
+
+def invariant_numerics(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The default mode's kernels: oneDNN on CPU; on CUDA cuDNN with deterministic
+    algorithms and benchmarking off, so one input shape always runs the same algorithm."""
+    return _kernels("onednn" if device.type == "cpu" else "cudnn-deterministic")
 
 
 def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -144,27 +201,141 @@ def read_mirrored(
 # ------------------------------------------------------------------------ predictor
 
 
+class _ElementwiseHead(nn.Module):
+    """The 1x1 output convolution as separate multiplies and adds in a fixed order.
+
+    oneDNN's 1x1 convolution splits its sum differently with the number of threads
+    (measured: 1 vs 2 threads differ in the last bit); one IEEE multiply or add at a time
+    is the same on any thread count, vector width or device. It costs 2 x channels x
+    classes elementwise operations per voxel, little next to a 3x3 convolution.
+    """
+
+    def __init__(self, head: nn.Conv2d | nn.Conv3d) -> None:
+        super().__init__()
+        self.weight = head.weight
+        self.bias = head.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(self.weight.shape[0], self.weight.shape[1]).to(torch.float32)
+        x = x.to(torch.float32)
+        outs = []
+        for k in range(w.shape[0]):
+            acc = x[:, 0] * w[k, 0]
+            for c in range(1, w.shape[1]):
+                acc = acc + x[:, c] * w[k, c]
+            if self.bias is not None:
+                acc = acc + self.bias[k].to(torch.float32)
+            outs.append(acc)
+        return torch.stack(outs, dim=1)
+
+
+class _SlabConv(nn.Module):
+    """A convolution computed in slabs along its first spatial axis (reference mode).
+
+    PyTorch's own kernels unfold the input (im2col: input channels x kernel voxels per
+    output voxel); for a 3D tile that is gigabytes. Slabs of output planes bound it to
+    :data:`SLAB_BYTES`; the unfolded columns and their sums are the same, so the result is
+    bitwise that of the whole convolution (checked in the tests).
+    """
+
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d, budget: int | None = None) -> None:
+        super().__init__()
+        self.conv = conv
+        self.budget = budget
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        sizes = [int(p) for p in conv.padding]
+        kernel = [int(k) for k in conv.kernel_size]
+        k, pad = kernel[0], sizes[0]
+        out_len = x.shape[2] + 2 * pad - k + 1
+        spatial = zip(x.shape[3:], sizes[1:], kernel[1:], strict=True)
+        rest = [n + 2 * p - kk + 1 for n, p, kk in spatial]
+        per_plane = x.shape[0] * x.shape[1] * math.prod(kernel) * math.prod(rest) * 4
+        budget = SLAB_BYTES if self.budget is None else self.budget
+        planes = max(1, budget // max(per_plane, 1))
+        if planes >= out_len:
+            return conv(x)
+        if pad:
+            x = F.pad(x, (0, 0) * len(rest) + (pad, pad))
+        pads = (0, *sizes[1:])
+        fn = F.conv3d if x.ndim == 5 else F.conv2d
+        out = x.new_empty((x.shape[0], conv.out_channels, out_len, *rest))
+        for z0 in range(0, out_len, planes):
+            z1 = min(z0 + planes, out_len)
+            out[:, :, z0:z1] = fn(x[:, :, z0 : z1 + k - 1], conv.weight, conv.bias, padding=pads)
+        return out
+
+
+def _model_for(model: UNet, mode: Mode) -> UNet:
+    """The model a mode runs: the model itself in fast mode, else a copy (weights shared).
+
+    Reference: every convolution in slabs. Invariant: the deterministic head, and the
+    first convolution in slabs: it sees the image's few channels, and oneDNN unfolds such
+    an input 27-fold (measured: +320 MiB for one 88x168x168 tile). The slabs follow from
+    the tile shape alone, so every tile is still computed the same way.
+    """
+    if mode == "fast":
+        return model
+    copied = copy.copy(model)  # shallow: submodule dicts are copied below, weights shared
+    copied._modules = dict(model._modules)
+
+    def slabbed(block: nn.Module, every: bool) -> nn.Sequential:
+        layers: list[nn.Module] = list(block.children())
+        return nn.Sequential(
+            *(
+                _SlabConv(m) if isinstance(m, nn.Conv2d | nn.Conv3d) and (every or i == 0) else m
+                for i, m in enumerate(layers)
+            )
+        )
+
+    if mode == "invariant":
+        copied._modules["head"] = _ElementwiseHead(model.head)
+        encoder = list(model.encoder)
+        copied._modules["encoder"] = nn.ModuleList([slabbed(encoder[0], False), *encoder[1:]])
+        return copied
+    for name in ("encoder", "decoder"):
+        copied._modules[name] = nn.ModuleList(
+            slabbed(block, True)
+            for block in model._modules[name]  # type: ignore[union-attr]
+        )
+    return copied
+
+
 class Predictor:
     """A model on a device that turns mirror-extended input boxes into class logits.
 
     One instance per process (or Dask worker): the model is moved once, batches of
-    ``batch_size`` equal-shaped tiles go through it, and on CUDA autocast (bf16/fp16),
-    channels-last and pinned, asynchronous host/device copies keep the GPU busy while the
-    next batch is assembled.
+    ``batch_size`` equal-shaped tiles go through it (in the invariant mode always exactly
+    ``batch_size``: a short batch is padded with zeros, since some kernels' results depend
+    on the batch size; a 3D network runs one tile per pass, its tiles being sized to fill
+    one), and on CUDA autocast (bf16/fp16), channels-last and pinned, asynchronous
+    host/device copies keep the GPU busy while the next batch is assembled.
     """
 
     def __init__(
         self,
         model: UNet,
         device: str | torch.device = "auto",
-        batch_size: int = 1,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         precision: Precision = "auto",
-        exact: bool | None = None,
+        mode: Mode = "invariant",
         channels_last: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.config = model.config
+        self.mode: Mode = mode
+        if mode == "reference":
+            if str(device) == "auto":
+                device = "cpu"
+            if torch.device(device).type != "cpu" or precision not in ("auto", "fp32"):
+                raise ConfigError(
+                    "the reference mode runs on the CPU in float32 (PyTorch's own kernels); "
+                    "use device 'cpu' or another mode"
+                )
         self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
         if precision == "auto":
@@ -172,13 +343,13 @@ class Predictor:
         if precision in ("bf16", "fp16") and not cuda:
             raise ConfigError(f"{precision} autocast is only supported on CUDA here; use fp32")
         self.precision: Precision = precision
-        self.exact = (not cuda and precision == "fp32") if exact is None else exact
         self.channels_last = cuda if channels_last is None else channels_last
-        self.batch_size = batch_size
-        self.model = model.to(self.device).eval()
+        self.batch_size = effective_batch_size(self.config.ndim, mode, batch_size)
+        moved = model.to(self.device).eval()
         if self.channels_last:
             fmt = torch.channels_last if self.config.ndim == 2 else torch.channels_last_3d
-            self.model = self.model.to(memory_format=fmt)  # type: ignore[call-overload]
+            moved = moved.to(memory_format=fmt)  # type: ignore[call-overload]
+        self.model = _model_for(moved, mode)
         if not self.config.tile_exact:
             log.warning(
                 "norm=%r computes statistics per tile: tiled output will not equal the "
@@ -189,12 +360,12 @@ class Predictor:
     def spec(self, volume_ndim: int) -> TileSpec:
         return TileSpec(self.config, volume_ndim)
 
-    def _numerics(self) -> contextlib.AbstractContextManager[None]:
-        return (
-            exact_numerics()
-            if self.exact and self.device.type == "cpu"
-            else contextlib.nullcontext()
-        )
+    def numerics(self) -> contextlib.AbstractContextManager[None]:
+        if self.mode == "reference":
+            return exact_numerics()
+        if self.mode == "invariant":
+            return invariant_numerics(self.device)
+        return contextlib.nullcontext()
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.device.type == "cuda" and self.precision in ("bf16", "fp16"):
@@ -223,6 +394,7 @@ class Predictor:
         s = spec.slice_axes
         out = np.empty((self.config.n_classes, *write.shape), dtype=np.float32)
         pending: list[tuple[torch.Tensor, list[Tile]]] = []
+        pad = self.mode == "invariant"
 
         def drain() -> None:
             for result, group in pending:
@@ -246,13 +418,16 @@ class Predictor:
                     ]
             pending.clear()
 
-        with torch.inference_mode(), self._numerics():
+        with torch.inference_mode(), self.numerics():
             for start in range(0, len(tiles), self.batch_size):
                 group = list(tiles[start : start + self.batch_size])
                 parts = []
                 for tile in group:
                     part = data[(slice(None), *tile.read.to_slices(read))]
                     parts.append(part[:, 0] if s else part)
+                if pad and len(parts) < self.batch_size:
+                    # Every pass has the same shape: kernels may depend on the batch size.
+                    parts += [np.zeros_like(parts[0])] * (self.batch_size - len(parts))
                 result = self._forward(np.ascontiguousarray(np.stack(parts)))
                 # Keep one batch in flight: the device computes while the host slices.
                 drain()
@@ -261,24 +436,51 @@ class Predictor:
         return out
 
 
+def plan_box(
+    spec: TileSpec,
+    volume_shape: Sequence[int],
+    box: Box,
+    mode: Mode,
+    tile_shape: Sequence[int] | None = None,
+) -> tuple[Box, list[Tile]]:
+    """(read box, tiles) for ``box`` of a volume as ``mode`` plans them: on the volume's
+    tile lattice in the invariant mode (``tile_shape`` bounds the tile), for the box alone
+    otherwise (``tile_shape=None``: one tile)."""
+    if mode == "invariant":
+        return plan_lattice(spec, volume_shape, tile_shape).plan(box)
+    return plan_tiles(spec, box, tile_shape)
+
+
+def effective_batch_size(ndim: int, mode: Mode, batch_size: int) -> int:
+    """Tiles per forward pass: ``batch_size``, except that in the invariant mode a 3D
+    network runs one tile per pass (its tiles are sized to fill a pass, and padding short
+    batches of large tiles would waste whole passes)."""
+    return 1 if mode == "invariant" and ndim == 3 else batch_size
+
+
 def predict(
     model: UNet,
     array: np.ndarray,
     tile_shape: Sequence[int] | None = None,
-    batch_size: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
     normalization: tuple[float, float] | None = None,
     channel_axis: int | None = None,
     precision: Precision = "auto",
-    exact: bool | None = None,
+    mode: Mode = "invariant",
 ) -> np.ndarray:
     """Class probabilities ``(n_classes, *spatial)`` (float32) for a NumPy image.
 
     ``array`` is ``spatial`` (2D or 3D) or has a channel axis at ``channel_axis``. A 2D
     network on a 3D array runs slice by slice along the first axis. ``normalization`` is
     the global ``(offset, scale)`` applied as ``(x - offset) * scale`` (never per tile).
-    ``tile_shape=None`` is the whole-array reference pass; any other tile shape gives the
-    same probabilities.
+
+    ``mode="invariant"`` tiles the array on the lattice :func:`plan_lattice` plans for it
+    (``tile_shape`` bounds the tile): the same probabilities, bit for bit, as ``segflow
+    segment`` in its default mode with the same tile bound and batch size, for any chunks.
+    ``mode="reference"`` with ``tile_shape=None`` is one pass over the whole array, the
+    oracle; with any tile shape it gives the same probabilities. ``mode="fast"`` tiles the
+    array on its own (``None``: one pass).
     """
     a = np.asarray(array)
     a = a[None] if channel_axis is None else np.moveaxis(a, channel_axis, 0)
@@ -292,9 +494,8 @@ def predict(
     offset, scale = normalization or (0.0, 1.0)
     volume = Box.of_shape(a.shape[1:])
     predictor = Predictor(
-        model, device=device, batch_size=batch_size, precision=precision, exact=exact
+        model, device=device, batch_size=batch_size, precision=precision, mode=mode
     )
-    spec = predictor.spec(volume.ndim)
-    read, tiles = plan_tiles(spec, volume, tile_shape)
+    read, tiles = plan_box(predictor.spec(volume.ndim), volume.shape, volume, mode, tile_shape)
     data = apply_affine(read_mirrored(a, read, volume.shape, leading=1), offset, scale)
     return softmax(predictor.logits(data, read, tiles, volume))

@@ -40,12 +40,13 @@ def reference(model_path, image_url, array, channel_axis=None):
     model, meta = load_checkpoint(model_path)
     info = read_image_info(image_url)
     norm = meta.normalization.affine(info.stats)
-    return predict(model, array, normalization=norm, channel_axis=channel_axis)
+    return predict(model, array, normalization=norm, channel_axis=channel_axis, mode="reference")
 
 
 def run(src, model, out, client, **params):
     block = params.pop("block_shape", None)
     force = params.pop("force", True)
+    params.setdefault("mode", "reference")  # compared with the whole-volume pass, bit for bit
     p = SegmentParams(probabilities=True, probabilities_dtype="float32", **params)
     return segment_image(
         src, str(model), out=out, params=p, client=client, force=force, block_shape=block
@@ -311,6 +312,7 @@ def test_cuda_autocast_channels_last_matches_cpu(tmp_path, dask_client):
             dask_client,
             device="cuda",
             precision=precision,
+            mode="invariant",
             batch_size=4,
             tile=(60, 60, 60),
         )
@@ -332,7 +334,9 @@ def test_dask_address_of_a_process_cluster(tmp_path):
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster:
-        p = SegmentParams(probabilities=True, probabilities_dtype="float32", tile=(60, 60, 60))
+        p = SegmentParams(
+            probabilities=True, probabilities_dtype="float32", tile=(60, 60, 60), mode="reference"
+        )
         out = str(tmp_path / "o.zarr")
         res = segment_image(
             src, str(model), out=out, params=p, dask_address=cluster.scheduler_address

@@ -17,7 +17,7 @@ import torch
 from unet_core.geometry import Box, plan_tiles
 from unet_core.metrics import confusion_matrix, report_from_confusion
 from unet_core.model import UNet
-from unet_core.predict import Predictor, read_mirrored, softmax
+from unet_core.predict import Predictor, plan_box, read_mirrored, softmax
 from unet_core.training.data import PreparedData
 
 
@@ -54,8 +54,11 @@ def predict_region(predictor: Predictor, image: np.ndarray, box: Box) -> np.ndar
     network's context around it (mirrored only at the image border)."""
     spatial = image.shape[1:]
     spec = predictor.spec(len(spatial))
-    tile = spec.default_tile_shape() if box.size > 2_000_000 else None
-    read, tiles = plan_tiles(spec, box, tile)
+    if predictor.mode == "invariant":  # the tiles `segflow segment` computes these voxels with
+        read, tiles = plan_box(spec, spatial, box, "invariant")
+    else:
+        tile = spec.default_tile_shape() if box.size > 2_000_000 else None
+        read, tiles = plan_tiles(spec, box, tile)
     data = read_mirrored(image, read, spatial, leading=1)
     return softmax(predictor.logits(np.ascontiguousarray(data), read, tiles, box))
 
