@@ -14,8 +14,9 @@ import torch
 import zarr
 
 import tasks.segment as segment_mod
+from tasks.blockwise import Markers
 from tasks.segment import SegmentParams, plan_segmentation, segment_image
-from tasks.store import DoneTracker, read_image_info, write_image
+from tasks.store import read_image_info, write_image
 from unet_core import (
     CheckpointMeta,
     Normalization,
@@ -121,7 +122,7 @@ def test_default_mode_same_bits_for_any_chunks_workers_and_resume(
             segment_image(src, ckpt, out, params(chunkings[1]), client=dask_client)
     finally:
         segment_mod._fault_hook = None
-    done = DoneTracker.open(out, "segment-semantic").done_mask()
+    done = Markers.open(out, "segment-semantic").done_mask()
     assert not done[first]
     assert done.sum() == done.size - 1
     res = segment_image(src, ckpt, out, params(chunkings[1]), client=dask_client)
