@@ -50,6 +50,7 @@ from unet_core.errors import ConfigError, InvalidVolumeError
 from unet_core.geometry import Block, Box, Tile, TileSpec, plan_tiles
 from unet_core.normalize import IntensityStats, StatsAccumulator, apply_affine
 from unet_core.predict import Predictor, class_labels, label_dtype, read_mirrored, softmax
+from unet_core.slicelink import DEFAULT_LINK_IOU
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class SegmentPlan:
     class_names: tuple[str, ...]
     foreground_class: int = 1
     suggested_min_size: int = 0
+    link_iou: float = DEFAULT_LINK_IOU
 
     @property
     def labels_path(self) -> str:
@@ -249,6 +251,7 @@ def plan_segmentation(
         class_names=tuple(meta.names_for(config.n_classes)),
         foreground_class=min(meta.foreground_class, config.n_classes - 1),
         suggested_min_size=meta.object_stats.suggested_min_size if meta.object_stats else 0,
+        link_iou=meta.link_iou,
     )
 
 
@@ -311,6 +314,8 @@ def _label_metadata(plan: SegmentPlan, source: str) -> dict[str, Any]:
             "complete": False,
             "foreground_class": plan.foreground_class,
             "suggested_min_size": plan.suggested_min_size,
+            "model_ndim": plan.config.ndim,  # 2 on a stack: instances by slice linking
+            "link_iou": plan.link_iou,
         },
     }
 

@@ -42,6 +42,7 @@ from tasks.store import (
 )
 from unet_core.errors import ConfigError
 from unet_core.geometry import Box
+from unet_core.slicelink import planar_structure
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class StitchPlan:
     axes: str
     unit: str | None
     min_size: int
+    slices: bool = False  # connect within slices only (slice objects, tasks/link_slices.py)
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -79,6 +81,8 @@ class StitchPlan:
         return Box(begin, self.chunks).intersect(Box.of_shape(self.shape))
 
     def structure(self) -> np.ndarray:
+        if self.slices:
+            return planar_structure(len(self.shape), self.connectivity)
         return ndimage.generate_binary_structure(len(self.shape), self.connectivity)
 
 
@@ -92,6 +96,7 @@ class StitchResult:
     table_parquet: str | None
     seconds: float
     table: pd.DataFrame
+    method: str = "components"  # or "slices" (tasks/link_slices.py)
 
 
 def id_dtype(n: int) -> np.dtype:
@@ -190,6 +195,20 @@ def _globalize(local: np.ndarray, region: Box, plan: StitchPlan, offsets: np.nda
 # ------------------------------------------------------------------------- pass 3
 
 
+def final_ids(
+    g: np.ndarray, merged_ids: np.ndarray, merged_final: np.ndarray, absorbed: np.ndarray
+) -> np.ndarray:
+    """Final ids of provisional ids ``g`` (same dtype) from the sparse tables of
+    :func:`_union`: merged ids take their component's id, the others move down by the
+    number of absorbed ids below them (consecutive numbering)."""
+    final = g - np.searchsorted(absorbed, g, side="left").astype(g.dtype)
+    if merged_ids.size:
+        pos = np.minimum(np.searchsorted(merged_ids, g), merged_ids.size - 1)
+        hit = merged_ids[pos] == g
+        final[hit] = merged_final[pos[hit]].astype(g.dtype)
+    return final
+
+
 def relabel_chunk(
     plan: StitchPlan,
     index: tuple[int, ...],
@@ -208,13 +227,7 @@ def relabel_chunk(
     fg = out > 0
     g = out[fg]  # local ids of the foreground, in the output dtype
     g += g.dtype.type(offset)  # provisional global ids
-    # Consecutive numbering: subtract the number of absorbed ids below each id.
-    final = g - np.searchsorted(absorbed, g, side="left").astype(g.dtype)
-    if merged_ids.size:
-        pos = np.minimum(np.searchsorted(merged_ids, g), merged_ids.size - 1)
-        hit = merged_ids[pos] == g
-        final[hit] = merged_final[pos[hit]].astype(g.dtype)
-        del pos, hit
+    final = final_ids(g, merged_ids, merged_final, absorbed)
     if dropped.size:
         final[np.isin(final, dropped)] = 0
     out[fg] = final
@@ -280,13 +293,37 @@ def stitch(
     write_table: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     id_offset: int = 0,
+    method: str | None = None,
+    link_iou: float | None = None,
 ) -> StitchResult:
     """Instance labels ``labels/<out_name>/0`` and an object table from a semantic mask.
 
     Ids are consecutive from ``id_offset + 1`` (an offset keeps ids unique across volumes).
+    ``method``: ``components`` (3D connected components) or ``slices`` (slice objects
+    linked by overlap, :mod:`tasks.link_slices`, with ``link_iou``); default ``slices``
+    for a stack segmented by a 2D model, else ``components``.
     """
     from tasks.cluster import dask_client
+    from tasks.link_slices import default_method, link_slices
 
+    method = method or default_method(store, labels)
+    if method == "slices":
+        return link_slices(
+            store,
+            labels=labels,
+            out_name=out_name,
+            foreground=foreground,
+            connectivity=connectivity,
+            min_size=min_size,
+            link_iou=link_iou,
+            client=client,
+            dask_address=dask_address,
+            write_table=write_table,
+            progress=progress,
+            id_offset=id_offset,
+        )
+    if method != "components":
+        raise ConfigError(f"instance method '{method}' is not 'components' or 'slices'")
     t0 = time.perf_counter()
     plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size)
     root = open_group(plan.store, "r+")
@@ -437,12 +474,7 @@ def _object_table(
         if not count.size:
             continue
         g = np.arange(1, count.size + 1, dtype=np.uint64) + np.uint64(offsets[idx])
-        final = g - np.searchsorted(absorbed, g).astype(np.uint64)
-        if merged_ids.size:
-            pos = np.minimum(np.searchsorted(merged_ids, g), merged_ids.size - 1)
-            hit = merged_ids[pos] == g
-            final[hit] = merged_final[pos[hit]]
-        data = {"id": final, "voxels": count}
+        data = {"id": final_ids(g, merged_ids, merged_final, absorbed), "voxels": count}
         for a in range(ndim):
             data[f"sum{a}"] = s[f"sum{a}"]
             data[f"min{a}"] = s[f"min{a}"]
@@ -452,6 +484,7 @@ def _object_table(
     columns = ["id", "voxels", "volume"]
     columns += [f"centroid_{n}" for n in names]
     columns += [f"bbox_min_{n}" for n in names] + [f"bbox_max_{n}" for n in names]
+    columns += ["extent_z"] if "z" in names else []  # slices spanned
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
     raw = pd.concat(frames, ignore_index=True)
@@ -467,6 +500,8 @@ def _object_table(
         table[f"bbox_min_{name}"] = grouped[f"min{a}"]
     for a, name in enumerate(names):
         table[f"bbox_max_{name}"] = grouped[f"max{a}"]
+    if "z" in names:
+        table["extent_z"] = table["bbox_max_z"] - table["bbox_min_z"]
     return table[columns]
 
 
@@ -497,6 +532,7 @@ def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) ->
                 "foreground": list(plan.foreground),
                 "connectivity": plan.connectivity,
                 "min_size": plan.min_size,
+                "method": "slices" if plan.slices else "components",
             },
         }
     )

@@ -1,0 +1,374 @@
+"""Instances of a stack segmented slice by slice: slice objects linked by overlap, blockwise.
+
+The algorithm is :mod:`unet_core.slicelink` (its :func:`~unet_core.slicelink.link_instances`
+is the whole-volume reference); this module runs it on a chunked store and gives the same
+partition for any chunking, because everything it decides from is a sum over voxels:
+
+1. **label** — :func:`tasks.stitch.label_chunk` with an in-plane structure: every chunk
+   labels the 2D components of each of its slices (local ids) into the scratch array.
+2. **faces** — :func:`tasks.stitch.face_pairs` along y and x: fragments of one slice
+   object in neighbouring chunks. **tables** — :func:`slice_tables` per chunk: each local
+   object's slice, area, intensity sum and key, and the voxels shared by objects of
+   consecutive slices inside the chunk and across its upper z face (its last slice
+   against the next chunk's first slice, read from the scratch array).
+3. **link** — on the client: the face pairs join fragments into slice objects, whose
+   tables add up; :func:`unet_core.slicelink.link` decides the links and the cuts at
+   waists. The kept links (between representatives) and the face pairs go through the
+   same sparse union as the component stitch.
+4. **relabel** — :func:`tasks.stitch.relabel_chunk` writes consecutive final ids.
+
+Per-chunk steps have the form ``fn(plan, index) -> small result`` over a frozen plan of
+descriptors. The client holds one row per slice object (not per voxel).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.stitch import (
+    SCRATCH,
+    StitchPlan,
+    StitchResult,
+    _finish_instances,
+    _gather,
+    _image_url,
+    _object_table,
+    _prepare_instances,
+    _union,
+    face_pairs,
+    final_ids,
+    id_dtype,
+    label_chunk,
+    plan_stitch,
+    relabel_chunk,
+    write_object_table,
+)
+from tasks.store import (
+    ImageInfo,
+    attributes,
+    get_array,
+    open_group,
+    open_level,
+    read_image_info,
+)
+from unet_core.errors import SegflowError
+from unet_core.slicelink import (
+    DEFAULT_LINK_IOU,
+    LinkParams,
+    Overlaps,
+    SliceObjects,
+    link,
+    slice_objects,
+    slice_overlaps,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    """What every chunk step needs: the stitch plan (in-plane structure), the image whose
+    intensities the waist test reads (None: area only) and the thresholds."""
+
+    stitch: StitchPlan
+    image: ImageInfo | None
+    params: LinkParams
+
+
+@dataclass(frozen=True)
+class SliceTables:
+    """One chunk's slice objects (local ids 1..n in order) and their overlaps.
+
+    ``inside``: local id pairs of consecutive slices within the chunk; ``across``: local id
+    in the chunk's last slice and local id in the first slice of the next chunk along z.
+    """
+
+    index: tuple[int, ...]
+    objects: SliceObjects
+    inside: tuple[np.ndarray, np.ndarray, np.ndarray]
+    across: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def plan_link(
+    store: str,
+    labels: str = "semantic",
+    out_name: str = "instances",
+    foreground: Sequence[int] | None = None,
+    connectivity: int = 1,
+    min_size: int | None = None,
+    params: LinkParams | None = None,
+) -> LinkPlan:
+    plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size)
+    if len(plan.shape) < 3:
+        raise SegflowError(f"{store}: slice linking needs a stack, labels/{labels} is 2D")
+    params = params or LinkParams()
+    image = None
+    if params.intensity_depth > 0:
+        image = _intensity_image(plan, labels)
+    return LinkPlan(stitch=replace(plan, slices=True), image=image, params=params)
+
+
+def _intensity_image(plan: StitchPlan, labels: str) -> ImageInfo | None:
+    url = _image_url(plan, labels)
+    info = read_image_info(url) if url else None
+    if info is None or info.spatial_shape != plan.shape:
+        log.warning("no image of shape %s for labels/%s: waists by area only", plan.shape, labels)
+        return None
+    return info
+
+
+def slice_tables(plan: LinkPlan, index: tuple[int, ...]) -> SliceTables:
+    """Per-object sums of one chunk and its overlaps, from the scratch array (pass 1)."""
+    sp = plan.stitch
+    box = sp.chunk_box(index)
+    root = open_group(sp.store, "r")
+    scratch = get_array(root, sp.scratch_path, sp.store)
+    end_z = min(box.end[0] + 1, sp.shape[0])  # one slice of the next chunk, if any
+    region = (slice(box.begin[0], end_z), *box.to_slices()[1:])
+    both = np.asarray(scratch[region])
+    local = both[: box.shape[0]]
+    n = int(local.max(initial=0))
+    image = None
+    if plan.image is not None:
+        arr = open_level(plan.image)
+        lead = (slice(None),) if plan.image.channel_axis is not None else ()
+        image = np.asarray(arr[(*lead, *box.to_slices())])
+    objects = slice_objects(local, n, image, box.begin, sp.shape)
+    across: tuple[np.ndarray, np.ndarray, np.ndarray] = slice_overlaps(both[box.shape[0] - 1 :])
+    if both.shape[0] == local.shape[0]:
+        across = slice_overlaps(both[:0])
+    return SliceTables(tuple(index), objects, slice_overlaps(local), across)
+
+
+def link_slices(
+    store: str,
+    labels: str = "semantic",
+    out_name: str = "instances",
+    foreground: Sequence[int] | None = None,
+    connectivity: int = 1,
+    min_size: int | None = None,
+    link_iou: float | None = None,
+    client: Any = None,
+    dask_address: str | None = None,
+    write_table: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    id_offset: int = 0,
+    params: LinkParams | None = None,
+) -> StitchResult:
+    """Instance labels ``labels/<out_name>/0`` and an object table from a stack's semantic
+    mask by slice linking. ``link_iou`` overrides ``params.iou`` (default: the labels'
+    metadata, recorded from the checkpoint at segmentation, else the module default)."""
+    from zarr.codecs import ZstdCodec
+
+    from tasks.cluster import dask_client
+
+    t0 = time.perf_counter()
+    params = params or LinkParams()
+    if link_iou is None:
+        link_iou = segmentation_meta(store, labels).get("link_iou", DEFAULT_LINK_IOU)
+    params = replace(params, iou=float(link_iou))
+    plan = plan_link(store, labels, out_name, foreground, connectivity, min_size, params)
+    sp = plan.stitch
+    open_group(sp.store, "r+").require_group(SCRATCH).create_array(
+        sp.scratch_path.split("/", 1)[1],
+        shape=sp.shape,
+        chunks=sp.chunks,
+        dtype="uint32",
+        fill_value=0,
+        compressors=ZstdCodec(level=1),
+        overwrite=True,
+    )
+    indices = [tuple(int(i) for i in idx) for idx in np.ndindex(*sp.grid)]
+    with dask_client(client, dask_address) as c:
+        shared = c.scatter(sp, broadcast=True, hash=False)
+        # Pass 1: slice objects per chunk (local ids).
+        results = _gather(c.map(label_chunk, [shared] * len(indices), indices), "label", progress)
+        n = np.zeros(sp.grid, dtype=np.int64)
+        sums: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+        for r in results:
+            n[tuple(r["index"])] = r["n"]
+            sums[tuple(r["index"])] = r["objects"]
+        offsets = (np.cumsum(n.reshape(-1)) - n.reshape(-1)).reshape(sp.grid) + int(id_offset)
+        total = int(n.sum()) + int(id_offset)
+        # Pass 2: fragments across the y and x faces, and the per-chunk tables.
+        jobs = [(idx, ax) for idx in indices for ax in range(1, len(sp.shape))]
+        off_f = c.scatter(offsets, broadcast=True, hash=False)
+        pair_futs = c.map(
+            face_pairs,
+            [shared] * len(jobs),
+            [j[0] for j in jobs],
+            [j[1] for j in jobs],
+            [off_f] * len(jobs),
+        )
+        link_plan = c.scatter(plan, broadcast=True, hash=False)
+        table_futs = c.map(slice_tables, [link_plan] * len(indices), indices)
+        faces = _gather(pair_futs, "faces", progress)
+        tables = _gather(table_futs, "tables", progress)
+        # Link on the client, then one union of face pairs and kept links.
+        links = _links(tables, faces, offsets, total, int(id_offset), params)
+        merged_ids, merged_final, absorbed = _union([*faces, links], total)
+        n_final = total - absorbed.size
+        table = _object_table(sp, sums, offsets, merged_ids, merged_final, absorbed)
+        dropped = np.zeros(0, dtype=np.uint64)
+        if sp.min_size > 1 and len(table):
+            small = table["voxels"] < sp.min_size
+            dropped = np.sort(table.loc[small, "id"].to_numpy(dtype=np.uint64))
+            table = table.loc[~small].reset_index(drop=True)
+        dtype = id_dtype(total)
+        _prepare_instances(sp, dtype, labels)
+        # Pass 3: relabel, each chunk with only its part of the sparse tables.
+        rel = []
+        for idx in indices:
+            lo = int(offsets[idx])
+            hi = lo + int(n[idx])
+            a, b = np.searchsorted(merged_ids, [lo + 1, hi + 1])
+            rel.append(
+                c.submit(
+                    relabel_chunk,
+                    shared,
+                    idx,
+                    lo,
+                    merged_ids[a:b],
+                    merged_final[a:b],
+                    absorbed[: np.searchsorted(absorbed, hi + 1)],
+                    dropped,
+                    dtype.name,
+                    pure=False,
+                )
+            )
+        _gather(rel, "relabel", progress)
+    del open_group(sp.store, "r+")[SCRATCH]
+    image_url = _image_url(sp, labels)
+    if image_url:
+        from tasks.pyramid import write_label_levels
+
+        write_label_levels(sp.store, sp.out_name, image_url)
+    _finish_instances(sp, n_final, len(table))
+    group = open_group(sp.store, "r+")[f"labels/{sp.out_name}"]
+    meta = attributes(group).get("segflow", {})
+    meta.update(
+        link_iou=params.iou,
+        area_depth=params.area_depth,
+        intensity_depth=params.intensity_depth,
+    )
+    group.attrs.update({"segflow": meta})
+    csv_path = parquet_path = None
+    if write_table:
+        csv_path, parquet_path = write_object_table(sp, table)
+    return StitchResult(
+        store=sp.store,
+        labels_path=sp.out_path,
+        objects=len(table),
+        dtype=dtype.name,
+        table_csv=csv_path,
+        table_parquet=parquet_path,
+        seconds=time.perf_counter() - t0,
+        table=table,
+        method="slices",
+    )
+
+
+def _links(
+    tables: list[SliceTables],
+    faces: list[np.ndarray],
+    offsets: np.ndarray,
+    total: int,
+    id_offset: int,
+    params: LinkParams,
+) -> np.ndarray:
+    """Kept links ``(2, k)`` as pairs of provisional ids (the slice objects' smallest)."""
+    # Slice objects = provisional ids joined across y/x faces, numbered 0..s-1.
+    merged_ids, merged_final, absorbed = _union(faces, total)
+    n_slice = total - absorbed.size - id_offset
+
+    def slice_index(prov: np.ndarray) -> np.ndarray:
+        g = prov.astype(np.uint64)
+        return (final_ids(g, merged_ids, merged_final, absorbed) - np.uint64(id_offset + 1)).astype(
+            np.int64
+        )
+
+    z = np.zeros(n_slice, dtype=np.int64)
+    area = np.zeros(n_slice, dtype=np.int64)
+    integer = all(t.objects.intensity.dtype.kind in "iu" for t in tables)
+    intensity = np.zeros(n_slice, dtype=np.int64 if integer else np.float64)
+    key = np.full(n_slice, np.iinfo(np.int64).max, dtype=np.int64)
+    rep = np.full(n_slice, np.iinfo(np.uint64).max, dtype=np.uint64)
+    pa, pb, pc = [], [], []
+    grid = offsets.shape
+    for t in tables:
+        o = t.objects
+        off = int(offsets[t.index])
+        prov = np.arange(1, o.z.size + 1, dtype=np.uint64) + np.uint64(off)
+        s = slice_index(prov)
+        z[s] = o.z
+        np.add.at(area, s, o.area)
+        np.add.at(intensity, s, o.intensity)
+        np.minimum.at(key, s, o.key)
+        np.minimum.at(rep, s, prov)
+        a, b, count = t.inside
+        pa.append(slice_index(a + off))
+        pb.append(slice_index(b + off))
+        pc.append(count)
+        a, b, count = t.across
+        if count.size:
+            nxt = (t.index[0] + 1, *t.index[1:])
+            if nxt[0] >= grid[0]:
+                raise SegflowError(f"chunk {t.index} has overlaps across the last z face")
+            pa.append(slice_index(a + off))
+            pb.append(slice_index(b + int(offsets[nxt])))
+            pc.append(count)
+    a, b, count = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in (pa, pb, pc))
+    # Fragments of the same pair in several chunks add up.
+    pairs, inverse = np.unique(np.stack([a, b]), axis=1, return_inverse=True)
+    summed = np.zeros(pairs.shape[1], dtype=np.int64)
+    np.add.at(summed, inverse.reshape(-1), count)
+    objects = SliceObjects(z=z, area=area, intensity=intensity, key=key)
+    overlaps = Overlaps(pairs[0], pairs[1], summed)
+    kept = link(objects, overlaps, params)
+    return np.stack([rep[kept[0]], rep[kept[1]]])
+
+
+def segmentation_meta(store: str, labels: str) -> dict[str, Any]:
+    """What the labels' metadata says about the model that made them: ``model_ndim`` and
+    ``link_iou`` (recorded at segmentation; read from the checkpoint, when it is still
+    there, for labels made before they were recorded). Empty for labels from elsewhere."""
+    group = open_group(store, "r")[f"labels/{labels}"]
+    seg = attributes(group).get("segflow", {})
+    out = {k: seg[k] for k in ("model_ndim", "link_iou") if seg.get(k) is not None}
+    model = seg.get("model")
+    if len(out) < 2 and model and Path(str(model)).is_file():
+        from unet_core.checkpoint import read_checkpoint_header
+
+        try:
+            config, meta = read_checkpoint_header(str(model))
+        except SegflowError as exc:
+            log.warning("labels/%s: model %s unreadable (%s)", labels, model, exc)
+        else:
+            out.setdefault("model_ndim", config.ndim)
+            out.setdefault("link_iou", meta.link_iou)
+    return out
+
+
+def default_method(store: str, labels: str) -> str:
+    """``slices`` for a stack segmented by a 2D model, else ``components``."""
+    ndim = len(get_array(open_group(store, "r"), f"labels/{labels}/0", store).shape)
+    model_ndim = segmentation_meta(store, labels).get("model_ndim")
+    return "slices" if ndim == 3 and model_ndim == 2 else "components"
+
+
+__all__ = [
+    "LinkPlan",
+    "SliceTables",
+    "default_method",
+    "link_slices",
+    "plan_link",
+    "segmentation_meta",
+    "slice_tables",
+]
