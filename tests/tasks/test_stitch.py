@@ -19,6 +19,7 @@ from tasks.segment import SegmentParams, segment_image
 from tasks.stitch import id_dtype, stitch
 from tasks.store import write_image
 from unet_core import UNet, UNetConfig, save_checkpoint
+from unet_core.slicelink import link_instances
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -277,14 +278,17 @@ def test_cli_segment_with_instances_then_export(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     objects = summary["stitch"]["objects"]
     sem = zarr.open_group(url, mode="r")["labels/semantic/0"][...]
-    _, n = ndimage.label(sem == 1, ndimage.generate_binary_structure(3, 2))
-    assert objects == n
+    # A 2D model on a stack: slice objects linked across slices (tests/tasks/test_link_slices).
+    assert summary["stitch"]["method"] == "slices"
+    assert objects == link_instances(sem == 1, connectivity=2).max()
     tif = tmp_path / "out.tif"
     exp = subprocess.run([*exe, "export", url, "--to", str(tif)], capture_output=True, text=True)
     assert exp.returncode == 0, exp.stderr
     assert np.array_equal(tifffile.imread(tif), zarr.open_group(url)["labels/instances/0"][...])
     again = subprocess.run(
-        [*exe, "stitch", url, "--connectivity", "1"], capture_output=True, text=True
+        [*exe, "stitch", url, "--connectivity", "1", "--instance-method", "components"],
+        capture_output=True,
+        text=True,
     )
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["objects"] == ndimage.label(sem == 1)[1]

@@ -41,13 +41,15 @@ def n_objects(labels: np.ndarray) -> int:
 def test_planar_structure_connects_within_slices_only():
     s = planar_structure(3, 1)
     assert s.shape == (3, 3, 3)
-    assert not s[0].any() and not s[2].any()
+    assert not s[0].any()
+    assert not s[2].any()
     assert s[1].sum() == 5
     assert planar_structure(3, 3)[1].all()  # clamped to the plane: edges and corners
     mask = np.zeros((2, 4, 4), bool)
     mask[0, 1, 1] = mask[1, 1, 1] = mask[0, 2, 2] = True
     labels, n = label_slices(mask, connectivity=1)
     assert n == 3
+    assert labels[0, 1, 1] != labels[1, 1, 1]
     assert label_slices(mask, connectivity=2)[1] == 2  # the diagonal pair joins in-plane
 
 
@@ -123,7 +125,7 @@ def test_a_stack_with_nuclei_touching_along_z_is_scored():
 
 
 def test_bad_parameters_are_refused():
-    with pytest.raises(ConfigError, match="link IoU 1.5"):
+    with pytest.raises(ConfigError, match=r"link IoU 1\.5"):
         LinkParams(iou=1.5)
     with pytest.raises(ConfigError, match="area_depth"):
         LinkParams(area_depth=1.0)
