@@ -67,6 +67,7 @@ from unet_core.slicelink import (
     link,
     slice_objects,
     slice_overlaps,
+    sum_pairs,
 )
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,7 @@ def slice_tables(plan: LinkPlan, index: tuple[int, ...]) -> SliceTables:
         lead = (slice(None),) if plan.image.channel_axis is not None else ()
         image = np.asarray(arr[(*lead, *box.to_slices())])
     objects = slice_objects(local, n, image, box.begin, sp.shape)
-    across: tuple[np.ndarray, np.ndarray, np.ndarray] = slice_overlaps(both[box.shape[0] - 1 :])
-    if both.shape[0] == local.shape[0]:
-        across = slice_overlaps(both[:0])
+    across = slice_overlaps(both[box.shape[0] - 1 :])  # empty in the last chunk along z
     return SliceTables(tuple(index), objects, slice_overlaps(local), across)
 
 
@@ -325,12 +324,8 @@ def _links(
             pb.append(slice_index(b + int(offsets[nxt])))
             pc.append(count)
     a, b, count = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in (pa, pb, pc))
-    # Fragments of the same pair in several chunks add up.
-    pairs, inverse = np.unique(np.stack([a, b]), axis=1, return_inverse=True)
-    summed = np.zeros(pairs.shape[1], dtype=np.int64)
-    np.add.at(summed, inverse.reshape(-1), count)
     objects = SliceObjects(z=z, area=area, intensity=intensity, key=key)
-    overlaps = Overlaps(pairs[0], pairs[1], summed)
+    overlaps = Overlaps(*sum_pairs(a, b, count))  # a pair's parts in several chunks add up
     kept = link(objects, overlaps, params)
     return np.stack([rep[kept[0]], rep[kept[1]]])
 

@@ -173,12 +173,30 @@ def slice_overlaps(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     up = lab[:-1].reshape(-1)
     down = lab[1:].reshape(-1)
     both = (up > 0) & (down > 0)
-    pairs = np.stack([up[both], down[both]]).astype(np.int64)
-    if not pairs.size:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty
-    uniq, count = np.unique(pairs, axis=1, return_counts=True)
-    return uniq[0], uniq[1], count.astype(np.int64)
+    return sum_pairs(up[both], down[both])
+
+
+def sum_pairs(
+    a: np.ndarray, b: np.ndarray, count: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct pairs ``(a, b)`` (sorted, int64) and the sum of ``count`` (default 1) over
+    each pair's repeats."""
+    a = np.asarray(a).astype(np.int64)
+    b = np.asarray(b).astype(np.int64)
+    base = int(max(a.max(initial=0), b.max(initial=0))) + 1
+    if base < 2**31:  # one int64 key per pair: much faster than unique rows
+        keys, inverse = np.unique(a * base + b, return_inverse=True)
+        first, second = keys // base, keys % base
+    else:
+        uniq, inverse = np.unique(np.stack([a, b]), axis=1, return_inverse=True)
+        first, second = uniq[0], uniq[1]
+    inverse = inverse.reshape(-1)
+    if count is None:
+        summed = np.bincount(inverse, minlength=first.size).astype(np.int64)
+    else:
+        summed = np.zeros(first.size, dtype=np.int64)
+        np.add.at(summed, inverse, np.asarray(count, dtype=np.int64))
+    return first, second, summed
 
 
 # ------------------------------------------------------------------------ the links
@@ -363,4 +381,5 @@ __all__ = [
     "planar_structure",
     "slice_objects",
     "slice_overlaps",
+    "sum_pairs",
 ]
