@@ -58,7 +58,7 @@ from tasks.store import (
     open_level,
     read_image_info,
 )
-from unet_core.errors import SegflowError
+from unet_core.errors import ConfigError, SegflowError
 from unet_core.slicelink import (
     DEFAULT_LINK_IOU,
     LinkParams,
@@ -108,7 +108,10 @@ def plan_link(
 ) -> LinkPlan:
     plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size)
     if len(plan.shape) < 3:
-        raise SegflowError(f"{store}: slice linking needs a stack, labels/{labels} is 2D")
+        raise ConfigError(
+            f"{store}: labels/{labels} is a single 2D image; linking objects across slices "
+            "needs a stack (use the components method)"
+        )
     params = params or LinkParams()
     image = None
     if params.intensity_depth > 0:

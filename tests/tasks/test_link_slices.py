@@ -19,6 +19,7 @@ from tasks.stitch import stitch
 from tasks.store import write_image
 from unet_core import UNet, UNetConfig, save_checkpoint
 from unet_core.checkpoint import CheckpointMeta
+from unet_core.errors import ConfigError
 from unet_core.slicelink import LinkParams, link_instances
 from unet_core.synthetic import blobs
 from unet_core.targets import separate_touching
@@ -175,3 +176,17 @@ def test_cli_instance_method_and_link_iou(tmp_path):
     assert bad.returncode != 0
     assert "watershed" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_single_image_cannot_be_linked_across_slices(tmp_path, dask_client):
+    mask = np.zeros((20, 20), np.uint8)
+    mask[5:9, 5:9] = 1
+    url = str(tmp_path / "flat.ome.zarr")
+    write_image(url, mask, "yx", chunks=(10, 10))
+    root = zarr.open_group(url, mode="r+")
+    root.create_group("labels").create_group("semantic").create_array(
+        "0", shape=mask.shape, chunks=(10, 10), dtype="uint8"
+    )[...] = mask
+    with pytest.raises(ConfigError, match="single 2D image"):
+        stitch(url, method="slices", client=dask_client)
+    assert stitch(url, client=dask_client, write_table=False).method == "components"
