@@ -20,19 +20,10 @@ from tasks.store import write_image
 from unet_core import UNet, UNetConfig, save_checkpoint
 from unet_core.checkpoint import CheckpointMeta
 from unet_core.errors import ConfigError
+from unet_core.metrics import same_partition
 from unet_core.slicelink import LinkParams, link_instances
 from unet_core.synthetic import blobs
 from unet_core.targets import separate_touching
-
-
-def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    """Same foreground and a one-to-one correspondence of ids."""
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    if not np.array_equal(fa > 0, fb > 0):
-        return False
-    m = fa > 0
-    pairs = np.unique(np.stack([fa[m].astype(np.uint64), fb[m].astype(np.uint64)]), axis=1)
-    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
 
 
 def stack_store(path, image: np.ndarray, mask: np.ndarray, chunks, meta=None) -> str:

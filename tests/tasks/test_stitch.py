@@ -19,17 +19,8 @@ from tasks.segment import SegmentParams, segment_image
 from tasks.stitch import id_dtype, stitch
 from tasks.store import write_image
 from unet_core import UNet, UNetConfig, save_checkpoint
+from unet_core.metrics import same_partition
 from unet_core.slicelink import link_instances
-
-
-def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    """Same foreground and a one-to-one correspondence of ids."""
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    if not np.array_equal(fa > 0, fb > 0):
-        return False
-    m = fa > 0
-    pairs = np.unique(np.stack([fa[m].astype(np.uint64), fb[m].astype(np.uint64)]), axis=1)
-    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
 
 
 def semantic_store(path, mask: np.ndarray, chunks, scale=None) -> str:
