@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     # 2. A new volume arrives: a synthetic stack as a multi-page TIFF.
     inbox = out / "inbox"
     inbox.mkdir(exist_ok=True)
-    volume, truth = blobs((24, 256, 256), rng=7, spacing=(3, 1, 1), stacked=0.5)
+    volume, truth = blobs((24, 256, 256), rng=7, spacing=(3, 1, 1), stacked=0.5, overlap=0.1)
     tif = inbox / "volume.ome.tif"
     sizes = {"PhysicalSizeZ": 0.75, "PhysicalSizeY": 0.25, "PhysicalSizeX": 0.25}
     tifffile.imwrite(tif, volume, ome=True, metadata={"axes": "ZYX", **sizes})

@@ -116,6 +116,10 @@ def plan_link(
     image = None
     if params.intensity_depth > 0:
         image = _intensity_image(plan, labels)
+        if image is None:
+            params = replace(params, intensity_depth=0.0)
+        else:
+            params = replace(params, background=background_level(image))
     return LinkPlan(stitch=replace(plan, slices=True), image=image, params=params)
 
 
@@ -126,6 +130,16 @@ def _intensity_image(plan: StitchPlan, labels: str) -> ImageInfo | None:
         log.warning("no image of shape %s for labels/%s: waists by area only", plan.shape, labels)
         return None
     return info
+
+
+def background_level(image: ImageInfo) -> float:
+    """The intensity the waist test measures above: the image's median (recorded at
+    ingest; summed over channels like the intensities), else 0."""
+    stats = image.stats
+    if stats is None or "50" not in stats.percentiles:
+        log.warning("%s has no recorded median: mean intensities are taken as they are", image.url)
+        return 0.0
+    return float(stats.percentile(50)) * image.n_channels
 
 
 def slice_tables(plan: LinkPlan, index: tuple[int, ...]) -> SliceTables:
@@ -177,6 +191,7 @@ def link_slices(
         link_iou = segmentation_meta(store, labels).get("link_iou", DEFAULT_LINK_IOU)
     params = replace(params, iou=float(link_iou))
     plan = plan_link(store, labels, out_name, foreground, connectivity, min_size, params)
+    params = plan.params
     sp = plan.stitch
     open_group(sp.store, "r+").require_group(SCRATCH).create_array(
         sp.scratch_path.split("/", 1)[1],
@@ -259,6 +274,7 @@ def link_slices(
         link_iou=params.iou,
         area_depth=params.area_depth,
         intensity_depth=params.intensity_depth,
+        background=params.background,
     )
     group.attrs.update({"segflow": meta})
     csv_path = parquet_path = None

@@ -17,9 +17,9 @@ one-to-one rule and a split at waists:
    the middle) rises and falls once per object, so a chain is cut at a waist: an inner
    slice whose value is at most ``1 - depth`` times the smaller of the highest values on
    either side of it (``area_depth`` for the area, ``intensity_depth`` for the mean
-   intensity; 0 turns a criterion off). The deepest waist (relative to its threshold) is
-   cut first, then each part again. The waist slice stays with the neighbour it overlaps
-   more (higher IoU), the upper one on a tie.
+   intensity above ``background``; 0 turns a criterion off). The deepest waist (relative
+   to its threshold) is cut first, then each part again. The waist slice stays with the
+   neighbour it overlaps more (higher IoU), the upper one on a tie.
 
 Everything after step 1 works on small tables — per slice object its slice, area,
 intensity sum and key (its first voxel's index in the whole volume: a name that does not
@@ -30,8 +30,11 @@ decisions: ``tasks/link_slices.py`` does that on chunked stores, :func:`link_ins
 is the whole-volume reference. Intensity sums are exact for integer images (int64);
 for float images they are float64 sums, equal across chunkings up to rounding.
 
-The thresholds' defaults were chosen on ``bench/train.py``'s synthetic stacks (2D network
-trained by the defaults on one image, nuclei touching along z, 3x coarser z).
+The defaults were chosen on ``bench/train.py``'s synthetic stacks (a 2D network trained
+by the defaults on one image; slices 3x coarser than pixels; three quarters of the nuclei
+touching another along z), where they gave an instance F1 of about 0.95 against 0.6 for
+3D components. There the mean-intensity waist (above the image's median) did most of the
+work: without it 0.85, without either waist 0.77. A low link IoU (0.05-0.1) was best.
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ from scipy import ndimage, sparse
 from unet_core.errors import ConfigError, InvalidShapeError
 
 #: Default IoU for linking slice objects (checkpoints record their own, see CheckpointMeta).
-DEFAULT_LINK_IOU = 0.25
+DEFAULT_LINK_IOU = 0.1
 #: Default relative depth of a waist in the cross-section area along a chain.
 DEFAULT_AREA_DEPTH = 0.3
-#: Default relative depth of a waist in the mean intensity along a chain (0: off).
-DEFAULT_INTENSITY_DEPTH = 0.0
+#: Default relative depth of a waist in the mean intensity (above background) along a chain.
+DEFAULT_INTENSITY_DEPTH = 0.05
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class LinkParams:
     iou: float = DEFAULT_LINK_IOU
     area_depth: float = DEFAULT_AREA_DEPTH
     intensity_depth: float = DEFAULT_INTENSITY_DEPTH
+    background: float = 0.0  # subtracted from mean intensities (the pipeline: image median)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.iou <= 1.0:
@@ -266,7 +270,7 @@ def _profiles(objects: SliceObjects, params: LinkParams) -> list[tuple[np.ndarra
     if params.area_depth > 0:
         out.append((objects.area.astype(np.float64), params.area_depth))
     if params.intensity_depth > 0:
-        mean = objects.intensity / np.maximum(objects.area, 1)
+        mean = objects.intensity / np.maximum(objects.area, 1) - params.background
         out.append((np.asarray(mean, dtype=np.float64), params.intensity_depth))
     return out
 

@@ -26,6 +26,7 @@ def blobs(
     noise: float = 0.08,
     spacing: Sequence[float] | None = None,
     stacked: float = 0.0,
+    overlap: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic image (uint16) and its instance labels (int32) of ``shape`` (2D or 3D).
 
@@ -36,6 +37,9 @@ def blobs(
     pixels apart): objects, radii and blur are round in physical space. ``stacked`` is the
     fraction of the touching objects placed above or below their neighbour (along the
     first axis, with a small sideways offset) instead of in a random direction.
+    ``overlap`` is the largest fraction of a new object that may fall on earlier ones
+    (those voxels stay with the earlier object); a larger overlap skips the object, so
+    that nuclei touch rather than cut into each other (1: never skip).
     """
     rng = np.random.default_rng(rng)
     shape = tuple(int(s) for s in shape)
@@ -77,8 +81,9 @@ def blobs(
         ).astype(np.float32)
         rel = np.tensordot(rot.T, offset, axes=1)
         dist = np.sqrt(sum((rel[i] / axes[i]) ** 2 for i in range(ndim)))
-        inside = (dist <= 1.0) & (labels[box] == 0)
-        if inside.sum() < 4:
+        body = dist <= 1.0
+        inside = body & (labels[box] == 0)
+        if inside.sum() < 4 or inside.sum() < (1.0 - overlap) * body.sum():
             continue
         labels[box][inside] = k
         level = float(rng.uniform(0.6, 1.0))

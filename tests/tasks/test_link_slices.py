@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,14 @@ def stack_store(path, image: np.ndarray, mask: np.ndarray, chunks, meta=None) ->
     return url
 
 
+def reference(url: str, mask: np.ndarray, params: LinkParams, **kw) -> np.ndarray:
+    """The whole-volume reference, with the store's image and its recorded median."""
+    root = zarr.open_group(url, mode="r")
+    median = root.attrs["segflow"]["stats"]["percentiles"]["50"]
+    params = replace(params, background=median if params.intensity_depth else 0.0)
+    return link_instances(mask, root["0"][...], params=params, **kw)
+
+
 @pytest.fixture(scope="module")
 def touching_stack():
     """Nuclei touching along z (3x coarser slices), segmented with gaps between touching
@@ -64,12 +73,17 @@ CHUNKINGS = [(1, 32, 32), (4, 17, 23), (5, 90, 84), (3, 45, 28)]
 def test_partition_equals_the_whole_volume_reference(tmp_path, dask_client, touching_stack, chunks):
     image, _, mask = touching_stack
     url = stack_store(tmp_path / "s.ome.zarr", image, mask, chunks)
-    for params, connectivity in ((LinkParams(iou=0.2), 1), (LinkParams(intensity_depth=0.1), 2)):
+    variants = [
+        (LinkParams(), 1),  # the defaults: area and intensity waists
+        (LinkParams(iou=0.3, intensity_depth=0.0), 1),  # area only: the image is not read
+        (LinkParams(iou=0.05, area_depth=0.2, intensity_depth=0.1), 2),
+    ]
+    for params, connectivity in variants:
         res = link_slices(
             url, connectivity=connectivity, params=params, link_iou=params.iou, client=dask_client
         )
         out = zarr.open_group(url, mode="r")["labels/instances/0"][...]
-        ref = link_instances(mask, image, connectivity=connectivity, params=params)
+        ref = reference(url, mask, params, connectivity=connectivity)
         assert same_partition(out, ref), (chunks, params)
         assert res.objects == ref.max()
         assert out.max() == ref.max()  # consecutive ids
@@ -92,13 +106,13 @@ def test_partition_equals_the_whole_volume_reference(tmp_path, dask_client, touc
 def test_min_size_and_id_offset_follow_the_component_stitch(tmp_path, dask_client, touching_stack):
     image, _, mask = touching_stack
     url = stack_store(tmp_path / "s.ome.zarr", image, mask, (4, 32, 32))
-    ref = link_instances(mask, image)
+    ref = reference(url, mask, LinkParams())
     sizes = np.bincount(ref.reshape(-1))[1:]
     small = int(np.median(sizes))
     res = link_slices(url, min_size=small, link_iou=LinkParams().iou, client=dask_client)
     out = zarr.open_group(url, mode="r")["labels/instances/0"][...]
     assert res.objects == int((sizes >= small).sum())
-    kept = link_instances(mask, image, min_size=small)
+    kept = reference(url, mask, LinkParams(), min_size=small)
     assert same_partition(out, kept)
     res = link_slices(url, id_offset=2**32 - 5, link_iou=LinkParams().iou, client=dask_client)
     out = zarr.open_group(url, mode="r")["labels/instances/0"][...]
@@ -129,7 +143,7 @@ def test_the_method_follows_the_model(tmp_path, dask_client):
     assert inst["link_iou"] == 0.4  # the checkpoint's default
     sem = zarr.open_group(url, mode="r")["labels/semantic/0"][...]
     out = zarr.open_group(url, mode="r")["labels/instances/0"][...]
-    assert same_partition(out, link_instances(sem == 1, params=LinkParams(iou=0.4)))
+    assert same_partition(out, reference(url, sem == 1, LinkParams(iou=0.4)))
     # Labels made before the dimensionality was recorded: the checkpoint tells it.
     group = zarr.open_group(url, mode="r+")["labels/semantic"]
     old = dict(seg)
@@ -159,7 +173,7 @@ def test_cli_instance_method_and_link_iou(tmp_path):
     summary = json.loads(done.stdout)
     assert summary["method"] == "slices"
     out = zarr.open_group(url, mode="r")["labels/instances/0"][...]
-    assert same_partition(out, link_instances(mask, params=LinkParams(iou=0.3)))
+    assert same_partition(out, reference(url, mask, LinkParams(iou=0.3)))
     # Labels without a model: components by default.
     done = subprocess.run(exe, capture_output=True, text=True)
     assert json.loads(done.stdout)["method"] == "components"

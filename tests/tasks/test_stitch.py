@@ -20,7 +20,7 @@ from tasks.stitch import id_dtype, stitch
 from tasks.store import write_image
 from unet_core import UNet, UNetConfig, save_checkpoint
 from unet_core.metrics import same_partition
-from unet_core.slicelink import link_instances
+from unet_core.slicelink import LinkParams, link_instances
 
 
 def semantic_store(path, mask: np.ndarray, chunks, scale=None) -> str:
@@ -271,7 +271,9 @@ def test_cli_segment_with_instances_then_export(tmp_path):
     sem = zarr.open_group(url, mode="r")["labels/semantic/0"][...]
     # A 2D model on a stack: slice objects linked across slices (tests/tasks/test_link_slices).
     assert summary["stitch"]["method"] == "slices"
-    assert objects == link_instances(sem == 1, connectivity=2).max()
+    median = zarr.open_group(url, mode="r").attrs["segflow"]["stats"]["percentiles"]["50"]
+    ref = link_instances(sem == 1, vol, connectivity=2, params=LinkParams(background=median))
+    assert objects == ref.max()
     tif = tmp_path / "out.tif"
     exp = subprocess.run([*exe, "export", url, "--to", str(tif)], capture_output=True, text=True)
     assert exp.returncode == 0, exp.stderr
