@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from test_stitch import semantic_store  # sibling test module (pytest puts tests/tasks on the path)
 
 from tasks.link_slices import link_slices
 from tasks.segment import SegmentParams, segment_image
@@ -27,24 +28,9 @@ from unet_core.synthetic import blobs
 from unet_core.targets import separate_touching
 
 
-def stack_store(path, image: np.ndarray, mask: np.ndarray, chunks, meta=None) -> str:
-    """An image store (the intensities) with a semantic mask under labels/semantic."""
-    url = str(path)
-    write_image(url, image, "zyx", chunks=chunks, scale=(3.0, 1.0, 1.0))
-    root = zarr.open_group(url, mode="r+")
-    labels = root.create_group("labels")
-    labels.attrs["ome"] = {"version": "0.5", "labels": ["semantic"]}
-    group = labels.create_group("semantic")
-    group.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": root.attrs["ome"]["multiscales"],
-        "image-label": {"version": "0.5", "source": {"image": "../../"}},
-    }
-    group.attrs["segflow"] = meta or {}
-    group.create_array(
-        "0", shape=mask.shape, chunks=chunks, dtype="uint8", dimension_names=list("zyx")
-    )[...] = mask.astype(np.uint8)
-    return url
+def stack_store(path, image: np.ndarray, mask: np.ndarray, chunks) -> str:
+    """The stack (intensities) with its semantic mask under labels/semantic."""
+    return semantic_store(path, mask, chunks, scale=(3.0, 1.0, 1.0), image=image)
 
 
 def reference(url: str, mask: np.ndarray, params: LinkParams, **kw) -> np.ndarray:

@@ -23,11 +23,13 @@ from unet_core.metrics import same_partition
 from unet_core.slicelink import LinkParams, link_instances
 
 
-def semantic_store(path, mask: np.ndarray, chunks, scale=None) -> str:
-    """An image store with a semantic label image (1 = foreground) beside it."""
+def semantic_store(path, mask: np.ndarray, chunks, scale=None, image=None) -> str:
+    """An image store (``image``, else the mask) with a semantic label image (1 =
+    foreground) beside it."""
     url = str(path)
     axes = "zyx"[-mask.ndim :]
-    write_image(url, mask.astype(np.uint8), axes, chunks=chunks, scale=scale)
+    image = mask.astype(np.uint8) if image is None else image
+    write_image(url, image, axes, chunks=chunks, scale=scale)
     root = zarr.open_group(url, mode="r+")
     labels = root.create_group("labels")
     labels.attrs["ome"] = {"version": "0.5", "labels": ["semantic"]}
