@@ -434,6 +434,17 @@ def rows_for(name: str, r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 "",
             )
         )
+        stacks = r.get("stacks") or {}
+        if stacks:
+            rows.append(
+                (
+                    f"stacks {_shape(stacks.get('shape'))} (z 3x coarser, "
+                    f"{_fmt(100 * stacks.get('touching_z', 0), 0)}% touching along z): "
+                    "instance F1 3D components / slice linking",
+                    f"{_fmt(stacks.get('f1_components'), 3)} / {_fmt(stacks.get('f1_slices'), 3)}",
+                    "slices ≥ 0.85",
+                )
+            )
     elif name == "gpu":
         if r.get("skipped"):
             rows.append(("GPU benchmark", f"skipped: {r['skipped']}", ""))

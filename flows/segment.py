@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Literal, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
@@ -68,6 +68,14 @@ class SegmentOptions(SegmentParams):
         None, ge=0, description="Drop smaller objects (voxels; default: from the model)."
     )
     connectivity: int = Field(1, ge=1, le=3, description="1 faces, 2 +edges, 3 +corners.")
+    instance_method: Literal["auto", "components", "slices"] = Field(
+        "auto",
+        description="Objects: 3D connected components, or 2D objects linked across slices by "
+        "overlap (auto: slices for a 2D model on a stack).",
+    )
+    link_iou: float | None = Field(
+        None, ge=0.0, le=1.0, description="Slices: IoU that links slices (default: the model's)."
+    )
     dask_address: str | None = Field(
         None, description="Dask scheduler address (default: a local cluster for this run)."
     )
@@ -207,15 +215,22 @@ def segment_region(
 
 @task(name="stitch")
 def stitch_step(
-    out: str, labels: str, min_size: int | None, connectivity: int, dask_address: str
+    out: str, labels: str, options: SegmentOptions, dask_address: str
 ) -> dict[str, Any]:
     from tasks.stitch import stitch
 
     res = stitch(
-        out, labels=labels, min_size=min_size, connectivity=connectivity, dask_address=dask_address
+        out,
+        labels=labels,
+        min_size=options.min_size,
+        connectivity=options.connectivity,
+        dask_address=dask_address,
+        method=None if options.instance_method == "auto" else options.instance_method,
+        link_iou=options.link_iou,
     )
     return {
         "instances": f"{res.store}/{res.labels_path}",
+        "method": res.method,
         "objects": res.objects,
         "table_csv": res.table_csv,
         "table_parquet": res.table_parquet,
@@ -293,13 +308,12 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
             summary["complete"] = complete
             if complete and params.instances:
                 t2 = time.perf_counter()
-                st = stitch_step(
-                    plan.out_url, params.labels_name, params.min_size, params.connectivity, address
-                )
+                st = stitch_step(plan.out_url, params.labels_name, params, address)
                 timings["stitch"] = time.perf_counter() - t2
                 summary.update(
                     instances=st["instances"],
                     objects=st["objects"],
+                    instance_method=st["method"],
                     objects_table=st["table_csv"],
                     top_objects=st["top"],
                     size_histogram=st["size_histogram"],

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from segflow.cli import LeaseWait, app, clean_errors, parse_shape
+from segflow.commands_stitch import LINK_IOU_HELP, METHOD_HELP
 from segflow.progress import BlockProgress
 
 
@@ -64,6 +65,8 @@ def segment(
     connectivity: Annotated[
         int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
     ] = 1,
+    instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
+    link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     lease_wait: LeaseWait = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -120,7 +123,15 @@ def segment(
         from segflow.commands_stitch import run_stitch
 
         summary["stitch"] = run_stitch(
-            result.out_url, labels_name, "instances", min_size, connectivity, None, dask_address
+            result.out_url,
+            labels_name,
+            "instances",
+            min_size,
+            connectivity,
+            None,
+            dask_address,
+            method=instance_method,
+            link_iou=link_iou,
         )
     if as_json:
         typer.echo(json.dumps(summary))
@@ -132,7 +143,10 @@ def segment(
         )
         if instances:
             st = summary["stitch"]
-            typer.echo(f"instances: {st['instances']} ({st['objects']} objects, {st['dtype']})")
+            typer.echo(
+                f"instances: {st['instances']} ({st['objects']} objects, {st['dtype']}, "
+                f"{st['method']})"
+            )
             typer.echo(f"objects table: {st['table_csv']}")
 
 

@@ -10,6 +10,12 @@ import typer
 
 from segflow.cli import app, clean_errors
 
+METHOD_HELP = (
+    "components (3D connected components) or slices (2D objects linked across slices by "
+    "overlap); default: slices for a stack segmented by a 2D model, else components."
+)
+LINK_IOU_HELP = "With slices: IoU that links objects of consecutive slices (default: the model's)."
+
 
 def run_stitch(
     store: str,
@@ -20,6 +26,8 @@ def run_stitch(
     foreground: int | None,
     dask_address: str | None,
     client: Any = None,
+    method: str | None = None,
+    link_iou: float | None = None,
 ) -> dict[str, Any]:
     from tasks.stitch import stitch
 
@@ -34,9 +42,12 @@ def run_stitch(
         min_size=min_size,
         dask_address=dask_address,
         client=client,
+        method=method,
+        link_iou=link_iou,
     )
     return {
         "instances": f"{result.store}/{result.labels_path}",
+        "method": result.method,
         "objects": result.objects,
         "dtype": result.dtype,
         "table_csv": result.table_csv,
@@ -62,9 +73,22 @@ def stitch(
         int | None, typer.Option(help="Class id to split into objects (default: the model's).")
     ] = None,
     dask_address: Annotated[str | None, typer.Option(help="Dask scheduler address.")] = None,
+    instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
+    link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
 ) -> None:
-    """Connected components of a semantic mask, with global ids across chunk faces."""
-    summary = run_stitch(store, labels, name, min_size, connectivity, foreground, dask_address)
+    """Objects of a semantic mask with global ids across chunks: connected components, or
+    for a stack segmented slice by slice, slice objects linked by overlap."""
+    summary = run_stitch(
+        store,
+        labels,
+        name,
+        min_size,
+        connectivity,
+        foreground,
+        dask_address,
+        method=instance_method,
+        link_iou=link_iou,
+    )
     typer.echo(json.dumps(summary))
 
 

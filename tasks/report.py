@@ -165,6 +165,7 @@ def markdown_report(summary: dict[str, Any]) -> str:
         "seconds",
         "voxels_per_second",
         "objects",
+        "instance_method",
     ):
         if summary.get(key) is not None:
             value = summary[key]

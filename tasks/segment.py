@@ -84,6 +84,7 @@ from unet_core.predict import (
     softmax,
 )
 from unet_core.runtime import configure
+from unet_core.slicelink import DEFAULT_LINK_IOU
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ class SegmentPlan:
     image_digest: str = ""
     foreground_class: int = 1
     suggested_min_size: int = 0
+    link_iou: float = DEFAULT_LINK_IOU
 
     @property
     def labels_path(self) -> str:
@@ -424,6 +426,7 @@ def plan_segmentation(
         image_digest=digest,
         foreground_class=min(meta.foreground_class, config.n_classes - 1),
         suggested_min_size=meta.object_stats.suggested_min_size if meta.object_stats else 0,
+        link_iou=meta.link_iou,
     )
 
 
@@ -490,6 +493,8 @@ def _label_metadata(plan: SegmentPlan, source: str) -> dict[str, Any]:
             "complete": False,
             "foreground_class": plan.foreground_class,
             "suggested_min_size": plan.suggested_min_size,
+            "model_ndim": plan.config.ndim,  # 2 on a stack: instances by slice linking
+            "link_iou": plan.link_iou,
         },
     }
 

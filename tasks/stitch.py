@@ -48,6 +48,7 @@ from tasks.store import (
 )
 from unet_core.errors import ConfigError
 from unet_core.geometry import Box
+from unet_core.slicelink import planar_structure
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class StitchPlan:
     min_size: int
     key: str = ""
     id_offset: int = 0
+    slices: bool = False  # connect within slices only (slice objects, tasks/link_slices.py)
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -87,6 +89,8 @@ class StitchPlan:
         return Box(begin, self.chunks).intersect(Box.of_shape(self.shape))
 
     def structure(self) -> np.ndarray:
+        if self.slices:
+            return planar_structure(len(self.shape), self.connectivity)
         return ndimage.generate_binary_structure(len(self.shape), self.connectivity)
 
     def step(self, name: str, process: Any, plan: Any, grid: tuple[int, ...]) -> Step:
@@ -119,6 +123,7 @@ class StitchResult:
     seconds: float
     table: pd.DataFrame
     reused: bool = False
+    method: str = "components"  # or "slices" (tasks/link_slices.py)
 
 
 def id_dtype(n: int) -> np.dtype:
@@ -173,11 +178,12 @@ class FacePlan:
 
     plan: StitchPlan
     offsets: np.ndarray
+    first_axis: int = 0  # 1: slice objects, joined across y and x faces only
 
 
 def face_block(fp: FacePlan, index: tuple[int, ...]) -> np.ndarray:
     """Pass 2 block: ``index`` is a chunk index followed by the axis of its upper face."""
-    return face_pairs(fp.plan, index[:-1], index[-1], fp.offsets)
+    return face_pairs(fp.plan, index[:-1], index[-1] + fp.first_axis, fp.offsets)
 
 
 def face_pairs(
@@ -267,6 +273,20 @@ def relabel_block(rp: RelabelPlan, index: tuple[int, ...]) -> int:
     )
 
 
+def final_ids(
+    g: np.ndarray, merged_ids: np.ndarray, merged_final: np.ndarray, absorbed: np.ndarray
+) -> np.ndarray:
+    """Final ids of provisional ids ``g`` (same dtype) from the sparse tables of
+    :func:`_union`: merged ids take their component's id, the others move down by the
+    number of absorbed ids below them (consecutive numbering)."""
+    final = g - np.searchsorted(absorbed, g, side="left").astype(g.dtype)
+    if merged_ids.size:
+        pos = np.minimum(np.searchsorted(merged_ids, g), merged_ids.size - 1)
+        hit = merged_ids[pos] == g
+        final[hit] = merged_final[pos[hit]].astype(g.dtype)
+    return final
+
+
 def relabel_chunk(
     plan: StitchPlan,
     index: tuple[int, ...],
@@ -288,13 +308,7 @@ def relabel_chunk(
     fg = out > 0
     g = out[fg]  # local ids of the foreground, in the output dtype
     g += g.dtype.type(offset)  # provisional global ids
-    # Consecutive numbering: subtract the number of absorbed ids below each id.
-    final = g - np.searchsorted(absorbed, g, side="left").astype(g.dtype)
-    if merged_ids.size:
-        pos = np.minimum(np.searchsorted(merged_ids, g), merged_ids.size - 1)
-        hit = merged_ids[pos] == g
-        final[hit] = merged_final[pos[hit]].astype(g.dtype)
-        del pos, hit
+    final = final_ids(g, merged_ids, merged_final, absorbed)
     if dropped.size:
         final[np.isin(final, dropped)] = 0
     out[fg] = final
@@ -375,17 +389,43 @@ def stitch(
     id_offset: int = 0,
     force: bool = False,
     lease_wait_s: float = 0.0,
+    method: str | None = None,
+    link_iou: float | None = None,
+    link_params: Any = None,
 ) -> StitchResult:
     """Instance labels ``labels/<out_name>/0`` and an object table from a semantic mask.
 
     Ids are consecutive from ``id_offset + 1`` (an offset keeps ids unique across volumes).
     The semantic labels must be complete. Instances already complete under the same key
     (semantic labels' key and these parameters) are reused unless ``force``.
+    ``method``: ``components`` (3D connected components) or ``slices`` (slice objects
+    linked by overlap, :mod:`tasks.link_slices`, with ``link_iou``); default ``slices``
+    for a stack segmented by a 2D model, else ``components``; ``link_params`` (a
+    :class:`unet_core.slicelink.LinkParams`) sets the slice linking's thresholds.
     """
     from tasks.cluster import dask_client
+    from tasks.link_slices import default_method, links_between_slices, plan_link, slice_tables
 
+    method = method or default_method(store, labels)
+    if method not in ("components", "slices"):
+        raise ConfigError(f"instance method '{method}' is not 'components' or 'slices'")
     t0 = time.perf_counter()
-    plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size, id_offset)
+    link_plan = None
+    if method == "slices":
+        link_plan = plan_link(
+            store,
+            labels,
+            out_name,
+            foreground,
+            connectivity,
+            min_size,
+            link_iou,
+            id_offset,
+            link_params,
+        )
+        plan = link_plan.stitch
+    else:
+        plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size, id_offset)
     if not force:
         reused = _reuse(plan, write_table)
         if reused is not None:
@@ -414,11 +454,18 @@ def stitch(
                 sums[tuple(r["index"])] = r["objects"]
             offsets = (np.cumsum(n.reshape(-1)) - n.reshape(-1)).reshape(plan.grid) + plan.id_offset
             total = int(n.sum()) + plan.id_offset
-            # Pass 2: pairs across faces (block = chunk index + axis).
-            faces = FacePlan(plan, offsets)
-            pairs = runner.run(
-                plan.step("faces", face_block, faces, (*plan.grid, len(plan.shape)))
-            ).results
+            # Pass 2: pairs across faces (block = chunk index + axis); slice objects meet
+            # only across y and x faces.
+            first = 1 if plan.slices else 0
+            faces = FacePlan(plan, offsets, first)
+            grid = (*plan.grid, len(plan.shape) - first)
+            pairs = runner.run(plan.step("faces", face_block, faces, grid)).results
+            if link_plan is not None:  # slice objects linked one to one by overlap
+                tables = runner.run(plan.step("tables", slice_tables, link_plan, plan.grid))
+                links = links_between_slices(
+                    tables.results, pairs, offsets, total, plan.id_offset, link_plan.params
+                )
+                pairs = [*pairs, links]
             merged_ids, merged_final, absorbed = _union(pairs, total)
             n_final = total - absorbed.size
             table = _object_table(plan, sums, offsets, merged_ids, merged_final, absorbed)
@@ -445,6 +492,8 @@ def stitch(
             csv_path, parquet_path = write_object_table(plan, table)
         lease.check()
         _finish_instances(plan, n_final, len(table))
+        if link_plan is not None:
+            set_complete(plan.store, plan.out_path.rsplit("/", 1)[0], True, **link_plan.meta())
     return StitchResult(
         store=plan.store,
         labels_path=plan.out_path,
@@ -454,6 +503,7 @@ def stitch(
         table_parquet=parquet_path,
         seconds=time.perf_counter() - t0,
         table=table,
+        method=method,
     )
 
 
@@ -536,12 +586,7 @@ def _object_table(
         if not count.size:
             continue
         g = np.arange(1, count.size + 1, dtype=np.uint64) + np.uint64(offsets[idx])
-        final = g - np.searchsorted(absorbed, g).astype(np.uint64)
-        if merged_ids.size:
-            pos = np.minimum(np.searchsorted(merged_ids, g), merged_ids.size - 1)
-            hit = merged_ids[pos] == g
-            final[hit] = merged_final[pos[hit]]
-        data = {"id": final, "voxels": count}
+        data = {"id": final_ids(g, merged_ids, merged_final, absorbed), "voxels": count}
         for a in range(ndim):
             data[f"sum{a}"] = s[f"sum{a}"]
             data[f"min{a}"] = s[f"min{a}"]
@@ -551,6 +596,7 @@ def _object_table(
     columns = ["id", "voxels", "volume"]
     columns += [f"centroid_{n}" for n in names]
     columns += [f"bbox_min_{n}" for n in names] + [f"bbox_max_{n}" for n in names]
+    columns += ["extent_z"] if "z" in names else []  # slices spanned
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
     raw = pd.concat(frames, ignore_index=True)
@@ -566,6 +612,8 @@ def _object_table(
         table[f"bbox_min_{name}"] = grouped[f"min{a}"]
     for a, name in enumerate(names):
         table[f"bbox_max_{name}"] = grouped[f"max{a}"]
+    if "z" in names:
+        table["extent_z"] = table["bbox_max_z"] - table["bbox_min_z"]
     return table[columns]
 
 
@@ -588,6 +636,7 @@ def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) ->
                 "foreground": list(plan.foreground),
                 "connectivity": plan.connectivity,
                 "min_size": plan.min_size,
+                "method": "slices" if plan.slices else "components",
             },
         }
     )

@@ -30,6 +30,7 @@ from unet_core.config import UNetConfig
 from unet_core.errors import CheckpointError, VolumeNotFoundError
 from unet_core.model import UNet
 from unet_core.normalize import IntensityStats, Normalization
+from unet_core.slicelink import DEFAULT_LINK_IOU
 
 FORMAT = "segflow-checkpoint"
 VERSION = 1
@@ -71,6 +72,12 @@ class CheckpointMeta(BaseModel):
     )
     object_stats: ObjectStats | None = None
     foreground_class: int = Field(1, ge=0, description="class whose instances are stitched")
+    link_iou: float = Field(
+        DEFAULT_LINK_IOU,
+        ge=0.0,
+        le=1.0,
+        description="IoU that links objects of consecutive slices (2D models on stacks)",
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="steps, metrics, seed")
     digest: str = Field("", description="content digest, filled in on save and load")
 

@@ -135,6 +135,17 @@ def match_instances(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) ->
     )
 
 
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images split the same foreground into the same objects, whatever
+    the ids (a one-to-one correspondence of the ids > 0)."""
+    fa, fb = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    if fa.shape != fb.shape or not np.array_equal(fa > 0, fb > 0):
+        return False
+    m = fa > 0
+    pairs = np.unique(np.stack([fa[m].astype(np.uint64), fb[m].astype(np.uint64)]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
 def adapted_rand_error(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]:
     """The Rand error of the ISBI 2012 challenge: ``1 - F`` of the foreground-restricted
     Rand index, with its precision and recall.

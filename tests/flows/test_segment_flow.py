@@ -87,6 +87,7 @@ def test_flow_end_to_end_from_tiff(tmp_path, model, dask_client):
     inst = root["labels/instances/0"][...]
     assert sem.shape == inst.shape == (6, 64, 64)
     assert summary["objects"] == len(np.unique(inst[inst > 0]))
+    assert summary["instance_method"] == "slices"  # a 2D model on a stack
     assert os.path.exists(summary["preview"])
     assert os.path.exists(summary["objects_table"])
     # The flow run is named after the volume, and core logs reached the run logs.

@@ -20,23 +20,17 @@ from tasks.segment import SegmentParams, segment_image
 from tasks.stitch import id_dtype, stitch
 from tasks.store import every_chunk, write_image
 from unet_core import UNet, UNetConfig, save_checkpoint
+from unet_core.metrics import same_partition
+from unet_core.slicelink import LinkParams, link_instances
 
 
-def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    """Same foreground and a one-to-one correspondence of ids."""
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    if not np.array_equal(fa > 0, fb > 0):
-        return False
-    m = fa > 0
-    pairs = np.unique(np.stack([fa[m].astype(np.uint64), fb[m].astype(np.uint64)]), axis=1)
-    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
-
-
-def semantic_store(path, mask: np.ndarray, chunks, scale=None) -> str:
-    """An image store with a semantic label image (1 = foreground) beside it."""
+def semantic_store(path, mask: np.ndarray, chunks, scale=None, image=None) -> str:
+    """An image store (``image``, else the mask) with a semantic label image (1 =
+    foreground) beside it."""
     url = str(path)
     axes = "zyx"[-mask.ndim :]
-    write_image(url, mask.astype(np.uint8), axes, chunks=chunks, scale=scale)
+    image = mask.astype(np.uint8) if image is None else image
+    write_image(url, image, axes, chunks=chunks, scale=scale)
     root = zarr.open_group(url, mode="r+")
     labels = root.create_group("labels")
     add_label(labels, "semantic")
@@ -276,14 +270,19 @@ def test_cli_segment_with_instances_then_export(tmp_path):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     objects = summary["stitch"]["objects"]
     sem = zarr.open_group(url, mode="r")["labels/semantic/0"][...]
-    _, n = ndimage.label(sem == 1, ndimage.generate_binary_structure(3, 2))
-    assert objects == n
+    # A 2D model on a stack: slice objects linked across slices (tests/tasks/test_link_slices).
+    assert summary["stitch"]["method"] == "slices"
+    median = zarr.open_group(url, mode="r").attrs["segflow"]["stats"]["percentiles"]["50"]
+    ref = link_instances(sem == 1, vol, connectivity=2, params=LinkParams(background=median))
+    assert objects == ref.max()
     tif = tmp_path / "out.tif"
     exp = subprocess.run([*exe, "export", url, "--to", str(tif)], capture_output=True, text=True)
     assert exp.returncode == 0, exp.stderr
     assert np.array_equal(tifffile.imread(tif), zarr.open_group(url)["labels/instances/0"][...])
     again = subprocess.run(
-        [*exe, "stitch", url, "--connectivity", "1"], capture_output=True, text=True
+        [*exe, "stitch", url, "--connectivity", "1", "--instance-method", "components"],
+        capture_output=True,
+        text=True,
     )
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["objects"] == ndimage.label(sem == 1)[1]

@@ -15,6 +15,7 @@ from unet_core.metrics import (
     instances_from_mask,
     iou,
     match_instances,
+    same_partition,
 )
 
 
@@ -143,3 +144,11 @@ def test_instances_from_mask_drops_small_objects():
     assert lab.max() == 1
     assert lab[8, 8] == 0
     assert lab[0, 0] == 1
+
+
+def test_same_partition_ignores_ids_but_not_splits_or_merges():
+    a = np.array([[1, 1, 0, 2], [3, 3, 0, 2]])
+    assert same_partition(a, np.array([[7, 7, 0, 5], [9, 9, 0, 5]]))
+    assert not same_partition(a, np.array([[1, 1, 0, 2], [1, 1, 0, 2]]))  # merged
+    assert not same_partition(a, np.array([[1, 4, 0, 2], [3, 3, 0, 2]]))  # split
+    assert not same_partition(a, np.array([[1, 1, 0, 2], [3, 3, 3, 2]]))  # other foreground
