@@ -34,6 +34,7 @@ import numpy as np
 
 from tasks.stitch import (
     StitchPlan,
+    StitchResult,
     _image_url,
     _union,
     final_ids,
