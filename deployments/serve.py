@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.cluster import ClusterSpec
+
 NIGHTLY = "nightly"
 ON_DEMAND = "on-demand"
 
@@ -34,6 +36,9 @@ class ServeSettings(BaseModel):
     timezone: str = Field("UTC", description="Time zone of the cron schedule (IANA name).")
     settle_s: float = Field(600.0, ge=0, description="Leave volumes younger than this.")
     paused: bool = Field(False, description="Create the nightly schedule paused.")
+    cluster: ClusterSpec | None = Field(
+        None, description="Where the nightly run's Dask workers run (default: local)."
+    )
 
 
 def build_deployments(settings: ServeSettings) -> list[Any]:
@@ -70,6 +75,7 @@ def build_deployments(settings: ServeSettings) -> list[Any]:
                         "output": settings.output,
                         "model": settings.model,
                         "settle_s": settings.settle_s,
+                        **_options(settings),
                     }
                 },
                 paused=settings.paused,
@@ -78,6 +84,12 @@ def build_deployments(settings: ServeSettings) -> list[Any]:
             )
         )
     return deployments
+
+
+def _options(settings: ServeSettings) -> dict[str, Any]:
+    if settings.cluster is None or settings.cluster == ClusterSpec():
+        return {}
+    return {"options": {"cluster": settings.cluster.model_dump(exclude_defaults=True)}}
 
 
 def serve(settings: ServeSettings, limit: int | None = None) -> None:

@@ -28,6 +28,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows import core_logs_to_prefect
+from tasks.cluster import ClusterSpec
 from tasks.regions import (
     blocks_per_region,
     forget_regions,
@@ -76,6 +77,10 @@ class SegmentOptions(BaseModel):
     labels_name: str = Field("semantic", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     dask_address: str | None = Field(
         None, description="Dask scheduler address (default: a local cluster for this run)."
+    )
+    cluster: ClusterSpec = Field(
+        default_factory=ClusterSpec,
+        description="Where the Dask workers run: local, slurm/pbs/sge/lsf jobs, or an address.",
     )
     max_regions: int = Field(
         2000, ge=1, le=100_000, description="At most this many region tasks per volume."
@@ -230,7 +235,9 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     name = volume_name(params.source)
-    with dask_client(address=params.dask_address) as client:
+    with dask_client(
+        address=params.dask_address, cluster=params.cluster, device=params.device
+    ) as client:
         address = params.dask_address or client.scheduler.address
         image = params.source
         output = params.output

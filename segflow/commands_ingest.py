@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors, parse_shape
+from segflow.cli import app, clean_errors, cluster_options, parse_shape
+
+if TYPE_CHECKING:
+    from tasks.cluster import ClusterSpec
 
 
 def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -24,6 +27,7 @@ def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
 
 @app.command()
 @clean_errors
+@cluster_options
 def ingest(
     src: Annotated[
         str,
@@ -57,13 +61,11 @@ def ingest(
         str,
         typer.Option(help="Dask scheduler: threads, processes, sync, or a scheduler address."),
     ] = "threads",
-    workers: Annotated[
-        int | None, typer.Option(min=1, help="Parallel tasks (default: two per core).")
-    ] = None,
     unit_mib: Annotated[
         float, typer.Option(help="Most MiB of the image one task holds at a time.")
     ] = 8.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    cluster: ClusterSpec | None = None,
 ) -> None:
     """Stream SRC into a chunked, compressed OME-Zarr image (zarr v3, NGFF 0.5) at DST.
 
@@ -74,6 +76,7 @@ def ingest(
 
     from tasks.ingest import ingest_volume
 
+    local = cluster is None or cluster.kind == "local"  # then --scheduler says how
     chunk_shape = parse_shape(chunks, "chunks")
     voxels = _parse_floats(voxel_size, "voxel size")
     bars = Progress(
@@ -100,11 +103,11 @@ def ingest(
             compression=compression,
             levels=levels,
             overwrite=overwrite,
-            dask_client_or_scheduler=scheduler,
+            dask_client_or_scheduler=scheduler if local else cluster,
             progress=progress,
             voxel_size=voxels,
             unit_mib=unit_mib,
-            workers=workers,
+            workers=cluster.workers if cluster and local else None,
         )
     summary: dict[str, Any] = {
         "dst": info.url,

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors, parse_shape
+from segflow.cli import app, clean_errors, cluster_options, parse_shape
+
+if TYPE_CHECKING:
+    from tasks.cluster import ClusterSpec
 
 
 def _progress_bar(total_voxels: int) -> tuple[Any, Any]:
@@ -37,6 +40,7 @@ def _progress_bar(total_voxels: int) -> tuple[Any, Any]:
 
 @app.command()
 @clean_errors
+@cluster_options
 def segment(
     src: Annotated[str, typer.Argument(help="OME-Zarr image (path or s3:// URL), or a TIFF.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file.")],
@@ -59,9 +63,6 @@ def segment(
     probabilities_dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
     channel: Annotated[int | None, typer.Option(help="Use only this channel.")] = None,
     labels_name: Annotated[str, typer.Option(help="Name under labels/.")] = "semantic",
-    dask_address: Annotated[
-        str | None, typer.Option(help="Dask scheduler address (default: a local cluster).")
-    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished blocks.")] = False,
     instances: Annotated[
         bool, typer.Option("--instances", help="Then label objects across chunks (stitch).")
@@ -75,6 +76,7 @@ def segment(
     ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    cluster: ClusterSpec | None = None,
 ) -> None:
     """Segment SRC with MODEL; masks land in SRC's labels/ group (or in --out)."""
     from tasks.segment import SegmentParams, plan_segmentation, segment_image
@@ -123,7 +125,7 @@ def segment(
             str(model),
             out=out,
             params=params,
-            dask_address=dask_address,
+            cluster=cluster,
             force=force,
             progress=callback,
             plan=plan,
@@ -146,7 +148,7 @@ def segment(
         from segflow.commands_stitch import run_stitch
 
         summary["stitch"] = run_stitch(
-            result.out_url, labels_name, "instances", min_size, connectivity, None, dask_address
+            result.out_url, labels_name, "instances", min_size, connectivity, None, cluster
         )
     if as_json:
         typer.echo(json.dumps(summary))

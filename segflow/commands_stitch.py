@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors
+from segflow.cli import app, clean_errors, cluster_options
+
+if TYPE_CHECKING:
+    from tasks.cluster import ClusterSpec
 
 
 def run_stitch(
@@ -18,7 +21,7 @@ def run_stitch(
     min_size: int | None,
     connectivity: int,
     foreground: int | None,
-    dask_address: str | None,
+    cluster: ClusterSpec | None,
     client: Any = None,
 ) -> dict[str, Any]:
     from tasks.stitch import stitch
@@ -32,7 +35,7 @@ def run_stitch(
         foreground=None if foreground is None else (foreground,),
         connectivity=connectivity,
         min_size=min_size,
-        dask_address=dask_address,
+        cluster=cluster,
         client=client,
     )
     return {
@@ -47,6 +50,7 @@ def run_stitch(
 
 @app.command()
 @clean_errors
+@cluster_options
 def stitch(
     store: Annotated[str, typer.Argument(help="Store holding labels/<NAME> (path or s3://).")],
     labels: Annotated[str, typer.Option(help="Semantic label image to read.")] = "semantic",
@@ -61,10 +65,10 @@ def stitch(
     foreground: Annotated[
         int | None, typer.Option(help="Class id to split into objects (default: the model's).")
     ] = None,
-    dask_address: Annotated[str | None, typer.Option(help="Dask scheduler address.")] = None,
+    cluster: ClusterSpec | None = None,
 ) -> None:
     """Connected components of a semantic mask, with global ids across chunk faces."""
-    summary = run_stitch(store, labels, name, min_size, connectivity, foreground, dask_address)
+    summary = run_stitch(store, labels, name, min_size, connectivity, foreground, cluster)
     typer.echo(json.dumps(summary))
 
 

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
+from tasks.cluster import ClusterSpec, dask_client
 from tasks.store import (
     DONE_GROUP,
     NGFF_VERSION,
@@ -578,7 +579,8 @@ class Runner:
     of ``workers`` threads, by default two per core: a unit waits on its reads and on zarr's
     compression threads, so one per core left a 2-core machine 11% slower), "processes"
     (Dask's multiprocessing scheduler), "sync" (one task at a time, for debugging), an
-    address such as "tcp://10.0.0.1:8786", or a ``distributed.Client``. Tasks get
+    address such as "tcp://10.0.0.1:8786", a :class:`tasks.cluster.ClusterSpec` (e.g. SLURM
+    worker jobs), or a ``distributed.Client``. Tasks get
     descriptors only; each opens the files it reads itself.
     """
 
@@ -588,18 +590,17 @@ class Runner:
             self.scheduler = "sync"
         self.workers = workers
         self._client: Any = None
-        self._own_client = False
+        self._own_client: dask_client | None = None
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Runner:
         s = self.scheduler
         if s == "threads":
             self._pool = ThreadPoolExecutor(self.workers or 2 * (os.cpu_count() or 1))
-        elif isinstance(s, str) and s not in ("processes", "sync"):
-            from distributed import Client
-
-            self._client = Client(s)
-            self._own_client = True
+        elif isinstance(s, ClusterSpec) or (isinstance(s, str) and s not in ("processes", "sync")):
+            own = dask_client(cluster=s) if isinstance(s, ClusterSpec) else dask_client(address=s)
+            self._client = own.__enter__()
+            self._own_client = own
         elif not isinstance(s, str):
             if not hasattr(s, "submit"):
                 raise ConfigError(f"scheduler {s!r} is neither a name, an address nor a Client")
@@ -610,8 +611,8 @@ class Runner:
         if self._pool is not None:
             self._pool.shutdown(wait=True)  # its threads' open files go with them
         release_files()
-        if self._own_client and self._client is not None:
-            self._client.close()
+        if self._own_client is not None:
+            self._own_client.__exit__(*exc)
 
     def run(
         self,

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 import time
 from typing import Any
 
 import numpy as np
 
+from tasks.cluster import client_for
 from tasks.segment import SegmentPlan, run_blocks
 from tasks.store import DoneTracker
 from unet_core.errors import ConfigError
@@ -78,22 +78,6 @@ def _inject_fault(region: int, attempt: int) -> None:
         target, _, times = item.partition(":")
         if int(target) == region and (times == "always" or attempt <= int(times or 1)):
             raise RuntimeError(f"injected fault in region {region} (attempt {attempt})")
-
-
-_clients: dict[str, Any] = {}
-_clients_lock = threading.Lock()
-
-
-def client_for(address: str) -> Any:
-    """A Dask client for a scheduler address, one per process (reused across tasks)."""
-    from distributed import Client
-
-    with _clients_lock:
-        client = _clients.get(address)
-        if client is None or client.status not in ("running", "connecting"):
-            client = Client(address, set_as_default=False)
-            _clients[address] = client
-        return client
 
 
 def run_region(

@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.cluster import dask_client
+from tasks.cluster import ClusterSpec, dask_client, share
 from tasks.store import (
     LABELS_GROUP,
     PROBABILITIES_GROUP,
@@ -589,8 +589,9 @@ def run_blocks(
     ``TimeoutError`` is raised."""
     from distributed import as_completed
 
-    # The plan is small (no block list), shipped once to every worker.
-    shared = client.scatter(plan, broadcast=True, hash=False)
+    # The plan is small (no block list); shared as a task result, so a lost worker's copy
+    # is made again (a scattered one would be gone).
+    shared = share(client, plan, "segflow-plan")
     run = uuid.uuid4().hex[:8]
     futures = [
         client.submit(
@@ -632,13 +633,15 @@ def segment_image(
     progress: Callable[[dict[str, Any], int], None] | None = None,
     block_shape: Sequence[int] | None = None,
     plan: SegmentPlan | None = None,
+    cluster: ClusterSpec | None = None,
 ) -> SegmentResult:
     """Segment ``src`` (an OME-Zarr image) with the checkpoint at ``model_path``.
 
     Writes ``labels/<labels_name>/0`` (and ``probabilities/0`` when asked) into ``out``
     (default: into ``src``). Blocks already done for the same model and parameters are
-    skipped unless ``force``. Uses ``client``, else a client of ``dask_address``, else an
-    in-process LocalCluster. A ``plan`` from :func:`plan_segmentation` may be passed in.
+    skipped unless ``force``. Uses ``client``, else a client of ``dask_address``, else the
+    ``cluster`` (default: an in-process cluster; see :mod:`tasks.cluster`). A ``plan`` from
+    :func:`plan_segmentation` may be passed in.
     """
     t0 = time.perf_counter()
     plan = plan or plan_segmentation(src, model_path, out, params, block_shape)
@@ -661,7 +664,7 @@ def segment_image(
             progress(res, len(todo))
 
     if todo:
-        with dask_client(client, dask_address) as c:
+        with dask_client(client, dask_address, cluster=cluster, device=plan.params.device) as c:
             run_blocks(plan, todo, c, on_result)
     finalize_outputs(plan, tracker)
     return SegmentResult(

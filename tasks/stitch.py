@@ -32,6 +32,7 @@ import pandas as pd
 import zarr
 from scipy import ndimage, sparse
 
+from tasks.cluster import ClusterSpec, dask_client, share
 from tasks.store import (
     LABELS_GROUP,
     attributes,
@@ -280,13 +281,12 @@ def stitch(
     write_table: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     id_offset: int = 0,
+    cluster: ClusterSpec | None = None,
 ) -> StitchResult:
     """Instance labels ``labels/<out_name>/0`` and an object table from a semantic mask.
 
     Ids are consecutive from ``id_offset + 1`` (an offset keeps ids unique across volumes).
     """
-    from tasks.cluster import dask_client
-
     t0 = time.perf_counter()
     plan = plan_stitch(store, labels, out_name, foreground, connectivity, min_size)
     root = open_group(plan.store, "r+")
@@ -302,8 +302,8 @@ def stitch(
         overwrite=True,
     )
     indices = [tuple(int(i) for i in idx) for idx in np.ndindex(*plan.grid)]
-    with dask_client(client, dask_address) as c:
-        shared = c.scatter(plan, broadcast=True, hash=False)
+    with dask_client(client, dask_address, cluster=cluster) as c:
+        shared = share(c, plan, "segflow-stitch-plan")
         # Pass 1: local labels.
         results = _gather(c.map(label_chunk, [shared] * len(indices), indices), "label", progress)
         n = np.zeros(plan.grid, dtype=np.int64)
@@ -315,7 +315,7 @@ def stitch(
         total = int(n.sum()) + int(id_offset)
         # Pass 2: pairs across faces.
         jobs = [(idx, ax) for idx in indices for ax in range(len(plan.shape))]
-        off_f = c.scatter(offsets, broadcast=True, hash=False)
+        off_f = share(c, offsets, "segflow-stitch-offsets")
         pair_futs = c.map(
             face_pairs,
             [shared] * len(jobs),

@@ -21,6 +21,10 @@ class ConfigError(SegflowError, ValueError):
     """A parameter or configuration value that is out of range or inconsistent."""
 
 
+class ClusterStartError(SegflowError, RuntimeError):
+    """No Dask worker could be obtained (batch jobs rejected or never started)."""
+
+
 class CheckpointError(SegflowError, ValueError):
     """A checkpoint that is corrupted, foreign, unsafe or incompatible."""
 
