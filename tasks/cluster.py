@@ -67,6 +67,10 @@ IDLE_RELEASE_S = 60
 #: Where worker job logs go when neither the spec nor jobqueue's config names a folder.
 DEFAULT_LOG_DIRECTORY = "segflow-worker-logs"
 
+#: The HTTP endpoint (dashboard, health) of a local cluster's scheduler: any free port on
+#: loopback (the default, 8787, is often taken by another cluster and then warns).
+LOCAL_HTTP = "127.0.0.1:0"
+
 ADDRESS_PATTERN = r"^[a-z][a-z0-9+]*://\S+$"
 
 Address = Annotated[str, StringConstraints(pattern=ADDRESS_PATTERN, max_length=300)]
@@ -207,7 +211,7 @@ def gpu_cluster(devices: Sequence[str], threads: int = 1) -> Any:
         name: {"cls": Nanny, "options": {"nthreads": threads, "env": env}}
         for name, env in gpu_worker_env(devices).items()
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": LOCAL_HTTP}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="segflow-gpus")
 
 
@@ -237,7 +241,7 @@ def job_cluster_kwargs(spec: ClusterSpec) -> dict[str, Any]:
         "log_directory": str(
             Path(cfg("log-directory") or Path.cwd() / DEFAULT_LOG_DIRECTORY).absolute()
         ),
-        "scheduler_options": {"dashboard_address": None, **(cfg("scheduler-options") or {})},
+        "scheduler_options": {"dashboard_address": ":0", **(cfg("scheduler-options") or {})},
     }
     if cfg("name") in (None, "dask-worker"):
         kw["job_name"] = "segflow-worker"
@@ -356,14 +360,14 @@ class dask_client:  # noqa: N801 - used like a function in a with statement
                 n_workers=spec.workers,
                 threads_per_worker=spec.worker_cores or 1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=LOCAL_HTTP,
             )
         else:
             cluster = LocalCluster(
                 n_workers=1,
                 threads_per_worker=spec.worker_cores or self.threads,
                 processes=False,
-                dashboard_address=None,
+                dashboard_address=LOCAL_HTTP,
             )
         client = Client(cluster)
         self._owned += [client, cluster]
