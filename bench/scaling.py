@@ -1,6 +1,7 @@
 """Scaling: blocks per second with 1 and 2 Dask worker processes, and Prefect's overhead.
 
     python -m bench.scaling [--shape 64,512,512] [--chunks 4,256,256] [--workers 1,2]
+    python -m bench.scaling --slurm --shape 16,512,512 --chunks 2,256,256 --tile 1,348,348
 
 One uint16 volume in an OME-Zarr store and a small 2D U-Net (depth 2, 4 base channels,
 valid padding: the engine benchmark's). For each worker count k, a
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", default="64,512,512")
     parser.add_argument("--chunks", default="4,256,256")
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--tile", default=None, help="largest tile, e.g. 1,348,348")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--slurm", action="store_true", help="only the SLURM part (see above)")
     parser.add_argument("--child-flow", nargs=2, metavar=("SRC", "WORK"), help=argparse.SUPPRESS)
@@ -276,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     ckpt = str(WORK / "model.ckpt")
     save_checkpoint(ckpt, UNet(config))
-    params = SegmentParams(device="cpu")
+    tile = tuple(int(s) for s in args.tile.split(",")) if args.tile else None
+    params = SegmentParams(device="cpu", tile=tile)
     if args.slurm:
         result = slurm_scaling(src, ckpt, params, str(WORK))
         if not args.keep:
@@ -286,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
                 "benchmark": "scaling-slurm",
                 "volume_shape": list(shape),
                 "chunks": list(chunks),
+                "tile": list(tile) if tile else None,
                 **result,
                 "machine": machine(),
                 "load_average_after": load_average(),
