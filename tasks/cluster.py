@@ -285,12 +285,21 @@ def start_job_cluster(spec: ClusterSpec, **overrides: Any) -> tuple[Any, Any]:
     kind = spec.kind
     kw = {**job_cluster_kwargs(spec), **overrides}
     Path(kw["log_directory"]).mkdir(parents=True, exist_ok=True)
-    try:
-        cluster = _job_cluster_class(kind)(n_workers=1, **kw)
-    except RuntimeError as exc:  # the submit command failed: its own message says why
-        text = " ".join(str(exc).split())
+    cluster = _job_cluster_class(kind)(**kw)
+    cluster.worker_spec.update(cluster.new_worker_spec())
+    try:  # submit the first job here, so that a refusal raises rather than goes to a log
+        cluster.sync(cluster._correct_state)
+    except (RuntimeError, OSError) as exc:  # the submit command's own message says why
+        from distributed.core import Status
+
+        for job in cluster.workers.values():
+            if not job.job_id:  # never submitted: nothing to cancel
+                job.status = Status.failed
+        cluster.close()
+        said = str(exc).rsplit("stderr:", 1)[-1]  # dask-jobqueue quotes the command's stderr
+        text = "; ".join(line.strip() for line in said.splitlines() if line.strip())
         raise ClusterStartError(
-            f"the {kind.upper()} worker job was rejected ({text[-400:]}): check the "
+            f"the {kind.upper()} worker job was not submitted ({text[-400:]}): check the "
             "queue/partition, account and resources"
         ) from None
     client = Client(cluster)

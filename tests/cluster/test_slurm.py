@@ -147,5 +147,5 @@ def test_no_worker_within_the_start_timeout_is_one_sentence(slurm, inputs, tmp_p
     assert rejected.returncode == 1
     assert rejected.stderr.count("\n") == 1
     assert "Traceback" not in rejected.stderr
-    assert "the SLURM worker job was rejected" in rejected.stderr
+    assert "the SLURM worker job was not submitted" in rejected.stderr
     assert "invalid partition" in rejected.stderr.lower()
