@@ -282,19 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     params = SegmentParams(device="cpu", tile=tile)
     if args.slurm:
         result = slurm_scaling(src, ckpt, params, str(WORK))
-        if not args.keep:
-            shutil.rmtree(WORK, ignore_errors=True)
-        emit(
-            {
-                "benchmark": "scaling-slurm",
-                "volume_shape": list(shape),
-                "chunks": list(chunks),
-                "tile": list(tile) if tile else None,
-                **result,
-                "machine": machine(),
-                "load_average_after": load_average(),
-            }
-        )
+        _finish(args.keep, "scaling-slurm", shape, chunks, tile=list(tile or []), **result)
         return
     runs = [
         run_workers(int(k), src, ckpt, str(WORK / f"out-{k}.zarr"), params)
@@ -310,22 +298,33 @@ def main(argv: list[str] | None = None) -> None:
             prefect.setdefault("prefect", {})[key] = prefect.pop(key)
     except RuntimeError as exc:
         prefect = {"prefect_overhead_per_region_s": None, "reason": str(exc)[-500:]}
-    if not args.keep:
+    _finish(
+        args.keep,
+        "scaling",
+        shape,
+        chunks,
+        model=config.model_dump(include={"ndim", "depth", "base_channels", "padding"}),
+        runs=runs,
+        speedup_2_over_1_workers=speedup,
+        **prefect,
+        notes=(
+            "wall time from the first block submitted to the last written (cluster "
+            "start and model loading excluded); compute = forward passes only; on a "
+            "2-core machine shared with other work the ideal 2-worker speed-up is 2"
+        ),
+    )
+
+
+def _finish(keep: bool, name: str, shape, chunks, **figures) -> None:
+    """Remove the work folder (unless kept) and print the result with the machine."""
+    if not keep:
         shutil.rmtree(WORK, ignore_errors=True)
     emit(
         {
-            "benchmark": "scaling",
+            "benchmark": name,
             "volume_shape": list(shape),
             "chunks": list(chunks),
-            "model": config.model_dump(include={"ndim", "depth", "base_channels", "padding"}),
-            "runs": runs,
-            "speedup_2_over_1_workers": speedup,
-            **prefect,
-            "notes": (
-                "wall time from the first block submitted to the last written (cluster "
-                "start and model loading excluded); compute = forward passes only; on a "
-                "2-core machine shared with other work the ideal 2-worker speed-up is 2"
-            ),
+            **figures,
             "machine": machine(),
             "load_average_after": load_average(),
         }

@@ -83,7 +83,8 @@ def test_job_script_requests_what_the_spec_asks_and_keeps_site_settings(tmp_path
     }
     with dask.config.set(site):
         kw = job_cluster_kwargs(spec)
-        with SLURMCluster(**{**kw, "scheduler_options": {"host": "127.0.0.1"}}) as cluster:
+        kw["scheduler_options"] = {**kw["scheduler_options"], "host": "127.0.0.1"}
+        with SLURMCluster(**kw) as cluster:
             script = cluster.job_script()
     for line in (
         "#SBATCH -J segflow-worker",
