@@ -35,6 +35,7 @@ Kept free of torch and Prefect imports so light steps (stitch, export) stay ligh
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -43,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from unet_core.errors import ClusterStartError, ConfigError
 
@@ -129,6 +130,14 @@ class ClusterSpec(BaseModel):
         le=7 * 24 * 3600,
         description="Fail when no worker job has started within this many seconds.",
     )
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _scheme(cls, value: Any) -> Any:
+        """``host:port`` (as distributed accepts it) means ``tcp://host:port``."""
+        if isinstance(value, str) and re.fullmatch(r"[\w.-]+:\d+", value):
+            return f"tcp://{value}"
+        return value
 
     @property
     def is_address(self) -> bool:
@@ -392,15 +401,13 @@ def _resolve(address: str | None, cluster: ClusterSpec | None) -> ClusterSpec:
     """An explicit address is the same as ``ClusterSpec(kind=address)``."""
     if not address:
         return cluster or ClusterSpec()
-    if cluster is not None and cluster.kind not in ("local", address):
+    spec = cluster_spec(**{**(cluster or ClusterSpec()).model_dump(), "kind": address})
+    if cluster is not None and cluster.kind not in ("local", spec.kind):
         raise ConfigError(
             f"both a scheduler address ({address}) and the cluster {cluster.kind!r} were "
             "given: choose one"
         )
-    base = (cluster or ClusterSpec()).model_dump()
-    if "://" not in address:  # host:port, as distributed accepts it
-        address = f"tcp://{address}"
-    return ClusterSpec.model_validate({**base, "kind": address})
+    return spec
 
 
 _clients: dict[str, Any] = {}

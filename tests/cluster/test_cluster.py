@@ -115,6 +115,7 @@ def test_spec_defaults_and_config_fallback():
 
 def test_bad_cluster_values_are_one_sentence():
     assert cluster_spec(kind="tcp://10.0.0.5:8786").is_address
+    assert cluster_spec(kind="sched-1.lab:8786").kind == "tcp://sched-1.lab:8786"
     assert cluster_spec(kind="slurm", workers=None).is_job_cluster
     with pytest.raises(ConfigError, match=r"^--cluster 'slurmm' is neither local, slurm"):
         cluster_spec(kind="slurmm")
@@ -136,3 +137,21 @@ def test_cli_rejects_a_bad_cluster_with_one_line(tmp_path):
         "segflow: error: --cluster 'slurmm' is neither local, slurm, pbs, sge, lsf nor a "
         "scheduler address like tcp://host:8786"
     ]
+
+
+def test_flows_take_the_cluster_as_a_parameter_and_serve_sets_the_nightly_default():
+    from deployments.serve import ServeSettings, _options
+    from flows.nightly import NightlyParams
+    from flows.segment import SegmentVolumeParams
+
+    schema = SegmentVolumeParams.model_json_schema()
+    kind = schema["$defs"]["ClusterSpec"]["properties"]["kind"]
+    assert {"enum": ["local", "slurm", "pbs", "sge", "lsf"], "type": "string"} in kind["anyOf"]
+    params = SegmentVolumeParams(source="v.tif", model="m.ckpt", cluster={"kind": "slurm"})
+    assert params.cluster.is_job_cluster
+    assert SegmentVolumeParams(source="v.tif", model="m.ckpt").cluster == ClusterSpec()
+
+    settings = ServeSettings(cluster=ClusterSpec(kind="slurm", workers=8, queue="gpu"))
+    nightly = NightlyParams(inbox="in", output="out", model="m.ckpt", **_options(settings))
+    assert nightly.options.cluster == settings.cluster
+    assert _options(ServeSettings(cluster=ClusterSpec())) == {}
