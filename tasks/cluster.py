@@ -252,6 +252,12 @@ def job_cluster_kwargs(spec: ClusterSpec) -> dict[str, Any]:
         ),
         "scheduler_options": {"dashboard_address": ":0", **(cfg("scheduler-options") or {})},
     }
+    # Worker logs are what an operator reads when jobs misbehave: they log at the site's
+    # configured level, whatever quiets Dask on the command's own terminal.
+    kw["job_script_prologue"] = [
+        *(cfg("job-script-prologue") or []),
+        "unset DASK_LOGGING__DISTRIBUTED",
+    ]
     if cfg("name") in (None, "dask-worker"):
         kw["job_name"] = "segflow-worker"
     if spec.walltime:

@@ -96,6 +96,7 @@ def test_job_script_requests_what_the_spec_asks_and_keeps_site_settings(tmp_path
         "#SBATCH --gres=gpu:1",
         f"#SBATCH -e {tmp_path / 'logs'}/segflow-worker-%J.err",
         "module load cuda",
+        "unset DASK_LOGGING__DISTRIBUTED",
         "--nthreads 6",
     ):
         assert line in script, (line, script)
