@@ -1,6 +1,7 @@
 """Scaling: blocks per second with 1 and 2 Dask worker processes, and Prefect's overhead.
 
     python -m bench.scaling [--shape 64,512,512] [--chunks 4,256,256] [--workers 1,2]
+    python -m bench.scaling --slurm --shape 16,512,512 --chunks 2,256,256 --tile 1,348,348
 
 One uint16 volume in an OME-Zarr store and a small 2D U-Net (depth 2, 4 base channels,
 valid padding: the engine benchmark's). For each worker count k, a
@@ -15,6 +16,14 @@ Prefect: in a separate process, the same volume is segmented (tiny network, in-p
 cluster, warm) once by ``segment_image`` (Dask only) and once by the ``segment-volume`` flow
 (``flows.segment.segment_volume``: one Prefect task per region, stitch off). The overhead
 per region is (the flow's region-phase wall time - the Dask-only wall time) / regions.
+
+SLURM (``--slurm``, on its own): the same volume and model with Dask workers as SLURM batch
+jobs (dask-jobqueue, one core and one worker process per job), on the site's SLURM when
+``sinfo`` answers, else on the tests' single-node SLURM on 127.0.0.1
+(``tests/cluster/local_slurm.py``). Reported: the time from submitting the first worker job
+to the first finished block (``segment_image(cluster=ClusterSpec(kind="slurm"))`` from a
+cold start: sbatch, job start, worker start, model load, one block), and blocks per second
+with 1 and 2 worker jobs already running and warm (their ratio).
 """
 
 from __future__ import annotations
@@ -269,15 +278,112 @@ def regions_scaling(counts: list[int]) -> dict:
     }
 
 
+def _slurm_throughput(k: int, src: str, ckpt: str, out: str, params) -> dict:
+    """Blocks per second with ``k`` SLURM worker jobs, started and warmed before the clock."""
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    from tasks.cluster import ClusterSpec, job_cluster_kwargs, job_ids
+    from tasks.segment import plan_segmentation, segment_image
+
+    plan = plan_segmentation(src, ckpt, out, params)
+    spec = ClusterSpec(kind="slurm", workers=k, worker_memory="2GB")
+    with (
+        SLURMCluster(n_workers=k, **job_cluster_kwargs(spec)) as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(k, timeout=300)
+        client.run(_warm, plan)
+        t0 = time.perf_counter()
+        res = segment_image(src, ckpt, out, params, client=client, force=True, plan=plan)
+        wall = time.perf_counter() - t0
+        jobs = job_ids(cluster)
+    return {
+        "worker_jobs": k,
+        "job_ids": jobs,
+        "blocks": res.blocks_computed,
+        "wall_s": round(wall, 2),
+        "blocks_per_s": round(res.blocks_computed / wall, 3),
+        "voxels_per_s": round(res.voxels / wall, 1),
+    }
+
+
+def slurm_scaling(src: str, ckpt: str, params, workdir: str) -> dict:
+    """Submit-to-first-block time and 1 / 2 worker-job throughput on SLURM (see the module
+    docstring); starts the tests' single-node SLURM when no site SLURM answers."""
+    import contextlib
+    import os
+    import subprocess
+
+    import dask
+
+    from tasks.cluster import ClusterSpec
+    from tasks.segment import plan_segmentation, segment_image
+
+    sinfo = shutil.which("sinfo")
+    site = sinfo is not None and subprocess.run([sinfo], capture_output=True).returncode == 0
+    with contextlib.ExitStack() as stack:
+        if site:
+            where = "site SLURM (sinfo answered)"
+        else:
+            from tests.cluster.local_slurm import LocalSlurm
+
+            slurm = stack.enter_context(LocalSlurm.start())
+            os.environ["SLURM_CONF"] = str(slurm.conf)
+            stack.enter_context(
+                dask.config.set(
+                    {
+                        "jobqueue.slurm.scheduler-options": {"host": "127.0.0.1"},
+                        "jobqueue.slurm.log-directory": str(slurm.worker_logs),
+                    }
+                )
+            )
+            where = "single-node SLURM on 127.0.0.1 (tests/cluster/local_slurm.py)"
+        plan = plan_segmentation(src, ckpt, f"{workdir}/slurm-cold.zarr", params)
+        first: list[float] = []
+
+        def on_block(_res: dict, _todo: int) -> None:
+            if not first:
+                first.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        cold = segment_image(
+            src,
+            ckpt,
+            plan=plan,
+            force=True,
+            cluster=ClusterSpec(kind="slurm", workers=2, worker_memory="2GB"),
+            progress=on_block,
+        )
+        cold_wall = time.perf_counter() - t0
+        runs = [
+            _slurm_throughput(k, src, ckpt, f"{workdir}/slurm-{k}.zarr", params) for k in (1, 2)
+        ]
+    return {
+        "slurm": where,
+        "submit_to_first_block_s": round(first[0], 2),
+        "cold_run": {
+            "blocks": cold.blocks_computed,
+            "wall_s": round(cold_wall, 2),
+            "definition": "segment_image with ClusterSpec(kind='slurm', workers=2): sbatch, "
+            "adaptive scale-up, model load in each worker and all blocks",
+        },
+        "runs": runs,
+        "speedup_2_over_1_worker_jobs": round(runs[1]["blocks_per_s"] / runs[0]["blocks_per_s"], 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="64,512,512")
     parser.add_argument("--chunks", default="4,256,256")
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--tile", default=None, help="largest tile, e.g. 1,348,348")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument(
         "--regions", default="", help="Region counts for the orchestration cost, e.g. 20,200,2000"
     )
+    parser.add_argument("--slurm", action="store_true", help="only the SLURM part (see above)")
     parser.add_argument("--child-flow", nargs=2, metavar=("SRC", "WORK"), help=argparse.SUPPRESS)
     parser.add_argument("--child-regions", nargs=2, metavar=("N", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -310,7 +416,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     ckpt = str(WORK / "model.ckpt")
     save_checkpoint(ckpt, UNet(config))
-    params = SegmentParams(device="cpu")
+    tile = tuple(int(s) for s in args.tile.split(",")) if args.tile else None
+    params = SegmentParams(device="cpu", tile=tile)
+    if args.slurm:
+        result = slurm_scaling(src, ckpt, params, str(WORK))
+        _finish(args.keep, "scaling-slurm", shape, chunks, tile=list(tile or []), **result)
+        return
     runs = [
         run_workers(int(k), src, ckpt, str(WORK / f"out-{k}.zarr"), params)
         for k in args.workers.split(",")
@@ -325,22 +436,33 @@ def main(argv: list[str] | None = None) -> None:
             prefect.setdefault("prefect", {})[key] = prefect.pop(key)
     except RuntimeError as exc:
         prefect = {"prefect_overhead_per_region_s": None, "reason": str(exc)[-500:]}
-    if not args.keep:
+    _finish(
+        args.keep,
+        "scaling",
+        shape,
+        chunks,
+        model=config.model_dump(include={"ndim", "depth", "base_channels", "padding"}),
+        runs=runs,
+        speedup_2_over_1_workers=speedup,
+        **prefect,
+        notes=(
+            "wall time from the first block submitted to the last written (cluster "
+            "start and model loading excluded); compute = forward passes only; on a "
+            "2-core machine shared with other work the ideal 2-worker speed-up is 2"
+        ),
+    )
+
+
+def _finish(keep: bool, name: str, shape, chunks, **figures) -> None:
+    """Remove the work folder (unless kept) and print the result with the machine."""
+    if not keep:
         shutil.rmtree(WORK, ignore_errors=True)
     emit(
         {
-            "benchmark": "scaling",
+            "benchmark": name,
             "volume_shape": list(shape),
             "chunks": list(chunks),
-            "model": config.model_dump(include={"ndim", "depth", "base_channels", "padding"}),
-            "runs": runs,
-            "speedup_2_over_1_workers": speedup,
-            **prefect,
-            "notes": (
-                "wall time from the first block submitted to the last written (cluster "
-                "start and model loading excluded); compute = forward passes only; on a "
-                "2-core machine shared with other work the ideal 2-worker speed-up is 2"
-            ),
+            **figures,
             "machine": machine(),
             "load_average_after": load_average(),
         }

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.cluster import ClusterSpec
 from unet_core.errors import ConfigError
 
 NIGHTLY = "nightly"
@@ -46,6 +47,9 @@ class ServeSettings(BaseModel):
         le=24 * 3600,
         description="A run without a heartbeat for this long is marked Crashed (its serving "
         "process died); it must exceed heartbeat_s.",
+    )
+    cluster: ClusterSpec | None = Field(
+        None, description="Where the nightly run's Dask workers run (default: local)."
     )
 
 
@@ -82,6 +86,7 @@ def build_deployments(settings: ServeSettings) -> list[Any]:
                     "output": settings.output,
                     "model": settings.model,
                     "settle_s": settings.settle_s,
+                    **_options(settings),
                 },
                 paused=settings.paused,
                 tags=["segflow", "nightly"],
@@ -150,6 +155,12 @@ def register_crash_detection(settings: ServeSettings) -> None:
         for old in client.read_automations_by_name(CRASH_AUTOMATION):
             client.delete_automation(old.id)
     automation.create()
+
+
+def _options(settings: ServeSettings) -> dict[str, Any]:
+    if settings.cluster is None or settings.cluster == ClusterSpec():
+        return {}
+    return {"cluster": settings.cluster.model_dump(exclude_defaults=True)}
 
 
 def serve(settings: ServeSettings, limit: int | None = None) -> None:

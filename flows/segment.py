@@ -28,6 +28,7 @@ from pydantic import ConfigDict, Field
 
 from flows import add_run_tags, core_logs_to_prefect, flat_parameters, publish_markdown
 from tasks.blockwise import Regions, Runner, blocks_per_region
+from tasks.cluster import ClusterSpec
 from tasks.paths import is_tiff_source, store_beside, volume_name
 from tasks.regions import forget_regions, run_region
 from tasks.report import (
@@ -78,6 +79,10 @@ class SegmentOptions(SegmentParams):
     )
     dask_address: str | None = Field(
         None, description="Dask scheduler address (default: a local cluster for this run)."
+    )
+    cluster: ClusterSpec = Field(
+        default_factory=ClusterSpec,
+        description="Where the Dask workers run: local, slurm/pbs/sge/lsf jobs, or an address.",
     )
     max_regions: int = Field(
         2000, ge=1, le=100_000, description="At most this many region tasks per volume."
@@ -288,7 +293,9 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     name = volume_name(params.source)
     add_run_tags("segflow", name)
     complete = False
-    with dask_client(address=params.dask_address) as client:
+    with dask_client(
+        address=params.dask_address, cluster=params.cluster, device=params.device
+    ) as client:
         address = params.dask_address or client.scheduler.address
         image = params.source
         output = params.output

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import LeaseWait, app, clean_errors, parse_shape
+from segflow.cli import LeaseWait, app, clean_errors, cluster_options, parse_shape
 from segflow.progress import BlockProgress
+
+if TYPE_CHECKING:
+    from tasks.cluster import ClusterSpec
 
 
 def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -25,6 +28,7 @@ def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
 
 @app.command()
 @clean_errors
+@cluster_options
 def ingest(
     src: Annotated[
         str,
@@ -58,9 +62,6 @@ def ingest(
         str,
         typer.Option(help="Where units run: threads, sync, or a Dask scheduler address."),
     ] = "threads",
-    workers: Annotated[
-        int | None, typer.Option(min=1, help="Parallel tasks (default: two per core).")
-    ] = None,
     unit_mib: Annotated[
         float, typer.Option(help="Most MiB of the image one task holds at a time.")
     ] = 8.0,
@@ -73,6 +74,7 @@ def ingest(
             help="Accept a TIFF that declares far more pixels than its file holds.",
         ),
     ] = False,
+    cluster: ClusterSpec | None = None,
 ) -> None:
     """Stream SRC into a chunked, compressed OME-Zarr image (zarr v3, NGFF 0.5) at DST.
 
@@ -81,6 +83,7 @@ def ingest(
     """
     from tasks.ingest import ingest_volume
 
+    local = cluster is None or cluster.kind == "local"  # then --scheduler says how
     chunk_shape = parse_shape(chunks, "chunks")
     voxels = _parse_floats(voxel_size, "voxel size")
     with BlockProgress(quiet=quiet) as progress:
@@ -92,12 +95,12 @@ def ingest(
             compression=compression,
             levels=levels,
             overwrite=overwrite,
-            dask_client_or_scheduler=scheduler,
+            dask_client_or_scheduler=scheduler if local else cluster,
             progress=progress,
             lease_wait_s=lease_wait,
             voxel_size=voxels,
             unit_mib=unit_mib,
-            workers=workers,
+            workers=cluster.workers if cluster and local else None,
             allow_sparse=allow_sparse,
         )
     summary: dict[str, Any] = {

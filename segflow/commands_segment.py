@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import LeaseWait, app, clean_errors, parse_shape
+from segflow.cli import LeaseWait, app, clean_errors, cluster_options, parse_shape
 from segflow.commands_stitch import LINK_IOU_HELP, METHOD_HELP
 from segflow.progress import BlockProgress
+
+if TYPE_CHECKING:
+    from tasks.cluster import ClusterSpec
 
 
 @app.command()
 @clean_errors
+@cluster_options
 def segment(
     src: Annotated[str, typer.Argument(help="OME-Zarr image (path or s3:// URL), or a TIFF.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file.")],
@@ -51,9 +55,6 @@ def segment(
     probabilities_dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
     channel: Annotated[int | None, typer.Option(help="Use only this channel.")] = None,
     labels_name: Annotated[str, typer.Option(help="Name under labels/.")] = "semantic",
-    dask_address: Annotated[
-        str | None, typer.Option(help="Dask scheduler address (default: a local cluster).")
-    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished blocks.")] = False,
     instances: Annotated[
         bool, typer.Option("--instances", help="Then label objects across chunks (stitch).")
@@ -70,6 +71,7 @@ def segment(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     lease_wait: LeaseWait = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    cluster: ClusterSpec | None = None,
 ) -> None:
     """Segment SRC with MODEL; masks land in SRC's labels/ group (or in --out)."""
     from tasks.segment import SegmentParams, plan_segmentation, segment_image
@@ -102,7 +104,7 @@ def segment(
             str(model),
             out=out,
             params=params,
-            dask_address=dask_address,
+            cluster=cluster,
             force=force,
             progress=progress,
             lease_wait_s=lease_wait,
@@ -129,7 +131,7 @@ def segment(
             min_size,
             connectivity,
             None,
-            dask_address,
+            cluster,
             method=instance_method,
             link_iou=link_iou,
         )

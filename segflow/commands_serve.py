@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from segflow.cli import app, clean_errors
+from segflow.cli import app, clean_errors, cluster_options
+
+if TYPE_CHECKING:
+    from tasks.cluster import ClusterSpec
 
 
 @app.command()
 @clean_errors
+@cluster_options
 def serve(
     inbox: Annotated[
         str | None, typer.Option(envvar="SEGFLOW_INBOX", help="Nightly inbox (folder or s3://).")
@@ -35,11 +39,13 @@ def serve(
         float,
         typer.Option(help="Seconds without a heartbeat after which a run is marked Crashed."),
     ] = 120.0,
+    cluster: ClusterSpec | None = None,
 ) -> None:
     """Register segflow's deployments with the Prefect API (PREFECT_API_URL) and run them.
 
     The nightly deployment is created when --inbox, --output and --model are given (or
-    SEGFLOW_INBOX, SEGFLOW_OUTPUT, SEGFLOW_MODEL). Stop with Ctrl-C.
+    SEGFLOW_INBOX, SEGFLOW_OUTPUT, SEGFLOW_MODEL); the cluster options set its default
+    cluster (an on-demand run picks its own in the form). Stop with Ctrl-C.
     """
     from deployments.serve import ServeSettings
     from deployments.serve import serve as run_serve
@@ -52,6 +58,7 @@ def serve(
         timezone=timezone,
         settle_s=settle,
         crash_after_s=crash_after,
+        cluster=cluster,
     )
     if not (inbox and output and model):
         typer.echo("no --inbox/--output/--model: serving the on-demand deployments only", err=True)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors
+from segflow.cli import app, clean_errors, cluster_options
+
+if TYPE_CHECKING:
+    from tasks.cluster import ClusterSpec
 
 METHOD_HELP = (
     "components (3D connected components) or slices (2D objects linked across slices by "
@@ -24,7 +27,7 @@ def run_stitch(
     min_size: int | None,
     connectivity: int,
     foreground: int | None,
-    dask_address: str | None,
+    cluster: ClusterSpec | None,
     client: Any = None,
     method: str | None = None,
     link_iou: float | None = None,
@@ -40,7 +43,7 @@ def run_stitch(
         foreground=None if foreground is None else (foreground,),
         connectivity=connectivity,
         min_size=min_size,
-        dask_address=dask_address,
+        cluster=cluster,
         client=client,
         method=method,
         link_iou=link_iou,
@@ -58,6 +61,7 @@ def run_stitch(
 
 @app.command()
 @clean_errors
+@cluster_options
 def stitch(
     store: Annotated[str, typer.Argument(help="Store holding labels/<NAME> (path or s3://).")],
     labels: Annotated[str, typer.Option(help="Semantic label image to read.")] = "semantic",
@@ -72,7 +76,7 @@ def stitch(
     foreground: Annotated[
         int | None, typer.Option(help="Class id to split into objects (default: the model's).")
     ] = None,
-    dask_address: Annotated[str | None, typer.Option(help="Dask scheduler address.")] = None,
+    cluster: ClusterSpec | None = None,
     instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
     link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
 ) -> None:
@@ -85,7 +89,7 @@ def stitch(
         min_size,
         connectivity,
         foreground,
-        dask_address,
+        cluster,
         method=instance_method,
         link_iou=link_iou,
     )

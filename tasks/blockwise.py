@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from tasks.cluster import share
 from tasks.store import DONE_GROUP, is_transient, open_group
 from unet_core.errors import BlockError, ConfigError, SegflowError
 from unet_core.geometry import Box
@@ -397,9 +398,10 @@ class Runner:
         from distributed import as_completed
 
         client = self.client
-        # The step (plan included, no block list) travels once to every worker; for a
-        # handful of blocks (a small region) sending it with each is cheaper.
-        shared = client.scatter(step, broadcast=True, hash=False) if len(todo) > 4 else step
+        # The step (plan included, no block list) travels once, held as a task result that
+        # the scheduler can make again when a worker (a batch job) is lost; for a handful of
+        # blocks (a small region) sending it with each is cheaper.
+        shared = share(client, step, f"segflow-{step.name}-step") if len(todo) > 4 else step
         run = uuid.uuid4().hex[:8]
         futures = [
             client.submit(

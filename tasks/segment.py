@@ -32,7 +32,7 @@ import zarr
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.blockwise import Markers, ProgressFn, Runner, Step
-from tasks.cluster import dask_client
+from tasks.cluster import ClusterSpec, dask_client
 from tasks.ngff import (
     Multiscale,
     add_label,
@@ -791,6 +791,7 @@ def segment_image(
     block_shape: Sequence[int] | None = None,
     plan: SegmentPlan | None = None,
     lease_wait_s: float = 0.0,
+    cluster: ClusterSpec | None = None,
 ) -> SegmentResult:
     """Segment ``src`` (an OME-Zarr image) with the checkpoint at ``model_path``.
 
@@ -798,14 +799,15 @@ def segment_image(
     (default: into ``src``). Blocks already done under the same run key (image, model,
     effective parameters) are skipped unless ``force``. The run holds the output store's
     lease (waiting up to ``lease_wait_s`` for another run). Uses ``client``, else a client
-    of ``dask_address``, else an in-process LocalCluster. ``progress`` receives a
-    :class:`tasks.blockwise.Progress` per block.
+    of ``dask_address``, else the ``cluster`` (default: an in-process cluster; see
+    :mod:`tasks.cluster`). ``progress`` receives a :class:`tasks.blockwise.Progress` per
+    block.
     """
     t0 = time.perf_counter()
     plan = plan or plan_segmentation(src, model_path, out, params, block_shape)
     with Lease(plan.out_url, "segment", wait_s=lease_wait_s) as lease:
         prepare_outputs(plan, force=force)
-        with dask_client(client, dask_address) as c:
+        with dask_client(client, dask_address, cluster=cluster, device=plan.params.device) as c:
             runner = Runner(c, progress=progress)
             result = runner.run(plan.step())
             lease.check()

@@ -35,6 +35,7 @@ import zarr
 from scipy import ndimage, sparse
 
 from tasks.blockwise import ProgressFn, Runner, Step
+from tasks.cluster import ClusterSpec
 from tasks.ngff import Multiscale, add_label, compressors, is_image, label_ome, label_source
 from tasks.paths import beside_store
 from tasks.runstate import Lease, StrictArray, require_complete, set_complete, write_beside
@@ -392,6 +393,7 @@ def stitch(
     method: str | None = None,
     link_iou: float | None = None,
     link_params: Any = None,
+    cluster: ClusterSpec | None = None,
 ) -> StitchResult:
     """Instance labels ``labels/<out_name>/0`` and an object table from a semantic mask.
 
@@ -443,7 +445,7 @@ def stitch(
             compressors=compressors(level=1),
             overwrite=True,
         )
-        with dask_client(client, dask_address) as c:
+        with dask_client(client, dask_address, cluster=cluster) as c:
             runner = Runner(c, progress=progress)
             # Pass 1: local labels.
             results = runner.run(plan.step("label", label_chunk, plan, plan.grid)).results

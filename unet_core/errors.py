@@ -47,6 +47,10 @@ class ConfigError(SegflowError, ValueError):
     exit_code = ExitCode.USAGE
 
 
+class ClusterStartError(SegflowError, RuntimeError):
+    """No Dask worker could be obtained (batch jobs rejected or never started)."""
+
+
 class CheckpointError(SegflowError, ValueError):
     """A checkpoint that is corrupted, foreign, unsafe or incompatible."""
 

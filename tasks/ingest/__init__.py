@@ -37,6 +37,7 @@ compression) into an existing DST raises :class:`StoreConflictError` unless ``ov
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -46,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from tasks.blockwise import Markers, ProgressFn, Runner, Step
-from tasks.cluster import client_for
+from tasks.cluster import ClusterSpec, client_for, dask_client
 from tasks.ingest.levels import _build_levels, downsample, level_factors
 from tasks.ingest.plan import (
     DEFAULT_UNIT_MIB,
@@ -93,20 +94,28 @@ __all__ = [
 
 
 def ingest_runner(
-    scheduler: Any = None, workers: int | None = None, progress: ProgressFn | None = None
+    scheduler: Any = None,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+    stack: contextlib.ExitStack | None = None,
 ) -> Runner:
     """The blockwise runner for an ingest.
 
     ``scheduler``: None or "threads" (local threads, by default two per core: a unit waits
     on its reads and on zarr's compression threads, so one per core left a 2-core machine
     11% slower), "sync" (one unit at a time, for debugging), a scheduler address such as
-    "tcp://10.0.0.1:8786", or a ``distributed.Client``. Units get descriptors only; each
-    opens the files it reads itself.
+    "tcp://10.0.0.1:8786", a :class:`tasks.cluster.ClusterSpec` (e.g. SLURM worker jobs,
+    started on ``stack`` and closed with it), or a ``distributed.Client``. Units get
+    descriptors only; each opens the files it reads itself.
     """
     if scheduler is None or scheduler == "threads":
         return Runner(None, threads=workers, progress=progress)
     if scheduler in ("sync", "synchronous"):
         return Runner(None, threads=1, progress=progress)
+    if isinstance(scheduler, ClusterSpec):
+        if stack is None:
+            raise ConfigError("a cluster for the ingest needs a place to close it")
+        return Runner(stack.enter_context(dask_client(cluster=scheduler)), progress=progress)
     if isinstance(scheduler, str):
         if "://" not in scheduler:
             raise ConfigError(
@@ -165,12 +174,14 @@ def ingest_volume(
         _partials(plan.dst, f"{STEP}-digest", (grid.n_units, 1), "uint64", plan.key)
         if plan.exact_stats:
             _partials(plan.dst, f"{STEP}-hist", (grid.n_units, plan.bins), "int64", plan.key)
-        runner = ingest_runner(dask_client_or_scheduler, workers, progress)
+        stack = contextlib.ExitStack()
+        runner = ingest_runner(dask_client_or_scheduler, workers, progress, stack)
         try:
             runner.run(Step(STEP, plan.dst, grid.grid, plan.key, ingest_unit, plan, _unit_box))
             stats = _collect_stats(plan, runner)
             factors = _build_levels(plan, levels, runner, progress, unit_mib)
         finally:
+            stack.close()
             release_files()
         lease.check()
         _finalize(plan, levels, factors, stats)
