@@ -26,6 +26,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 import click
 import typer
+import typer.exceptions
 
 from unet_core.errors import ExitCode, SegflowError
 from unet_core.runtime import configure
@@ -143,7 +144,15 @@ def clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             with _quiet_libraries():
                 return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (
+            click.exceptions.Exit,
+            click.exceptions.Abort,
+            click.ClickException,
+            typer.Exit,
+            typer.Abort,
+            typer.BadParameter,
+            typer.exceptions.TyperException,
+        ):
             raise  # typer's own exits and usage errors (status 2)
         except KeyboardInterrupt:
             typer.echo("segflow: interrupted", err=True)

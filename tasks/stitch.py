@@ -538,6 +538,7 @@ def _reuse(plan: StitchPlan, write_table: bool) -> StitchResult | None:
         seconds=0.0,
         table=table,
         reused=True,
+        method=str(meta.get("method", "components")),
     )
 
 

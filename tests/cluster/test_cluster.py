@@ -154,5 +154,6 @@ def test_flows_take_the_cluster_as_a_parameter_and_serve_sets_the_nightly_defaul
 
     settings = ServeSettings(cluster=ClusterSpec(kind="slurm", workers=8, queue="gpu"))
     nightly = NightlyParams(inbox="in", output="out", model="m.ckpt", **_options(settings))
-    assert nightly.options.cluster == settings.cluster
+    assert nightly.cluster == settings.cluster
+    assert nightly.options()["cluster"] == settings.cluster.model_dump()
     assert _options(ServeSettings(cluster=ClusterSpec())) == {}

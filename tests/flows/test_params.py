@@ -11,7 +11,7 @@ from segflow.cli import _register, app
 from tasks.segment import SegmentParams
 
 #: Engine fields whose CLI option has another name (a flag that says the opposite).
-CLI_NAMES = {"exact": "fast"}
+CLI_NAMES = {"mode": "fast"}  # --fast / --reference (default: invariant)
 
 
 def _cli_options(command: str) -> set[str]:

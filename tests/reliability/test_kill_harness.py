@@ -48,7 +48,7 @@ SEED = 13
 SHAPE = (8, 64, 64)  # zyx; chunks 2x16x16 -> 64 blocks at level 0, 8 at level 1
 CHUNKS = "2,16,16"
 DELAY_S = "0.1"
-SEGMENT_ARGS = "--tile 1,64,64 --device cpu -q"
+SEGMENT_ARGS = "--tile 1,64,64 --device cpu --fast -q"
 
 
 def commands(tif: Path, store: Path, model: str, exported: Path) -> dict[str, list[object]]:

@@ -172,12 +172,7 @@ def test_cli_instance_method_and_link_iou(tmp_path):
 def test_a_single_image_cannot_be_linked_across_slices(tmp_path, dask_client):
     mask = np.zeros((20, 20), np.uint8)
     mask[5:9, 5:9] = 1
-    url = str(tmp_path / "flat.ome.zarr")
-    write_image(url, mask, "yx", chunks=(10, 10))
-    root = zarr.open_group(url, mode="r+")
-    root.create_group("labels").create_group("semantic").create_array(
-        "0", shape=mask.shape, chunks=(10, 10), dtype="uint8"
-    )[...] = mask
+    url = semantic_store(tmp_path / "flat.ome.zarr", mask, (10, 10))
     with pytest.raises(ConfigError, match="single 2D image"):
         stitch(url, method="slices", client=dask_client)
     assert stitch(url, client=dask_client, write_table=False).method == "components"

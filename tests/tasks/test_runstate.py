@@ -64,7 +64,9 @@ def labels(store, name="semantic"):
 
 
 def params(**kw):
-    return SegmentParams(**{"device": "cpu", "chunks": (4, 32, 32), "tile": (1, 64, 64), **kw})
+    # fast mode: blocks are the chunks asked for (the invariant mode may widen them)
+    base = {"device": "cpu", "chunks": (4, 32, 32), "tile": (1, 64, 64), "mode": "fast"}
+    return SegmentParams(**{**base, **kw})
 
 
 @pytest.fixture
@@ -82,7 +84,7 @@ def test_a_second_run_on_the_same_outputs_refuses_naming_the_holder(tmp_path, vo
     src, _ = volume
     a, b = make_model(tmp_path / "a.ckpt", 1), make_model(tmp_path / "b.ckpt", 2)
     out = tmp_path / "out.zarr"
-    args = ["--chunks", "8,64,32", "--tile", "1,64,64", "--device", "cpu", "-q"]
+    args = ["--chunks", "8,64,32", "--tile", "1,64,64", "--device", "cpu", "--fast", "-q"]
     first = subprocess.Popen(
         [sys.executable, "-m", "segflow", "segment", src, "-m", a, "--out", out, *args],
         cwd=ROOT,
@@ -118,7 +120,7 @@ def test_the_lease_of_a_killed_run_is_taken_over_and_the_work_resumes(tmp_path, 
     src, _ = volume
     model = make_model(tmp_path / "m.ckpt", 3)
     out = tmp_path / "out.zarr"
-    args = ["--chunks", "4,32,32", "--tile", "1,64,64", "--device", "cpu", "-q"]
+    args = ["--chunks", "4,32,32", "--tile", "1,64,64", "--device", "cpu", "--fast", "-q"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "segflow", "segment", src, "-m", model, "--out", out, *args],
         cwd=ROOT,
@@ -213,11 +215,13 @@ def test_equivalent_parameters_share_a_key(tmp_path, volume):
     src, _ = volume
     model = make_model(tmp_path / "m.ckpt", 6)
     out = str(tmp_path / "o.zarr")
-    implicit = SegmentParams(device="cpu", tile=(1, 64, 64))
-    explicit = SegmentParams(device="cpu", tile=(1, 64, 64), chunks=(4, 32, 32), channel=0)
+    implicit = SegmentParams(device="cpu", tile=(1, 64, 64), mode="fast")
+    explicit = SegmentParams(
+        device="cpu", tile=(1, 64, 64), chunks=(4, 32, 32), channel=0, mode="fast"
+    )
     assert segment_image(src, model, out, implicit).blocks_computed > 0
     assert segment_image(src, model, out, explicit).blocks_computed == 0
-    other = SegmentParams(device="cpu", tile=(1, 64, 64), chunks=(4, 16, 16))
+    other = SegmentParams(device="cpu", tile=(1, 64, 64), chunks=(4, 16, 16), mode="fast")
     assert segment_image(src, model, out, other).blocks_computed > 0
 
 
