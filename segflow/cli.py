@@ -10,6 +10,11 @@ is printed as one sentence on stderr and the command exits with the status of it
 purpose carry their own, storage exceptions are translated by
 :func:`tasks.store.translate_storage_error`, anything else is "unexpected" (status 1).
 ``--debug`` (or ``SEGFLOW_DEBUG=1``) also prints the traceback.
+
+Every command follows one set of conventions (:func:`output_options`): ``-h/--help`` with
+examples (:data:`EXAMPLES`), ``-q/--quiet`` (nothing but errors), ``--json`` (the summary
+as one JSON object on stdout; human text otherwise, :func:`emit`), ``-v/--log-level`` (log
+messages of segflow, Dask and Prefect; Dask and Prefect say only warnings by default).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import logging
 import os
+import sys
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -41,13 +48,22 @@ app = typer.Typer(
     name="segflow",
     help="Exact overlap-tile U-Net segmentation of very large microscopy volumes.",
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 P = ParamSpec("P")
 R = TypeVar("R")
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "quiet": False, "json": False}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from segflow import __version__
+
+        typer.echo(f"segflow {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -55,6 +71,12 @@ def _global_options(
     debug: Annotated[
         bool,
         typer.Option("--debug", help=f"Print the traceback of an error (or set {DEBUG_ENV}=1)."),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
     ] = False,
 ) -> None:
     """Exact overlap-tile U-Net segmentation of very large microscopy volumes."""
@@ -247,19 +269,34 @@ def cluster_options(fn: Callable[..., R]) -> Callable[..., R]:
     is one sentence naming the option (with :func:`clean_errors` outside)."""
     options = _cluster_parameters()
     names = [p.name for p in options]
-    own = [
-        p.replace(annotation=_evaluate(p.annotation, fn))
-        for p in inspect.signature(fn).parameters.values()
-        if p.name != "cluster"
-    ]
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> R:
+    def call(fn: Callable[..., R], args: Any, kwargs: dict[str, Any]) -> R:
         from tasks.cluster import cluster_spec
 
         values = {name: kwargs.pop(name) for name in names if name in kwargs}
         values["kind"] = values.pop("cluster_kind", "local")
         return fn(*args, cluster=cluster_spec(**values), **kwargs)
+
+    return _with_options(fn, options, call, replaces="cluster")
+
+
+def _with_options(
+    fn: Callable[..., R],
+    options: list[inspect.Parameter],
+    call: Callable[[Callable[..., R], Any, dict[str, Any]], R],
+    replaces: str | None = None,
+) -> Callable[..., R]:
+    """``fn`` with ``options`` added to the signature typer reads (in place of its
+    parameter ``replaces``); ``call(fn, args, kwargs)`` takes them out and calls ``fn``."""
+    own = [
+        p.replace(annotation=_evaluate(p.annotation, fn))
+        for p in inspect.signature(fn).parameters.values()
+        if p.name != replaces
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        return call(fn, args, kwargs)
 
     params = [*own, *options]
     wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -267,11 +304,238 @@ def cluster_options(fn: Callable[..., R]) -> Callable[..., R]:
     return wrapper
 
 
+# ------------------------------------------------------------------ output conventions
+
+OUTPUT_PANEL = "Output and logging"
+#: Loggers of segflow itself: warnings by default, ``-v`` info, ``-vv`` debug.
+OWN_LOGGERS = ("segflow", "tasks", "unet_core", "flows", "deployments")
+#: Dask's logs. By default only what is critical: a failed block is reported once, as
+#: the error sentence, not also as a worker's "Compute Failed" traceback.
+DASK_LOGGERS = ("distributed",)
+#: Other libraries' logs: warnings by default.
+LIBRARY_LOGGERS = ("prefect", "tornado", "bokeh", "httpx", "httpcore", "asyncio", "fsspec")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _output_parameters(summary: bool) -> list[inspect.Parameter]:
+    def option(name: str, kind: Any, default: Any, *decls: str, **kw: Any) -> inspect.Parameter:
+        info = typer.Option(*decls, rich_help_panel=OUTPUT_PANEL, **kw)
+        return inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info]
+        )
+
+    params = [
+        option(
+            "quiet",
+            bool,
+            False,
+            "--quiet",
+            "-q",
+            help="Print nothing but errors: no progress, no log messages, no summary "
+            "(unless --json).",
+        ),
+        option(
+            "verbose",
+            int,
+            0,
+            "--verbose",
+            "-v",
+            count=True,
+            help="More log messages: -v segflow's steps and Dask/Prefect warnings, -vv debug.",
+        ),
+        option(
+            "log_level",
+            str | None,
+            None,
+            "--log-level",
+            help="Level of every log message (segflow, Dask, Prefect): "
+            + ", ".join(LOG_LEVELS)
+            + ".",
+        ),
+    ]
+    if summary:
+        params.insert(
+            1,
+            option(
+                "as_json",
+                bool,
+                False,
+                "--json",
+                help="Print the summary as one JSON object on stdout (default: lines of text).",
+            ),
+        )
+    return params
+
+
+def output_options(fn: Callable[..., R] | None = None, *, summary: bool = True) -> Any:
+    """Give a command the shared output options: ``-q/--quiet``, ``--json`` (when it has a
+    summary: ``summary=False`` leaves it out), ``-v/--verbose`` and ``--log-level``. The
+    command reads them through :func:`is_quiet`, :func:`emit` and :func:`warn`; log levels
+    are set for the command's run and restored after."""
+
+    def decorate(fn: Callable[..., R]) -> Callable[..., R]:
+        def call(fn: Callable[..., R], args: Any, kwargs: dict[str, Any]) -> R:
+            quiet = bool(kwargs.pop("quiet", False))
+            as_json = bool(kwargs.pop("as_json", False))
+            verbose = int(kwargs.pop("verbose", 0) or 0)
+            level = kwargs.pop("log_level", None)
+            if level is not None and level.lower() not in LOG_LEVELS:
+                raise typer.BadParameter(
+                    f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+                )
+            saved = dict(_state)
+            _state.update(quiet=quiet, json=as_json)
+            try:
+                with _log_levels(quiet, verbose, level):
+                    return fn(*args, **kwargs)
+            finally:
+                _state.clear()
+                _state.update(saved)
+
+        return _with_options(fn, _output_parameters(summary), call)
+
+    return decorate if fn is None else decorate(fn)
+
+
+def is_quiet() -> bool:
+    """Whether the running command was asked for ``-q`` (no progress, no text)."""
+    return bool(_state.get("quiet"))
+
+
+def emit(summary: Mapping[str, Any], text: str | None = None) -> None:
+    """A command's result: ``summary`` as one JSON object on stdout with ``--json``;
+    otherwise ``text`` (default: the summary as ``key: value`` lines), unless ``-q``."""
+    if _state.get("json"):
+        typer.echo(json.dumps(summary, default=str))
+    elif not _state.get("quiet"):
+        typer.echo(text if text is not None else "\n".join(_lines(summary)))
+
+
+def warn(message: str) -> None:
+    """``segflow: warning: MESSAGE`` on stderr, unless ``-q``."""
+    if not _state.get("quiet"):
+        typer.echo(f"segflow: warning: {message}", err=True)
+
+
+def _lines(value: Mapping[str, Any], indent: str = "") -> list[str]:
+    out: list[str] = []
+    for key, item in value.items():
+        if isinstance(item, Mapping):
+            out.append(f"{indent}{key}:")
+            out += _lines(item, indent + "  ")
+        elif isinstance(item, list | tuple) and item and isinstance(item[0], Mapping):
+            out.append(f"{indent}{key}: {len(item)} entries (--json shows them)")
+        elif isinstance(item, float):
+            out.append(f"{indent}{key}: {item:.6g}")
+        elif isinstance(item, list | tuple):
+            out.append(f"{indent}{key}: {', '.join(map(str, item))}")
+        else:
+            out.append(f"{indent}{key}: {'-' if item is None else item}")
+    return out
+
+
+class _LogFormat(logging.Formatter):
+    """``segflow: warning: message``; other levels, and other libraries, name the logger."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        own = record.name.split(".")[0] in OWN_LOGGERS and record.levelno >= logging.WARNING
+        where = "" if own else f"{record.name}: "
+        return f"segflow: {record.levelname.lower()}: {where}{text}"
+
+
+@contextlib.contextmanager
+def _log_levels(quiet: bool, verbose: int, level: str | None) -> Iterator[None]:
+    """Log levels for one command: segflow's own loggers, Dask's and other libraries'
+    (the environment carries Dask's and Prefect's to worker processes and to Prefect)."""
+    named = {name.upper(): getattr(logging, name.upper()) for name in LOG_LEVELS}
+    if level is not None:
+        own = dask = lib = named[level.upper()]
+    elif quiet:
+        own, dask, lib = logging.ERROR, logging.CRITICAL, logging.ERROR
+    elif verbose >= 2:
+        own, dask, lib = logging.DEBUG, logging.INFO, logging.INFO
+    elif verbose == 1 or debug_enabled():
+        own, dask, lib = logging.INFO, logging.WARNING, logging.WARNING
+    else:
+        own, dask, lib = logging.WARNING, logging.CRITICAL, logging.WARNING
+    explicit = level is not None or quiet or verbose > 0
+    env = {"DASK_LOGGING__DISTRIBUTED": dask, "PREFECT_LOGGING_LEVEL": lib}
+    saved_env = {k: os.environ.get(k) for k in env}
+    for key, value in env.items():
+        if explicit or saved_env[key] is None:
+            os.environ[key] = logging.getLevelName(value).lower()
+    root = logging.getLogger()
+    loggers = dict.fromkeys(OWN_LOGGERS, own)
+    loggers.update(dict.fromkeys(DASK_LOGGERS, dask))
+    loggers.update(dict.fromkeys(LIBRARY_LOGGERS, lib))
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    saved_root = root.level
+    for name, value in loggers.items():
+        logging.getLogger(name).setLevel(value)
+    root.setLevel(lib)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormat("%(message)s"))
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_root)
+        for name, value in saved.items():
+            logging.getLogger(name).setLevel(value)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _evaluate(annotation: Any, fn: Callable[..., Any]) -> Any:
     """A string annotation (``from __future__ import annotations``) as its object."""
     if isinstance(annotation, str):
         return eval(annotation, fn.__globals__)  # what inspect.signature(eval_str=True) does
     return annotation
+
+
+#: Examples shown under each command's ``--help`` (command path -> command lines).
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "ingest": (
+        "segflow ingest stack.tif image.ome.zarr",
+        "segflow ingest 'slices/*.tif' image.ome.zarr --axes zyx --chunks 32,256,256",
+    ),
+    "segment": (
+        "segflow segment image.ome.zarr --model model.ckpt",
+        "segflow segment stack.tif -m model.ckpt --instances --json",
+    ),
+    "stitch": (
+        "segflow stitch image.ome.zarr",
+        "segflow stitch image.ome.zarr --labels semantic --connectivity 3 --min-size 50",
+    ),
+    "export": ("segflow export image.ome.zarr --labels instances --to instances.ome.tif",),
+    "train": (
+        "segflow train --image img.tif --labels labels.tif --out model.ckpt",
+        "segflow train --image img.tif --labels labels.tif --out model.ckpt --steps 100 --json",
+    ),
+    "evaluate": ("segflow evaluate pred.tif truth.tif --instances",),
+    "geometry": ("segflow geometry 572,572", "segflow geometry 64,128,128 --depth 3"),
+    "model create": ("segflow model create tiny.ckpt --ndim 2 --base-channels 4 --depth 2",),
+    "model info": ("segflow model info model.ckpt --json",),
+    "serve": (
+        "segflow serve",
+        "segflow serve --inbox /data/inbox --output /data/out --model model.ckpt",
+    ),
+}
+
+
+def examples_epilog(lines: tuple[str, ...]) -> str:
+    """An ``Examples:`` epilog as typer prints it (paragraphs are lines; no markup)."""
+    from rich.markup import escape
+
+    return "\n\n".join(["Examples:", *(f"  $ {escape(line)}" for line in lines)])
 
 
 def _register() -> None:
@@ -289,6 +553,18 @@ def _register() -> None:
         except ModuleNotFoundError as exc:  # a command group not built yet
             if exc.name != f"segflow.{name}":
                 raise
+    _add_examples(app, "")
+
+
+def _add_examples(group: typer.Typer, prefix: str) -> None:
+    for command in group.registered_commands:
+        name = command.name or (command.callback.__name__ if command.callback else "")
+        lines = EXAMPLES.get(f"{prefix}{name}")
+        if lines and command.epilog is None:
+            command.epilog = examples_epilog(lines)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None and sub.name:
+            _add_examples(sub.typer_instance, f"{prefix}{sub.name} ")
 
 
 def main() -> None:

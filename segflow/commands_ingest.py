@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import LeaseWait, app, clean_errors, cluster_options, parse_shape
+from segflow.cli import (
+    LeaseWait,
+    app,
+    clean_errors,
+    cluster_options,
+    emit,
+    output_options,
+    parse_shape,
+    warn,
+)
 from segflow.progress import BlockProgress
 
 if TYPE_CHECKING:
@@ -28,6 +36,7 @@ def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
 
 @app.command()
 @clean_errors
+@output_options
 @cluster_options
 def ingest(
     src: Annotated[
@@ -66,7 +75,6 @@ def ingest(
         float, typer.Option(help="Most MiB of the image one task holds at a time.")
     ] = 8.0,
     lease_wait: LeaseWait = 0.0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     allow_sparse: Annotated[
         bool,
         typer.Option(
@@ -86,7 +94,7 @@ def ingest(
     local = cluster is None or cluster.kind == "local"  # then --scheduler says how
     chunk_shape = parse_shape(chunks, "chunks")
     voxels = _parse_floats(voxel_size, "voxel size")
-    with BlockProgress(quiet=quiet) as progress:
+    with BlockProgress() as progress:
         info = ingest_volume(
             src,
             dst,
@@ -123,9 +131,10 @@ def ingest(
             "nonfinite": info.stats.nonfinite,
         }
         if info.stats.nonfinite:
-            typer.echo(
-                f"segflow: warning: {src}: {info.stats.nonfinite} voxels are NaN or ±Inf "
-                "(left out of the statistics; segmented as normalised intensity 0)",
-                err=True,
+            warn(
+                f"{src}: {info.stats.nonfinite} voxels are NaN or ±Inf "
+                "(left out of the statistics; segmented as normalised intensity 0)"
             )
-    typer.echo(json.dumps(summary))
+    shape = "×".join(map(str, info.shape))
+    chunked = "×".join(map(str, info.chunks))
+    emit(summary, f"image: {info.url} ({info.axes} {shape} {info.dtype}, chunks {chunked})")

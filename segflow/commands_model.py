@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
-from segflow.cli import app, clean_errors, parse_shape
+from segflow.cli import app, clean_errors, emit, output_options, parse_shape
 
-model_app = typer.Typer(help="Create and inspect model checkpoints.", no_args_is_help=True)
+model_app = typer.Typer(
+    help="Create and inspect model checkpoints.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 app.add_typer(model_app, name="model")
 
 
 @app.command()
 @clean_errors
+@output_options
 def geometry(
     tile: Annotated[str, typer.Argument(help="Desired input tile shape, e.g. 572,572.")],
     depth: Annotated[int, typer.Option(help="Poolings.")] = 4,
@@ -30,21 +34,20 @@ def geometry(
     pad: Literal["valid", "same"] = "valid" if padding == "valid" else "same"
     config = UNetConfig(ndim=2 if len(shape) == 2 else 3, depth=depth, padding=pad)
     valid = config.valid_input_shape(shape)
-    typer.echo(
-        json.dumps(
-            {
-                "requested": list(shape),
-                "input": list(valid),
-                "output": list(config.output_shape(valid)),
-                "context": config.context,
-                "grid": config.grid,
-            }
-        )
+    emit(
+        {
+            "requested": list(shape),
+            "input": list(valid),
+            "output": list(config.output_shape(valid)),
+            "context": config.context,
+            "grid": config.grid,
+        }
     )
 
 
 @model_app.command("create")
 @clean_errors
+@output_options
 def create(
     out: Annotated[Path, typer.Argument(help="Checkpoint file to write.")],
     ndim: Annotated[int, typer.Option(help="2 or 3.")] = 2,
@@ -74,23 +77,21 @@ def create(
     )
     torch.manual_seed(seed)
     digest = save_checkpoint(out, UNet(config), CheckpointMeta())
-    typer.echo(f"wrote {out} (digest {digest[:12]})")
+    emit({"checkpoint": str(out), "digest": digest}, f"wrote {out} (digest {digest[:12]})")
 
 
 @model_app.command("info")
 @clean_errors
+@output_options
 def info(ckpt: Annotated[Path, typer.Argument(help="Checkpoint file.")]) -> None:
-    """Print a checkpoint's config and metadata as JSON (verifies its digest)."""
+    """Print a checkpoint's config and metadata (verifies its digest)."""
     from unet_core import read_checkpoint_header
 
     config, meta = read_checkpoint_header(ckpt)
-    typer.echo(
-        json.dumps(
-            {
-                "config": config.model_dump(),
-                "context": config.context,
-                "meta": meta.model_dump(mode="json"),
-            },
-            indent=2,
-        )
+    emit(
+        {
+            "config": config.model_dump(),
+            "context": config.context,
+            "meta": meta.model_dump(mode="json"),
+        }
     )

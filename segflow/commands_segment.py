@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import LeaseWait, app, clean_errors, cluster_options, parse_shape
-from segflow.commands_stitch import LINK_IOU_HELP, METHOD_HELP
+from segflow.cli import (
+    LeaseWait,
+    app,
+    clean_errors,
+    cluster_options,
+    emit,
+    output_options,
+    parse_shape,
+)
+from segflow.commands_stitch import LINK_IOU_HELP, METHOD_HELP, stitch_text
 from segflow.progress import BlockProgress
 
 if TYPE_CHECKING:
@@ -19,6 +25,7 @@ if TYPE_CHECKING:
 
 @app.command()
 @clean_errors
+@output_options
 @cluster_options
 def segment(
     src: Annotated[str, typer.Argument(help="OME-Zarr image (path or s3:// URL), or a TIFF.")],
@@ -68,9 +75,7 @@ def segment(
     ] = 1,
     instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
     link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     lease_wait: LeaseWait = 0.0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     cluster: ClusterSpec | None = None,
 ) -> None:
     """Segment SRC with MODEL; masks land in SRC's labels/ group (or in --out)."""
@@ -79,9 +84,6 @@ def segment(
     if fast and reference:
         raise typer.BadParameter("--fast and --reference exclude each other; pick one")
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("distributed", "tornado", "bokeh"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     params = SegmentParams.model_validate(
         {
             "chunks": parse_shape(chunks, "chunks"),
@@ -98,19 +100,49 @@ def segment(
     )
     image = _ensure_zarr(src, out)
     plan = plan_segmentation(image, str(model), out, params)
-    with BlockProgress(quiet=quiet or as_json) as progress:
+    from tasks.cluster import dask_client
+
+    # One cluster for the command: the segmentation and, with --instances, the stitch.
+    with BlockProgress() as progress, dask_client(cluster=cluster, device=plan.params.device) as c:
         result = segment_image(
             image,
             str(model),
             out=out,
             params=params,
-            cluster=cluster,
+            client=c,
             force=force,
             progress=progress,
             lease_wait_s=lease_wait,
             plan=plan,
         )
-    summary: dict[str, Any] = {
+        stitched = None
+        if instances:
+            from segflow.commands_stitch import run_stitch
+
+            stitched = run_stitch(
+                result.out_url,
+                labels_name,
+                "instances",
+                min_size,
+                connectivity,
+                None,
+                cluster,
+                client=c,
+                method=instance_method,
+                link_iou=link_iou,
+                progress=progress,
+            )
+    summary = segment_summary(result)
+    if stitched is not None:
+        summary["stitch"] = stitched
+    emit(summary, segment_text(result, stitched))
+
+
+def segment_summary(result: Any) -> dict[str, Any]:
+    """The JSON summary of a segmentation (a :class:`tasks.segment.SegmentResult`): rates
+    and class counts only for work this run did (``null`` when it reused every block)."""
+    computed = result.blocks_computed > 0
+    return {
         "out": result.out_url,
         "labels": result.labels_path + "/0",
         "probabilities": result.probabilities_path,
@@ -118,38 +150,25 @@ def segment(
         "blocks_computed": result.blocks_computed,
         "blocks_skipped": result.blocks_skipped,
         "seconds": round(result.seconds, 3),
-        "voxels_per_second": round(result.voxels_per_second, 1),
-        "class_voxels": result.class_voxels,
+        "voxels_per_second": round(result.voxels_per_second, 1) if computed else None,
+        "class_voxels": result.class_voxels or None,
     }
-    if instances:
-        from segflow.commands_stitch import run_stitch
 
-        summary["stitch"] = run_stitch(
-            result.out_url,
-            labels_name,
-            "instances",
-            min_size,
-            connectivity,
-            None,
-            cluster,
-            method=instance_method,
-            link_iou=link_iou,
-        )
-    if as_json:
-        typer.echo(json.dumps(summary))
+
+def segment_text(result: Any, stitched: dict[str, Any] | None) -> str:
+    """The human summary of a segmentation: where the labels are, what was done."""
+    if result.blocks_computed == 0:
+        what = f"all {result.blocks_total} blocks reused from an earlier run; --force recomputes"
     else:
-        typer.echo(
-            f"labels: {result.out_url}/{result.labels_path}/0 "
-            f"({result.blocks_computed} blocks computed, {result.blocks_skipped} already done, "
-            f"{result.voxels_per_second / 1e6:.2f} Mvox/s)"
+        what = (
+            f"{result.blocks_computed} blocks computed"
+            + (f", {result.blocks_skipped} reused" if result.blocks_skipped else "")
+            + f", {result.voxels_per_second / 1e6:.2f} Mvox/s in {result.compute_seconds:.1f} s"
         )
-        if instances:
-            st = summary["stitch"]
-            typer.echo(
-                f"instances: {st['instances']} ({st['objects']} objects, {st['dtype']}, "
-                f"{st['method']})"
-            )
-            typer.echo(f"objects table: {st['table_csv']}")
+    lines = [f"labels: {result.out_url}/{result.labels_path}/0 ({what})"]
+    if stitched is not None:
+        lines.append(stitch_text(stitched))
+    return "\n".join(lines)
 
 
 def _ensure_zarr(src: str, out: str | None) -> str:
@@ -160,5 +179,6 @@ def _ensure_zarr(src: str, out: str | None) -> str:
     if not is_tiff_name(src):
         return src
     # A store made earlier from this TIFF is ingested again if the file changed since.
-    info = ingest_volume(src, out or store_beside(src), refresh=True)
+    with BlockProgress() as progress:
+        info = ingest_volume(src, out or store_beside(src), refresh=True, progress=progress)
     return str(info.url)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from segflow.cli import app, clean_errors, cluster_options
+from segflow.cli import app, clean_errors, cluster_options, output_options, warn
 
 if TYPE_CHECKING:
     from tasks.cluster import ClusterSpec
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 @app.command()
 @clean_errors
+@output_options(summary=False)
 @cluster_options
 def serve(
     inbox: Annotated[
@@ -61,5 +62,5 @@ def serve(
         cluster=cluster,
     )
     if not (inbox and output and model):
-        typer.echo("no --inbox/--output/--model: serving the on-demand deployments only", err=True)
+        warn("no --inbox/--output/--model: serving the on-demand deployments only")
     run_serve(settings, limit=limit)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors, cluster_options
+from segflow.cli import app, clean_errors, cluster_options, emit, output_options
+from segflow.progress import BlockProgress
 
 if TYPE_CHECKING:
     from tasks.cluster import ClusterSpec
@@ -31,11 +30,10 @@ def run_stitch(
     client: Any = None,
     method: str | None = None,
     link_iou: float | None = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     from tasks.stitch import stitch
 
-    for noisy in ("distributed", "tornado"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     result = stitch(
         store,
         labels=labels,
@@ -47,6 +45,7 @@ def run_stitch(
         client=client,
         method=method,
         link_iou=link_iou,
+        progress=progress,
     )
     return {
         "instances": f"{result.store}/{result.labels_path}",
@@ -56,11 +55,22 @@ def run_stitch(
         "table_csv": result.table_csv,
         "table_parquet": result.table_parquet,
         "seconds": round(result.seconds, 3),
+        "reused": result.reused,
     }
+
+
+def stitch_text(summary: dict[str, Any]) -> str:
+    """The human summary of a stitch."""
+    how = "reused from an earlier run" if summary["reused"] else f"{summary['seconds']:.1f} s"
+    return (
+        f"instances: {summary['instances']} ({summary['objects']} objects, {summary['dtype']}, "
+        f"{summary['method']}, {how})\nobjects table: {summary['table_csv']}"
+    )
 
 
 @app.command()
 @clean_errors
+@output_options
 @cluster_options
 def stitch(
     store: Annotated[str, typer.Argument(help="Store holding labels/<NAME> (path or s3://).")],
@@ -82,22 +92,25 @@ def stitch(
 ) -> None:
     """Objects of a semantic mask with global ids across chunks: connected components, or
     for a stack segmented slice by slice, slice objects linked by overlap."""
-    summary = run_stitch(
-        store,
-        labels,
-        name,
-        min_size,
-        connectivity,
-        foreground,
-        cluster,
-        method=instance_method,
-        link_iou=link_iou,
-    )
-    typer.echo(json.dumps(summary))
+    with BlockProgress() as progress:
+        summary = run_stitch(
+            store,
+            labels,
+            name,
+            min_size,
+            connectivity,
+            foreground,
+            cluster,
+            method=instance_method,
+            link_iou=link_iou,
+            progress=progress,
+        )
+    emit(summary, stitch_text(summary))
 
 
 @app.command()
 @clean_errors
+@output_options
 def export(
     store: Annotated[str, typer.Argument(help="OME-Zarr store.")],
     to: Annotated[str, typer.Option("--to", help="Output .tif (BigTIFF, OME metadata).")],
@@ -116,4 +129,4 @@ def export(
         labels=None if image else labels,
         compression=None if compression == "none" else compression,
     )
-    typer.echo(f"wrote {out}")
+    emit({"tiff": str(out)}, f"wrote {out}")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors, parse_shape
+from segflow.cli import app, clean_errors, emit, output_options, parse_shape
 
 if TYPE_CHECKING:
     from unet_core.training.config import TrainConfig
@@ -38,6 +37,7 @@ def _config(
 
 @app.command()
 @clean_errors
+@output_options
 def train(
     image: Annotated[
         list[str],
@@ -92,12 +92,11 @@ def train(
         typer.Option(help="Continue the run of this checkpoint (or fine-tune from it)."),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch.")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train a U-Net on image/label pairs and write the best checkpoint (by validation Dice).
 
-    Prints a JSON summary; the loss curve, history and validation prediction are written
-    beside the checkpoint. Interrupted runs continue with --resume OUT.
+    Shows a line per epoch (loss, validation Dice, time left), then a summary (--json);
+    the loss curve, history and validation prediction are written beside the checkpoint. Interrupted runs continue with --resume OUT.
     """
     import torch
 
@@ -133,63 +132,31 @@ def train(
     )
     if resume is not None and not resume.is_file():
         raise ConfigError(f"{resume}: no checkpoint to resume from")
+    from segflow.progress import TrainProgress
     from tasks.training.report import summary
     from tasks.training.run import run_training
 
-    if quiet:
-        result, files = run_training(image, labels, out, config, resume=resume)
-    else:
-        with _ProgressBar(config.steps) as bar:
-            result, files = run_training(image, labels, out, config, bar.update, resume)
-    typer.echo(json.dumps(summary(result, files), indent=2))
+    with TrainProgress(config.steps, config.epoch_steps) as shown:
+        result, files = run_training(image, labels, out, config, shown.update, resume)
+    report = summary(result, files)
+    emit(report, train_text(report))
 
 
-class _ProgressBar:
-    """A rich progress bar on stderr: step, loss, validation Dice, steps/s, time left."""
-
-    def __init__(self, steps: int) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("val dice {task.fields[metric]}"),
-            TextColumn("{task.fields[rate]} steps/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.task = self.progress.add_task("train", total=steps, loss="-", metric="-", rate="-")
-
-    def __enter__(self) -> _ProgressBar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def update(self, p: Any) -> None:
-        self.progress.update(
-            self.task,
-            completed=p.step,
-            loss=f"{p.loss:.4f}",
-            metric="-" if p.metric is None else f"{p.metric:.3f}",
-            rate=f"{p.steps_per_s:.2f}",
-        )
+def train_text(report: dict[str, Any]) -> str:
+    """The human summary of a training run."""
+    dice = report["best_mean_dice"]
+    best = "-" if dice is None else f"{dice:.3f}"
+    lines = [
+        f"checkpoint: {report['checkpoint']} (best validation dice {best} at step "
+        f"{report['best_step']} of {report['steps']}, {report['seconds']:.0f} s)"
+    ]
+    lines += [f"{k}: {v}" for k, v in report.get("files", {}).items() if k != "checkpoint"]
+    return "\n".join(lines)
 
 
 @app.command()
 @clean_errors
+@output_options
 def evaluate(
     pred: Annotated[str, typer.Argument(help="Predicted mask (TIFF, OME-Zarr, .npy, PNG).")],
     gt: Annotated[str, typer.Argument(help="Ground-truth mask of the same shape.")],
@@ -205,7 +172,7 @@ def evaluate(
         int | None, typer.Option(help="Classes (default: largest id + 1).")
     ] = None,
 ) -> None:
-    """Print Dice and IoU per class (or instance scores) of PRED against GT as JSON."""
+    """Print Dice and IoU per class (or instance scores) of PRED against GT."""
     import numpy as np
 
     from tasks.training.inputs import read_array
@@ -230,4 +197,4 @@ def evaluate(
             raise InvalidVolumeError(f"class id {top} is not below --n-classes {n_classes}")
         k = max(n_classes or top + 1, 2)
         result = {"n_classes": k, **class_report(p, g, k)}
-    typer.echo(json.dumps(result, indent=2))
+    emit(result)

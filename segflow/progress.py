@@ -1,98 +1,326 @@
-"""One progress display for every blockwise step the CLI runs (ingest, segment, stitch).
+"""Progress displays of the CLI: blockwise steps (ingest, segment, stitch) and training.
 
-It takes the runner's :class:`tasks.blockwise.Progress` events: on a terminal a rich bar
-per step (blocks done of those to compute, rate from the first submitted block, time
-left); elsewhere (logs, CI) one plain line per step every few seconds and at its end.
-Re-runs say what they reused: blocks already done under the run's key are shown as
-skipped, not counted in the rate.
+Both follow one rule: figures are measured from the start of the work they describe, and
+say only what this run did. On a terminal a rich bar (blocks or steps done, rate, time
+left); elsewhere (logs, CI, a pipe) one plain line when a step starts, every
+:data:`PLAIN_EVERY_S` seconds while it runs (also while a long block keeps the count
+still), and when it ends. ``-q`` shows nothing. Re-runs say what they reused: blocks
+already done under the run's key count as reused, never in the rate.
 """
 
 from __future__ import annotations
 
+import math
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from segflow.cli import is_quiet
 from tasks.blockwise import Progress
 
 #: Seconds between plain-text progress lines when stderr is not a terminal.
 PLAIN_EVERY_S = 5.0
 
 
-class BlockProgress:
-    """Context manager; pass the instance itself as the runner's ``progress`` callback."""
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}:{secs:02d} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d} h"
 
-    def __init__(self, quiet: bool = False, plain: bool | None = None) -> None:
-        self.quiet = quiet
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _Ticker:
+    """A daemon thread that calls ``tick`` about once a second until stopped."""
+
+    def __init__(self, tick: Any) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(tick,), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self, tick: Any) -> None:
+        while not self._stop.wait(1.0):
+            tick()
+
+
+@dataclass
+class _Step:
+    """What the display knows of one blockwise step."""
+
+    total: int  # blocks to compute
+    skipped: int  # blocks reused
+    done: int = 0
+    voxels: int = 0
+    started: float = 0.0  # monotonic, when the first block was submitted
+    printed: float = 0.0  # monotonic, the last plain line
+    finished: bool = False
+
+    def rate(self, now: float) -> float | None:
+        """Voxels per second since the first block was submitted (None before any)."""
+        elapsed = now - self.started
+        return self.voxels / elapsed if self.voxels and elapsed > 0 else None
+
+    def eta(self, now: float) -> float | None:
+        if not self.done or self.done >= self.total:
+            return None
+        return (now - self.started) / self.done * (self.total - self.done)
+
+
+class BlockProgress:
+    """Context manager; pass the instance itself as the runner's ``progress`` callback.
+
+    ``quiet`` (default: the command's ``-q``) shows nothing; ``plain`` (default: stderr is
+    not a terminal) prints lines instead of a bar.
+    """
+
+    def __init__(self, quiet: bool | None = None, plain: bool | None = None) -> None:
+        self.quiet = is_quiet() if quiet is None else quiet
         self.plain = (not sys.stderr.isatty()) if plain is None else plain
         self._bars: Any = None
         self._ids: dict[str, Any] = {}
-        self._voxels: dict[str, int] = {}
-        self._last: dict[str, float] = {}
+        self._steps: dict[str, _Step] = {}
+        self._lock = threading.Lock()
+        self._ticker: _Ticker | None = None
 
     def __enter__(self) -> BlockProgress:
-        if not self.quiet and not self.plain:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as Bars
+        if self.quiet:
+            return self
+        if self.plain:
+            self._ticker = _Ticker(self._tick)
+            self._ticker.start()
+            return self
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bars
 
-            self._bars = Bars(
-                TextColumn("[bold]{task.description}[/bold]"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[note]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
-            self._bars.start()
+        self._bars = Bars(
+            TextColumn("[bold]{task.description}[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self._bars.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
         if self._bars is not None:
             self._bars.stop()
 
     def __call__(self, event: Progress) -> None:
         if self.quiet:
             return
-        name = event.step
-        if isinstance(event.result, dict) and "voxels" in event.result:
-            self._voxels[name] = self._voxels.get(name, 0) + int(event.result["voxels"])
-        note = self._note(event)
-        if self._bars is not None:
-            if name not in self._ids:
-                self._ids[name] = self._bars.add_task(name, total=max(event.total, 1), note=note)
-            self._bars.update(
-                self._ids[name],
-                completed=event.done if event.total else 1,
-                total=max(event.total, 1),
-                note=note,
-            )
-            return
-        now = time.monotonic()
-        first = name not in self._last
-        last = event.done >= event.total
-        if first or last or now - self._last[name] >= PLAIN_EVERY_S:
-            self._last[name] = now
-            eta = event.eta
-            tail = f", about {eta:.0f} s left" if eta is not None else ""
-            print(
-                f"{name}: {event.done}/{event.total} blocks{note and ', ' + note}{tail}",
-                file=sys.stderr,
-                flush=True,
-            )
+        with self._lock:
+            step = self._update(event)
+            now = time.monotonic()
+            if self._bars is not None:
+                self._draw(event.step, step, now)
+            elif step.finished or not step.printed or now - step.printed >= PLAIN_EVERY_S:
+                self._print(event.step, step, now)
 
-    def _note(self, event: Progress) -> str:
-        parts = []
-        if event.skipped:
-            parts.append(f"{event.skipped} reused")
-        voxels = self._voxels.get(event.step, 0)
-        if voxels and event.done and event.elapsed > 0:
-            parts.append(f"{voxels / event.elapsed / 1e6:.2f} Mvox/s")
-        return ", ".join(parts)
+    def _update(self, event: Progress) -> _Step:
+        step = self._steps.get(event.step)
+        if step is None or event.done == 0:  # a step's (re)start
+            step = _Step(event.total, event.skipped, started=event.started)
+            self._steps[event.step] = step
+        step.total, step.skipped, step.done = event.total, event.skipped, event.done
+        if isinstance(event.result, dict) and "voxels" in event.result:
+            step.voxels += int(event.result["voxels"])
+        step.finished = event.done >= event.total
+        return step
+
+    def line(self, name: str, step: _Step, now: float) -> str:
+        """The plain-text line of a step (also what the bar's note is made of)."""
+        if step.total == 0:
+            if not step.skipped:
+                return f"{name}: no blocks"
+            return f"{name}: all {step.skipped} blocks reused from an earlier run"
+        reused = f" ({step.skipped} reused)" if step.skipped else ""
+        text = f"{name}: {step.done}/{step.total} blocks{reused}"
+        return text + self._figures(step, now)
+
+    def _figures(self, step: _Step, now: float) -> str:
+        parts = [_duration(now - step.started)]
+        rate = step.rate(now)
+        if rate is not None:
+            parts.append(f"{rate / 1e6:.2f} Mvox/s")
+        eta = step.eta(now)
+        if eta is not None:
+            parts.append(f"about {_duration(eta)} left")
+        return ", " + ", ".join(parts)
+
+    def _print(self, name: str, step: _Step, now: float) -> None:
+        step.printed = now
+        _say(self.line(name, step, now))
+
+    def _tick(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            for name, step in self._steps.items():
+                if not step.finished and now - step.printed >= PLAIN_EVERY_S:
+                    self._print(name, step, now)
+
+    def _draw(self, name: str, step: _Step, now: float) -> None:
+        total = max(step.total + step.skipped, 1)
+        if step.total == 0:
+            note = f"all {step.skipped} reused" if step.skipped else "no blocks"
+        else:
+            note = ", ".join(
+                [f"{step.skipped} reused"] * bool(step.skipped)
+                + [f"{r / 1e6:.2f} Mvox/s" for r in [step.rate(now)] if r is not None]
+                + [f"about {_duration(e)} left" for e in [step.eta(now)] if e is not None]
+            )
+        if name not in self._ids:
+            self._ids[name] = self._bars.add_task(name, total=total, note=note)
+        self._bars.update(
+            self._ids[name], completed=step.done + step.skipped, total=total, note=note
+        )
+
+
+class TrainProgress:
+    """Training progress: a line per epoch (epoch i/n, loss, validation Dice, elapsed,
+    time left) and, between epochs, a bar on a terminal or a plain line every
+    :data:`PLAIN_EVERY_S` seconds elsewhere. Pass :meth:`update` as the training loop's
+    ``progress`` callback. ``quiet`` (default: the command's ``-q``) shows nothing."""
+
+    def __init__(
+        self,
+        steps: int,
+        epoch_steps: int,
+        quiet: bool | None = None,
+        plain: bool | None = None,
+        prefix: str = "",
+    ) -> None:
+        self.steps = steps
+        self.epoch_steps = max(epoch_steps, 1)
+        self.epochs = math.ceil(steps / self.epoch_steps)
+        self.quiet = is_quiet() if quiet is None else quiet
+        self.plain = (not sys.stderr.isatty()) if plain is None else plain
+        self.prefix = prefix
+        self._started = time.monotonic()
+        self._first: tuple[float, int] | None = None  # (time, step) of the first update
+        self._last: Any = None
+        self._printed = 0.0
+        self._bar: Any = None
+        self._task: Any = None
+        self._lock = threading.Lock()
+        self._ticker: _Ticker | None = None
+
+    def __enter__(self) -> TrainProgress:
+        self._started = time.monotonic()
+        if self.quiet:
+            return self
+        if self.plain:
+            self._printed = self._started
+            self._ticker = _Ticker(self._tick)
+            self._ticker.start()
+            return self
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bars
+
+        self._bar = Bars(
+            TextColumn(f"{self.prefix}training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self._task = self._bar.add_task("train", total=self.steps, note="preparing the data")
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+        if self._bar is not None:
+            self._bar.stop()
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left at the rate of this run's steps so far (validation included)."""
+        if self._first is None or self._last is None:
+            return None
+        t0, s0 = self._first
+        done = self._last.step - s0
+        if done <= 0 or now <= t0:
+            return None
+        return (self.steps - self._last.step) * (now - t0) / done
+
+    def update(self, p: Any) -> None:
+        """The loop's callback: a :class:`unet_core.training.loop.TrainProgress`."""
+        if self.quiet:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if self._first is None:
+                self._first = (now, p.step - 1)
+            self._last = p
+            if p.event == "epoch" or p.step >= self.steps:
+                self._emit(self.epoch_line(p, now))
+            elif self._bar is None and now - self._printed >= PLAIN_EVERY_S:
+                self._emit(self.step_line(p, now))
+            if self._bar is not None:
+                self._bar.update(self._task, completed=p.step, note=self._note(p, now))
+
+    def epoch_line(self, p: Any, now: float) -> str:
+        epoch = min(math.ceil(p.step / self.epoch_steps), self.epochs)
+        dice = "-" if p.metric is None else f"{p.metric:.3f}"
+        eta = self.eta(now)
+        left = f", about {_duration(eta)} left" if eta else ""
+        return (
+            f"{self.prefix}epoch {epoch}/{self.epochs}: step {p.step}/{self.steps}, "
+            f"loss {p.loss:.4f}, val dice {dice}, {_duration(now - self._started)}{left}"
+        )
+
+    def step_line(self, p: Any, now: float) -> str:
+        eta = self.eta(now)
+        left = f", about {_duration(eta)} left" if eta else ""
+        return (
+            f"{self.prefix}training: step {p.step}/{self.steps}, loss {p.loss:.4f}, "
+            f"{p.steps_per_s:.2f} steps/s, {_duration(now - self._started)}{left}"
+        )
+
+    def _note(self, p: Any, now: float) -> str:
+        dice = "-" if p.metric is None else f"{p.metric:.3f}"
+        eta = self.eta(now)
+        left = f", about {_duration(eta)} left" if eta else ""
+        return f"loss {p.loss:.4f}, val dice {dice}, {p.steps_per_s:.2f} steps/s{left}"
+
+    def _emit(self, line: str) -> None:
+        self._printed = time.monotonic()
+        if self._bar is not None:
+            self._bar.console.print(line)
+        else:
+            _say(line)
+
+    def _tick(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._printed < PLAIN_EVERY_S:
+                return
+            if self._last is None:
+                self._emit(
+                    f"{self.prefix}training: preparing the data and the first steps, "
+                    f"{_duration(now - self._started)}"
+                )
+            elif self._last.step < self.steps:
+                self._emit(self.step_line(self._last, now))

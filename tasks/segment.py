@@ -272,13 +272,16 @@ class SegmentResult:
     blocks_computed: int
     blocks_skipped: int
     voxels: int
-    seconds: float
+    seconds: float  # the whole call: plan, lease, cluster, blocks, finalising
     class_voxels: dict[str, int] = field(default_factory=dict)  # only when all computed
     complete: bool = False
+    compute_seconds: float = 0.0  # the blocks' step, from the first submitted block
 
     @property
     def voxels_per_second(self) -> float:
-        return self.voxels / self.seconds if self.seconds > 0 else 0.0
+        """Voxels this run computed per second of block work (0 when it computed none)."""
+        seconds = self.compute_seconds or self.seconds
+        return self.voxels / seconds if self.voxels and seconds > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- planning
@@ -834,6 +837,7 @@ def segment_image(
         blocks_skipped=result.skipped,
         voxels=sum(int(r["voxels"]) for r in result.results),
         seconds=time.perf_counter() - t0,
+        compute_seconds=result.seconds,
         class_voxels=(
             {n: int(c) for n, c in zip(plan.class_names, counts, strict=True)}
             if result.computed == plan.n_blocks
