@@ -158,7 +158,7 @@ def segment_summary(result: Any) -> dict[str, Any]:
 def segment_text(result: Any, stitched: dict[str, Any] | None) -> str:
     """The human summary of a segmentation: where the labels are, what was done."""
     if result.blocks_computed == 0:
-        what = f"all {result.blocks_total} blocks reused from an earlier run; --force recomputes"
+        what = f"{result.blocks_total} of {result.blocks_total} blocks reused from an earlier run"
     else:
         what = (
             f"{result.blocks_computed} blocks computed"

@@ -96,7 +96,8 @@ def train(
     """Train a U-Net on image/label pairs and write the best checkpoint (by validation Dice).
 
     Shows a line per epoch (loss, validation Dice, time left), then a summary (--json);
-    the loss curve, history and validation prediction are written beside the checkpoint. Interrupted runs continue with --resume OUT.
+    the loss curve, history and validation prediction are written beside the checkpoint.
+    Interrupted runs continue with --resume OUT.
     """
     import torch
 

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import zarr
 
+    from segflow.progress import TrainProgress
     from tasks.training.run import run_training
     from unet_core import load_checkpoint
     from unet_core.metrics import dice, instances_from_mask, match_instances
@@ -68,13 +69,16 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     t0 = time.perf_counter()
-    result, files = run_training(
-        [str(train_dir / "image.tif")],
-        [str(train_dir / "labels.tif")],
-        ckpt,
-        TrainConfig(steps=args.steps, seed=0, device="cpu"),
-        resume=str(ckpt) if again else None,
-    )
+    config = TrainConfig(steps=args.steps, seed=0, device="cpu")
+    with TrainProgress(config.steps, config.epoch_steps, prefix="      ") as shown:
+        result, files = run_training(
+            [str(train_dir / "image.tif")],
+            [str(train_dir / "labels.tif")],
+            ckpt,
+            config,
+            shown.update,
+            resume=str(ckpt) if again else None,
+        )
     print(
         f"      best validation Dice {result.best_metric or 0:.3f} "
         f"in {time.perf_counter() - t0:.0f} s "

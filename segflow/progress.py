@@ -2,9 +2,8 @@
 
 Both follow one rule: figures are measured from the start of the work they describe, and
 say only what this run did. On a terminal a rich bar (blocks or steps done, rate, time
-left); elsewhere (logs, CI, a pipe) one plain line when a step starts, every
-:data:`PLAIN_EVERY_S` seconds while it runs (also while a long block keeps the count
-still), and when it ends. ``-q`` shows nothing. Re-runs say what they reused: blocks
+left); elsewhere (logs, CI, a pipe) one plain line every :data:`PLAIN_EVERY_S` seconds
+while a step runs (also while a long block keeps the count still) and one when it ends. ``-q`` shows nothing. Re-runs say what they reused: blocks
 already done under the run's key count as reused, never in the rate.
 """
 
@@ -33,6 +32,10 @@ def _duration(seconds: float) -> str:
         return f"{minutes}:{secs:02d} min"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d} h"
+
+
+def _blocks(n: int) -> str:
+    return "1 block" if n == 1 else f"{n} blocks"
 
 
 def _say(line: str) -> None:
@@ -133,13 +136,14 @@ class BlockProgress:
             now = time.monotonic()
             if self._bars is not None:
                 self._draw(event.step, step, now)
-            elif step.finished or not step.printed or now - step.printed >= PLAIN_EVERY_S:
+            elif step.finished or now - step.printed >= PLAIN_EVERY_S:
                 self._print(event.step, step, now)
 
     def _update(self, event: Progress) -> _Step:
         step = self._steps.get(event.step)
         if step is None or event.done == 0:  # a step's (re)start
             step = _Step(event.total, event.skipped, started=event.started)
+            step.printed = event.started  # the first plain line comes after PLAIN_EVERY_S
             self._steps[event.step] = step
         step.total, step.skipped, step.done = event.total, event.skipped, event.done
         if isinstance(event.result, dict) and "voxels" in event.result:
@@ -152,9 +156,10 @@ class BlockProgress:
         if step.total == 0:
             if not step.skipped:
                 return f"{name}: no blocks"
-            return f"{name}: all {step.skipped} blocks reused from an earlier run"
+            reused = "all " + _blocks(step.skipped) if step.skipped > 1 else "its one block"
+            return f"{name}: {reused} reused from an earlier run"
         reused = f" ({step.skipped} reused)" if step.skipped else ""
-        text = f"{name}: {step.done}/{step.total} blocks{reused}"
+        text = f"{name}: {step.done}/{_blocks(step.total)}{reused}"
         return text + self._figures(step, now)
 
     def _figures(self, step: _Step, now: float) -> str:

@@ -39,7 +39,7 @@ def test_ingest_segment_stitch_on_slurm_equal_a_local_run(slurm, inputs, referen
     seg = last_json(
         segflow("segment", img, "-m", inputs["model"], *SEGMENT, *JOBS, "--json", env=env)
     )
-    stitched = last_json(segflow("stitch", img, *JOBS, env=env))
+    stitched = last_json(segflow("stitch", img, *JOBS, "--json", env=env))
 
     assert seg["blocks_computed"] == seg["blocks_total"] == 64
     assert_same_outputs(img, reference)

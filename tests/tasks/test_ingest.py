@@ -519,7 +519,17 @@ def test_cli_prints_one_line_and_exits_3(tmp_path):
 
     good = tmp_path / "whole.tif"
     result = CliRunner().invoke(
-        app, ["ingest", str(good), str(tmp_path / "o.zarr"), "--chunks", "4,32,32", "--levels", "1"]
+        app,
+        [
+            "ingest",
+            str(good),
+            str(tmp_path / "o.zarr"),
+            "--chunks",
+            "4,32,32",
+            "--levels",
+            "1",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])

@@ -153,7 +153,9 @@ def test_cli_instance_method_and_link_iou(tmp_path):
     url = stack_store(tmp_path / "s.ome.zarr", image, mask, (4, 24, 24))
     exe = [sys.executable, "-m", "segflow", "stitch", url]
     done = subprocess.run(
-        [*exe, "--instance-method", "slices", "--link-iou", "0.3"], capture_output=True, text=True
+        [*exe, "--instance-method", "slices", "--link-iou", "0.3", "--json"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -161,7 +163,7 @@ def test_cli_instance_method_and_link_iou(tmp_path):
     out = zarr.open_group(url, mode="r")["labels/instances/0"][...]
     assert same_partition(out, reference(url, mask, LinkParams(iou=0.3)))
     # Labels without a model: components by default.
-    done = subprocess.run(exe, capture_output=True, text=True)
+    done = subprocess.run([*exe, "--json"], capture_output=True, text=True)
     assert json.loads(done.stdout)["method"] == "components"
     bad = subprocess.run([*exe, "--instance-method", "watershed"], capture_output=True, text=True)
     assert bad.returncode != 0

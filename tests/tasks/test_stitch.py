@@ -280,7 +280,7 @@ def test_cli_segment_with_instances_then_export(tmp_path):
     assert exp.returncode == 0, exp.stderr
     assert np.array_equal(tifffile.imread(tif), zarr.open_group(url)["labels/instances/0"][...])
     again = subprocess.run(
-        [*exe, "stitch", url, "--connectivity", "1", "--instance-method", "components"],
+        [*exe, "stitch", url, "--connectivity", "1", "--instance-method", "components", "--json"],
         capture_output=True,
         text=True,
     )

@@ -146,7 +146,7 @@ def cli_train(tmp_path, image, labels, *extra):
     args = [
         "train", "--image", str(img), "--labels", str(lab), "--out", str(ckpt),
         "--depth", "2", "--base-channels", "4", "--steps", "4", "--patch", "60,60",
-        "--batch-size", "2", "--val-every", "2", "--quiet", *extra,
+        "--batch-size", "2", "--val-every", "2", "--quiet", "--json", *extra,
     ]  # fmt: skip
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -272,12 +272,15 @@ def test_evaluate_cli(tmp_path):
     pred[1:5, 2:6] = 5  # the first object off by one pixel; the second missed
     np.save(tmp_path / "gt.npy", gt)
     tifffile.imwrite(tmp_path / "pred.tif", pred)
-    res = runner.invoke(app, ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "gt.npy")])
+    res = runner.invoke(
+        app, ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "gt.npy"), "--json"]
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["n_classes"] == 6
     res = runner.invoke(
-        app, ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "gt.npy"), "--instances"]
+        app,
+        ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "gt.npy"), "--instances", "--json"],
     )
     out = json.loads(res.stdout)
     assert (out["tp"], out["fn"], out["fp"]) == (1, 1, 0)
