@@ -3,8 +3,9 @@
 Both follow one rule: figures are measured from the start of the work they describe, and
 say only what this run did. On a terminal a rich bar (blocks or steps done, rate, time
 left); elsewhere (logs, CI, a pipe) one plain line every :data:`PLAIN_EVERY_S` seconds
-while a step runs (also while a long block keeps the count still) and one when it ends. ``-q`` shows nothing. Re-runs say what they reused: blocks
-already done under the run's key count as reused, never in the rate.
+while a step runs (also while a long block keeps the count still) and one when it ends.
+``-q`` shows nothing. Re-runs say what they reused: blocks already done under the run's
+key count as reused, never in the rate.
 """
 
 from __future__ import annotations
