@@ -11,6 +11,7 @@ key count as reused, never in the rate.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -22,6 +23,16 @@ from tasks.blockwise import Progress
 
 #: Seconds between plain-text progress lines when stderr is not a terminal.
 PLAIN_EVERY_S = 5.0
+#: Environment variable that sets those seconds (e.g. 60 for a quieter log).
+EVERY_ENV = "SEGFLOW_PROGRESS_EVERY"
+
+
+def plain_every_s() -> float:
+    """:data:`PLAIN_EVERY_S`, or what :data:`EVERY_ENV` says."""
+    try:
+        return max(float(os.environ.get(EVERY_ENV, PLAIN_EVERY_S)), 0.1)
+    except ValueError:
+        return PLAIN_EVERY_S
 
 
 def _duration(seconds: float) -> str:
@@ -46,7 +57,8 @@ def _say(line: str) -> None:
 class _Ticker:
     """A daemon thread that calls ``tick`` about once a second until stopped."""
 
-    def __init__(self, tick: Any) -> None:
+    def __init__(self, tick: Any, every_s: float = 1.0) -> None:
+        self.every_s = every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(tick,), daemon=True)
 
@@ -58,7 +70,7 @@ class _Ticker:
         self._thread.join(timeout=2)
 
     def _run(self, tick: Any) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(self.every_s):
             tick()
 
 
@@ -95,6 +107,7 @@ class BlockProgress:
     def __init__(self, quiet: bool | None = None, plain: bool | None = None) -> None:
         self.quiet = is_quiet() if quiet is None else quiet
         self.plain = (not sys.stderr.isatty()) if plain is None else plain
+        self.every_s = plain_every_s()
         self._bars: Any = None
         self._ids: dict[str, Any] = {}
         self._steps: dict[str, _Step] = {}
@@ -105,7 +118,7 @@ class BlockProgress:
         if self.quiet:
             return self
         if self.plain:
-            self._ticker = _Ticker(self._tick)
+            self._ticker = _Ticker(self._tick, min(self.every_s / 2, 1.0))
             self._ticker.start()
             return self
         from rich.console import Console
@@ -137,7 +150,7 @@ class BlockProgress:
             now = time.monotonic()
             if self._bars is not None:
                 self._draw(event.step, step, now)
-            elif step.finished or now - step.printed >= PLAIN_EVERY_S:
+            elif step.finished or now - step.printed >= self.every_s:
                 self._print(event.step, step, now)
 
     def _update(self, event: Progress) -> _Step:
@@ -181,7 +194,7 @@ class BlockProgress:
         with self._lock:
             now = time.monotonic()
             for name, step in self._steps.items():
-                if not step.finished and now - step.printed >= PLAIN_EVERY_S:
+                if not step.finished and now - step.printed >= self.every_s:
                     self._print(name, step, now)
 
     def _draw(self, name: str, step: _Step, now: float) -> None:
@@ -220,6 +233,7 @@ class TrainProgress:
         self.epochs = math.ceil(steps / self.epoch_steps)
         self.quiet = is_quiet() if quiet is None else quiet
         self.plain = (not sys.stderr.isatty()) if plain is None else plain
+        self.every_s = plain_every_s()
         self.prefix = prefix
         self._started = time.monotonic()
         self._first: tuple[float, int] | None = None  # (time, step) of the first update
@@ -236,7 +250,7 @@ class TrainProgress:
             return self
         if self.plain:
             self._printed = self._started
-            self._ticker = _Ticker(self._tick)
+            self._ticker = _Ticker(self._tick, min(self.every_s / 2, 1.0))
             self._ticker.start()
             return self
         from rich.console import Console
@@ -282,7 +296,7 @@ class TrainProgress:
             self._last = p
             if p.event == "epoch" or p.step >= self.steps:
                 self._emit(self.epoch_line(p, now))
-            elif self._bar is None and now - self._printed >= PLAIN_EVERY_S:
+            elif self._bar is None and now - self._printed >= self.every_s:
                 self._emit(self.step_line(p, now))
             if self._bar is not None:
                 self._bar.update(self._task, completed=p.step, note=self._note(p, now))
@@ -291,7 +305,7 @@ class TrainProgress:
         epoch = min(math.ceil(p.step / self.epoch_steps), self.epochs)
         dice = "-" if p.metric is None else f"{p.metric:.3f}"
         eta = self.eta(now)
-        left = f", about {_duration(eta)} left" if eta else ""
+        left = f", about {_duration(eta)} left" if eta and eta >= 1 else ""
         return (
             f"{self.prefix}epoch {epoch}/{self.epochs}: step {p.step}/{self.steps}, "
             f"loss {p.loss:.4f}, val dice {dice}, {_duration(now - self._started)}{left}"
@@ -299,7 +313,7 @@ class TrainProgress:
 
     def step_line(self, p: Any, now: float) -> str:
         eta = self.eta(now)
-        left = f", about {_duration(eta)} left" if eta else ""
+        left = f", about {_duration(eta)} left" if eta and eta >= 1 else ""
         return (
             f"{self.prefix}training: step {p.step}/{self.steps}, loss {p.loss:.4f}, "
             f"{p.steps_per_s:.2f} steps/s, {_duration(now - self._started)}{left}"
@@ -308,7 +322,7 @@ class TrainProgress:
     def _note(self, p: Any, now: float) -> str:
         dice = "-" if p.metric is None else f"{p.metric:.3f}"
         eta = self.eta(now)
-        left = f", about {_duration(eta)} left" if eta else ""
+        left = f", about {_duration(eta)} left" if eta and eta >= 1 else ""
         return f"loss {p.loss:.4f}, val dice {dice}, {p.steps_per_s:.2f} steps/s{left}"
 
     def _emit(self, line: str) -> None:
@@ -321,7 +335,7 @@ class TrainProgress:
     def _tick(self) -> None:
         with self._lock:
             now = time.monotonic()
-            if now - self._printed < PLAIN_EVERY_S:
+            if now - self._printed < self.every_s:
                 return
             if self._last is None:
                 self._emit(

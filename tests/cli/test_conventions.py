@@ -1,0 +1,186 @@
+"""Every command as a user meets it: ``-h`` with examples, ``--version``, ``-q``, ``--json``
+and ``--log-level``, quietness, and progress that tells the truth (issue 19).
+
+The real ``segflow`` command in a subprocess on small real files; stderr is a pipe here,
+so progress comes as plain lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from segflow.cli import EXAMPLES
+from unet_core import CheckpointMeta, Normalization, UNet, UNetConfig, save_checkpoint
+from unet_core.synthetic import blobs
+
+ROOT = Path(__file__).resolve().parents[2]
+#: A Mvox/s figure above this is a measuring error (a 2-core CPU does well under 10).
+IMPLAUSIBLE_MVOX_S = 1e4
+
+
+def argv(*args: object) -> list[str]:
+    return [sys.executable, "-m", "segflow", *map(str, args)]
+
+
+def run(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def ok(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    done = run(*args, env=env)
+    assert done.returncode == 0, f"segflow {args} failed:\n{done.stderr}"
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def summary(done: subprocess.CompletedProcess[str]) -> dict:
+    """The ``--json`` summary: stdout is exactly one JSON object."""
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    value = json.loads(lines[0])
+    assert isinstance(value, dict)
+    return value
+
+
+def rates(stderr: str) -> list[float]:
+    return [float(m) for m in re.findall(r"([\d.]+) Mvox/s", stderr)]
+
+
+def make_model(path: Path) -> Path:
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(ndim=2, base_channels=4, depth=2, n_classes=2))
+    save_checkpoint(path, model, CheckpointMeta(normalization=Normalization(kind="zscore")))
+    return path
+
+
+def test_help_shows_examples_and_the_shared_options_everywhere() -> None:
+    commands = [name.split() for name in EXAMPLES]
+    procs = [
+        subprocess.Popen(
+            argv(*cmd, "-h"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for cmd in commands
+    ]
+    for cmd, proc in zip(commands, procs, strict=True):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (cmd, err)
+        assert "Examples:" in out, cmd
+        assert f"segflow {' '.join(cmd)}" in out, cmd
+        for option in ("--quiet", "--verbose", "--log-level"):
+            assert option in out, (cmd, option)
+        if cmd != ["serve"]:
+            assert "--json" in out, cmd
+    top = ok("-h")
+    for cmd in ("ingest", "segment", "stitch", "export", "train", "evaluate", "model"):
+        assert cmd in top.stdout
+    version = ok("--version")
+    assert re.fullmatch(r"segflow \d+\.\d+\.\d+\S*\n", version.stdout), version.stdout
+
+
+def test_ingest_segment_stitch_export_quiet_json_progress_and_reuse(tmp_path: Path) -> None:
+    tif = tmp_path / "vol.tif"
+    tifffile.imwrite(tif, blobs((8, 96, 96), rng=1)[0], metadata={"axes": "ZYX"})
+    model = make_model(tmp_path / "m.ckpt")
+    image = tmp_path / "img.zarr"
+
+    ingested = ok("ingest", tif, image, "--json")
+    assert summary(ingested)["shape"] == [8, 96, 96]
+    assert "ingest: 1/1 block" in ingested.stderr  # off a terminal: a plain closing line
+
+    # -q: a successful run prints nothing at all.
+    quiet = ok("segment", image, "-m", model, "--out", tmp_path / "q.zarr", "--device", "cpu", "-q")
+    assert quiet.stdout == ""
+    assert quiet.stderr == ""
+
+    # Progress off a terminal: a line every SEGFLOW_PROGRESS_EVERY seconds while blocks run
+    # (slowed on purpose), then one at the end, with a rate measured from the first block.
+    out = tmp_path / "seg.zarr"
+    seg = ["segment", image, "-m", model, "--out", out, "--device", "cpu", "--fast"]
+    slow = {"SEGFLOW_TEST_BLOCK_DELAY": "1", "SEGFLOW_PROGRESS_EVERY": "0.4"}
+    done = ok(*seg, "--chunks", "2,96,96", "--json", env=slow)
+    first = summary(done)
+    assert first["blocks_computed"] == 4
+    assert sum(first["class_voxels"].values()) == 8 * 96 * 96
+    lines = [line for line in done.stderr.splitlines() if line.startswith("segment-semantic")]
+    assert len(lines) >= 2, done.stderr
+    assert re.match(r"segment-semantic: [0-3]/4 blocks", lines[0]), lines
+    assert lines[-1].startswith("segment-semantic: 4/4 blocks"), lines
+    shown = rates(lines[-1])
+    assert shown, lines[-1]
+    assert 0 < shown[0] < IMPLAUSIBLE_MVOX_S
+    measured = first["voxels_per_second"] / 1e6
+    assert 0 < measured < IMPLAUSIBLE_MVOX_S
+    assert shown[0] / 3 < measured < shown[0] * 3, (shown, measured)  # the same figure
+
+    # A re-run reuses every block: no rate and no class counts for work it did not do.
+    again = ok(*seg, "--chunks", "2,96,96", "--json")
+    reused = summary(again)
+    assert (reused["blocks_computed"], reused["blocks_skipped"]) == (0, 4)
+    assert reused["voxels_per_second"] is None
+    assert reused["class_voxels"] is None
+    assert "all 4 blocks reused" in again.stderr
+    assert not rates(again.stderr)
+    text = ok(*seg, "--chunks", "2,96,96")
+    assert "4 of 4 blocks reused" in text.stdout
+    assert "Mvox/s" not in text.stdout + text.stderr
+
+    stitched = summary(ok("stitch", out, "--json"))
+    assert stitched["objects"] >= 1
+    assert stitched["instances"].endswith("labels/instances/0")
+    assert "instances:" in ok("stitch", out).stdout
+
+    tiff = tmp_path / "instances.tif"
+    exported = summary(ok("export", out, "--labels", "instances", "--to", tiff, "--json"))
+    assert exported == {"tiff": str(tiff)}
+    assert tifffile.imread(tiff).shape == (8, 96, 96)
+
+
+def test_train_evaluate_model_and_geometry_follow_the_same_conventions(tmp_path: Path) -> None:
+    image, labels = blobs((96, 96), rng=1)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    ckpt = tmp_path / "t.ckpt"
+    train = ["train", "--image", tmp_path / "img.tif", "--labels", tmp_path / "lab.tif"]
+    train += ["--out", ckpt, "--depth", "2", "--base-channels", "4", "--steps", "6"]
+    train += ["--patch", "60,60", "--batch-size", "2", "--val-every", "2", "--device", "cpu"]
+    done = ok(*train, "--json")
+    assert summary(done)["checkpoint"] == str(ckpt)
+    epochs = [line for line in done.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("loss" in line and "val dice" in line for line in epochs), epochs
+    quiet = ok(*train, "-q", "--resume", ckpt)
+    assert (quiet.stdout, quiet.stderr) == ("", "")
+
+    np.save(tmp_path / "gt.npy", (labels > 0).astype(np.uint8))
+    scores = summary(ok("evaluate", tmp_path / "gt.npy", tmp_path / "gt.npy", "--json"))
+    assert scores["mean_dice"] == 1.0
+
+    tiny = tmp_path / "tiny.ckpt"
+    created = summary(ok("model", "create", tiny, "--depth", "2", "--base-channels", "4", "--json"))
+    assert created["checkpoint"] == str(tiny)
+    assert summary(ok("model", "info", tiny, "--json"))["config"]["depth"] == 2
+    geometry = summary(ok("geometry", "572,572", "--json"))
+    assert geometry["output"] == [388, 388]
+    assert "output: 388, 388" in ok("geometry", "572,572").stdout
+
+    bad = run("geometry", "572,572", "--log-level", "loud")
+    assert bad.returncode == 2
+    assert "--log-level" in bad.stderr
+    assert "Traceback" not in bad.stderr
