@@ -161,7 +161,7 @@ def segment_text(result: Any, stitched: dict[str, Any] | None) -> str:
         what = f"{result.blocks_total} of {result.blocks_total} blocks reused from an earlier run"
     else:
         what = (
-            f"{result.blocks_computed} blocks computed"
+            f"{result.blocks_computed} block{'s' * (result.blocks_computed != 1)} computed"
             + (f", {result.blocks_skipped} reused" if result.blocks_skipped else "")
             + f", {result.voxels_per_second / 1e6:.2f} Mvox/s in {result.compute_seconds:.1f} s"
         )

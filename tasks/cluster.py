@@ -34,6 +34,7 @@ Kept free of torch and Prefect imports so light steps (stitch, export) stay ligh
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -71,6 +72,21 @@ DEFAULT_LOG_DIRECTORY = "segflow-worker-logs"
 #: The HTTP endpoint (dashboard, health) of a local cluster's scheduler: any free port on
 #: loopback (the default, 8787, is often taken by another cluster and then warns).
 LOCAL_HTTP = "127.0.0.1:0"
+#: Environment variable that asks for the Dask dashboard of a local cluster: ``1`` (any
+#: free loopback port) or an address such as ``127.0.0.1:8787``. Off by default: a
+#: command's own progress display says how far it is, and the dashboard costs start-up.
+DASHBOARD_ENV = "SEGFLOW_DASHBOARD"
+
+log = logging.getLogger(__name__)
+
+
+def local_dashboard(environ: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """(address, on) of a local cluster's scheduler HTTP server and its dashboard."""
+    asked = (os.environ if environ is None else environ).get(DASHBOARD_ENV, "").strip()
+    if asked.lower() in ("", "0", "false", "no", "off"):
+        return LOCAL_HTTP, False
+    return (LOCAL_HTTP if asked.lower() in ("1", "true", "yes", "on") else asked), True
+
 
 ADDRESS_PATTERN = r"^[a-z][a-z0-9+]*://\S+$"
 
@@ -220,7 +236,11 @@ def gpu_cluster(devices: Sequence[str], threads: int = 1) -> Any:
         name: {"cls": Nanny, "options": {"nthreads": threads, "env": env}}
         for name, env in gpu_worker_env(devices).items()
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": LOCAL_HTTP}}
+    address, dashboard = local_dashboard()
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"dashboard_address": address, "dashboard": dashboard},
+    }
     return SpecCluster(workers=workers, scheduler=scheduler, name="segflow-gpus")
 
 
@@ -377,6 +397,7 @@ class dask_client:  # noqa: N801 - used like a function in a with statement
             self._owned += [client, cluster]
             return client
         gpus = visible_gpus() if self.device in ("cuda", "auto") else []
+        address, dashboard = local_dashboard()
         if gpus and spec.workers is None:
             cluster = gpu_cluster(gpus, threads=spec.worker_cores or 1)
         elif spec.workers is not None:
@@ -384,19 +405,26 @@ class dask_client:  # noqa: N801 - used like a function in a with statement
                 n_workers=spec.workers,
                 threads_per_worker=spec.worker_cores or 1,
                 processes=True,
-                dashboard_address=LOCAL_HTTP,
+                dashboard_address=address,
                 worker_dashboard_address=LOCAL_HTTP,
+                scheduler_kwargs={"dashboard": dashboard},
             )
         else:
             cluster = LocalCluster(
                 n_workers=1,
                 threads_per_worker=spec.worker_cores or self.threads,
                 processes=False,
-                dashboard_address=LOCAL_HTTP,
+                dashboard_address=address,
                 worker_dashboard_address=LOCAL_HTTP,
+                scheduler_kwargs={"dashboard": dashboard},
             )
         client = Client(cluster)
         self._owned += [client, cluster]
+        if dashboard:
+            link = client.dashboard_link
+            if address.startswith("127.0.0.1:"):  # bound to loopback, whatever the host name
+                link = re.sub(r"//[^/:]+", "//127.0.0.1", link, count=1)
+            log.warning("Dask dashboard: %s", link)
         return client
 
     def __exit__(self, *exc: object) -> None:
