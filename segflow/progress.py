@@ -50,6 +50,22 @@ def _blocks(n: int) -> str:
     return "1 block" if n == 1 else f"{n} blocks"
 
 
+def _bars(label: str) -> Any:
+    """A rich progress display on stderr: label, bar, n/N, a note, elapsed time."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bars
+
+    return Bars(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+
+
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -121,18 +137,7 @@ class BlockProgress:
             self._ticker = _Ticker(self._tick, min(self.every_s / 2, 1.0))
             self._ticker.start()
             return self
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-        from rich.progress import Progress as Bars
-
-        self._bars = Bars(
-            TextColumn("[bold]{task.description}[/bold]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[note]}"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-        )
+        self._bars = _bars("[bold]{task.description}[/bold]")
         self._bars.start()
         return self
 
@@ -253,18 +258,7 @@ class TrainProgress:
             self._ticker = _Ticker(self._tick, min(self.every_s / 2, 1.0))
             self._ticker.start()
             return self
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-        from rich.progress import Progress as Bars
-
-        self._bar = Bars(
-            TextColumn(f"{self.prefix}training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[note]}"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-        )
+        self._bar = _bars(f"{self.prefix}training")
         self._task = self._bar.add_task("train", total=self.steps, note="preparing the data")
         self._bar.start()
         return self
