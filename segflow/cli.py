@@ -476,6 +476,10 @@ def _log_levels(quiet: bool, verbose: int, level: str | None) -> Iterator[None]:
     root.setLevel(lib)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LogFormat("%(message)s"))
+    if not (level is not None or verbose > 0):
+        # Other libraries' messages (tifffile, zarr, ...) only when asked: what they report
+        # as an error reaches the user once, as the command's error sentence.
+        handler.addFilter(lambda record: record.name.split(".")[0] in OWN_LOGGERS)
     root.addHandler(handler)
     try:
         with warnings.catch_warnings():
