@@ -283,6 +283,7 @@ def _register() -> None:
         "commands_stitch",
         "commands_train",
         "commands_serve",
+        "commands_predict",
     ):
         try:
             __import__(f"segflow.{name}")
