@@ -284,6 +284,7 @@ def _register() -> None:
         "commands_train",
         "commands_serve",
         "commands_predict",
+        "demo",
     ):
         try:
             __import__(f"segflow.{name}")

@@ -130,7 +130,13 @@ def predict_one(
         plan = plan_segmentation(image, model, None, params)
         with BlockProgress(quiet=quiet) as progress:
             result = segment_image(
-                image, model, params=params, client=client, force=force, progress=progress, plan=plan
+                image,
+                model,
+                params=params,
+                client=client,
+                force=force,
+                progress=progress,
+                plan=plan,
             )
         row.blocks_computed, row.blocks_reused = result.blocks_computed, result.blocks_skipped
         labels = params.labels_name

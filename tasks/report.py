@@ -107,29 +107,27 @@ def preview_picture(image_url: str, out_url: str, labels: str, max_side: int = 1
     )
     spatial = info.spatial_shape
     channel: tuple[Any, ...] = (0,) if "c" in info.axes else ()
-    if info.stats is not None and info.stats.percentiles:
-        lo, hi = info.stats.percentile(1.0), info.stats.percentile(99.8)
-    else:
-        lo = hi = None
     planes: list[tuple[str, np.ndarray, np.ndarray]] = []  # (caption, image, labels)
     if len(spatial) == 3 and spatial[0] > 1:
         nz, ny, nx = spatial
-        for caption, sel in (
+        cuts: tuple[tuple[str, tuple[Any, ...]], ...] = (
             (f"z {nz // 2}", (nz // 2, slice(None), slice(None))),
             (f"x {nx // 2}", (slice(None), slice(None), nx // 2)),
             (f"y {ny // 2}", (slice(None), ny // 2, slice(None))),
-        ):
+        )
+        for caption, sel in cuts:
             planes.append((caption, np.asarray(arr[(*channel, *sel)]), lab_arr[sel]))
         # zy is drawn with z across: beside the yx panel, sharing its y.
         planes[1] = (planes[1][0], planes[1][1].T, planes[1][2].T)
     else:
-        sel = (0,) if len(spatial) == 3 else ()
-        planes.append(("", np.asarray(arr[(*channel, *sel)]), lab_arr[sel]))
-    if lo is None or hi is None:
+        plane: tuple[Any, ...] = (0,) if len(spatial) == 3 else ()
+        planes.append(("", np.asarray(arr[(*channel, *plane)]), lab_arr[plane]))
+    if info.stats is not None and info.stats.percentiles:
+        lo, hi = info.stats.percentile(1.0), info.stats.percentile(99.8)
+    else:
         values = np.concatenate([p[1].ravel() for p in planes]).astype(np.float64)
         lo, hi = float(np.percentile(values, 1)), float(np.percentile(values, 99.8))
-    sy, sx = info.spatial_scale[-2:]
-    z_factor = info.spatial_scale[0] / sy if len(planes) == 3 else 1.0
+    z_factor = info.spatial_scale[0] / info.spatial_scale[-2] if len(planes) == 3 else 1.0
     height, width = planes[0][1].shape
     thick = max(1.0, spatial[0] * z_factor) if len(planes) == 3 else 0.0
     extent = max(height, width) + (thick + PREVIEW_GAP if thick else 0)
@@ -216,7 +214,7 @@ def _with_histogram(picture: Image.Image, sizes: np.ndarray) -> Image.Image:
     if sizes.size:
         top = max(int(sizes.max()), 2)
         bins = np.unique(np.geomspace(max(int(sizes.min()), 1), top + 1, 25).round())
-        ax.hist(sizes, bins=bins, color="#3c82c8")
+        ax.hist(sizes, bins=list(bins), color="#3c82c8")
         ax.set_xscale("log")
     small = width < 400
     ax.set_title(f"{sizes.size:,} objects", fontsize=7 if small else 9)
