@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from segflow.cli import app, clean_errors, cluster_options, describe_error, parse_shape
+from segflow.commands_segment import InstanceConnectivity, InstanceMinSize
 from segflow.commands_stitch import LINK_IOU_HELP, METHOD_HELP
 from segflow.progress import BlockProgress
 from unet_core.errors import ExitCode
@@ -188,13 +189,8 @@ def predict(
         bool,
         typer.Option("--instances", help="Label objects; the TIFF then holds instance ids."),
     ] = False,
-    min_size: Annotated[
-        int | None,
-        typer.Option(help="With --instances: drop smaller objects (default: from the model)."),
-    ] = None,
-    connectivity: Annotated[
-        int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
-    ] = 1,
+    min_size: InstanceMinSize = None,
+    connectivity: InstanceConnectivity = 1,
     instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
     link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
     tile: Annotated[

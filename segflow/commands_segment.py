@@ -17,6 +17,16 @@ if TYPE_CHECKING:
     from tasks.cluster import ClusterSpec
 
 
+#: ``--min-size`` and ``--connectivity`` of the commands that label objects with --instances.
+InstanceMinSize = Annotated[
+    int | None,
+    typer.Option(help="With --instances: drop smaller objects (default: from the model)."),
+]
+InstanceConnectivity = Annotated[
+    int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
+]
+
+
 @app.command()
 @clean_errors
 @cluster_options
@@ -59,13 +69,8 @@ def segment(
     instances: Annotated[
         bool, typer.Option("--instances", help="Then label objects across chunks (stitch).")
     ] = False,
-    min_size: Annotated[
-        int | None,
-        typer.Option(help="With --instances: drop smaller objects (default: from the model)."),
-    ] = None,
-    connectivity: Annotated[
-        int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
-    ] = 1,
+    min_size: InstanceMinSize = None,
+    connectivity: InstanceConnectivity = 1,
     instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
     link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
     preview: Annotated[
