@@ -402,6 +402,11 @@ def is_quiet() -> bool:
     return bool(_state.get("quiet"))
 
 
+def wants_json() -> bool:
+    """Whether the running command was asked for ``--json``."""
+    return bool(_state.get("json"))
+
+
 def emit(summary: Mapping[str, Any], text: str | None = None) -> None:
     """A command's result: ``summary`` as one JSON object on stdout with ``--json``;
     otherwise ``text`` (default: the summary as ``key: value`` lines), unless ``-q``."""
@@ -525,6 +530,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "segflow train --image img.tif --labels labels.tif --out model.ckpt --steps 100 --json",
     ),
     "evaluate": ("segflow evaluate pred.tif truth.tif --instances",),
+    "predict": (
+        "segflow predict stack.tif --model model.ckpt --out results",
+        "segflow predict 'raw/*.tif' --model model.ckpt --out results --instances --json",
+    ),
     "geometry": ("segflow geometry 572,572", "segflow geometry 64,128,128 --depth 3"),
     "model create": ("segflow model create tiny.ckpt --ndim 2 --base-channels 4 --depth 2",),
     "model info": ("segflow model info model.ckpt --json",),
@@ -551,6 +560,8 @@ def _register() -> None:
         "commands_stitch",
         "commands_train",
         "commands_serve",
+        "commands_predict",
+        "demo",
     ):
         try:
             __import__(f"segflow.{name}")

@@ -15,12 +15,23 @@ from segflow.cli import (
     emit,
     output_options,
     parse_shape,
+    warn,
 )
 from segflow.commands_stitch import LINK_IOU_HELP, METHOD_HELP, stitch_text
 from segflow.progress import BlockProgress
 
 if TYPE_CHECKING:
     from tasks.cluster import ClusterSpec
+
+
+#: ``--min-size`` and ``--connectivity`` of the commands that label objects with --instances.
+InstanceMinSize = Annotated[
+    int | None,
+    typer.Option(help="With --instances: drop smaller objects (default: from the model)."),
+]
+InstanceConnectivity = Annotated[
+    int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
+]
 
 
 @app.command()
@@ -66,15 +77,18 @@ def segment(
     instances: Annotated[
         bool, typer.Option("--instances", help="Then label objects across chunks (stitch).")
     ] = False,
-    min_size: Annotated[
-        int | None,
-        typer.Option(help="With --instances: drop smaller objects (default: from the model)."),
-    ] = None,
-    connectivity: Annotated[
-        int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
-    ] = 1,
+    min_size: InstanceMinSize = None,
+    connectivity: InstanceConnectivity = 1,
     instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
     link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
+    preview: Annotated[
+        bool,
+        typer.Option(
+            "--preview/--no-preview",
+            help="Write <store>.preview.png beside the store: orthogonal middle slices with "
+            "the labels outlined (and an object-size histogram with --instances).",
+        ),
+    ] = True,
     lease_wait: LeaseWait = 0.0,
     cluster: ClusterSpec | None = None,
 ) -> None:
@@ -135,7 +149,10 @@ def segment(
     summary = segment_summary(result)
     if stitched is not None:
         summary["stitch"] = stitched
-    emit(summary, segment_text(result, stitched))
+    shown = "instances" if instances else labels_name
+    summary["preview"] = write_preview_or_warn(image, result.out_url, shown) if preview else None
+    summary["napari"] = napari_command(result.out_url)
+    emit(summary, segment_text(result, stitched, summary))
 
 
 def segment_summary(result: Any) -> dict[str, Any]:
@@ -155,7 +172,7 @@ def segment_summary(result: Any) -> dict[str, Any]:
     }
 
 
-def segment_text(result: Any, stitched: dict[str, Any] | None) -> str:
+def segment_text(result: Any, stitched: dict[str, Any] | None, extra: dict[str, Any]) -> str:
     """The human summary of a segmentation: where the labels are, what was done."""
     if result.blocks_computed == 0:
         what = f"{result.blocks_total} of {result.blocks_total} blocks reused from an earlier run"
@@ -168,7 +185,35 @@ def segment_text(result: Any, stitched: dict[str, Any] | None) -> str:
     lines = [f"labels: {result.out_url}/{result.labels_path}/0 ({what})"]
     if stitched is not None:
         lines.append(stitch_text(stitched))
+    if extra.get("preview"):
+        lines.append(f"preview: {extra['preview']}")
+    if extra.get("napari"):
+        lines.append(f"view: {extra['napari']}")
     return "\n".join(lines)
+
+
+def write_preview_or_warn(image: str, store: str, labels: str) -> str | None:
+    """The preview PNG beside ``store`` (:func:`tasks.report.write_preview`, the one the
+    flow writes); a preview that cannot be made is a warning, never a failed run."""
+    from segflow.cli import describe_error
+    from tasks.report import write_preview
+
+    try:
+        return write_preview(image, store, labels)
+    except Exception as exc:
+        warn(f"no preview: {describe_error(exc, store)[0]}")
+        return None
+
+
+def napari_command(store: str) -> str | None:
+    """How to open ``store`` in napari, when napari and its OME-Zarr reader are installed."""
+    from importlib.util import find_spec
+
+    if find_spec("napari") is None or find_spec("napari_ome_zarr") is None:
+        return None
+    import shlex
+
+    return f"napari --plugin napari-ome-zarr {shlex.quote(store)}"
 
 
 def _ensure_zarr(src: str, out: str | None) -> str:
