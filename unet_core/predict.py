@@ -157,20 +157,21 @@ def class_labels(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def check_device(device: str | torch.device, indexed: bool = True) -> str:
+def check_device(device: str | torch.device, indexed: bool = True, here: bool = True) -> str:
     """``device`` if it names a device this machine has, else one sentence (usage error).
 
     Names are ``auto``, ``cpu``, ``cuda`` and, when ``indexed``, ``cuda:N``. ``cuda`` on a
     machine without a CUDA GPU (or with fewer than N + 1) is refused here, before any
-    work, rather than by the first block that loads the model."""
+    work, rather than by the first block that loads the model. ``here=False``: the model
+    runs on other machines (cluster workers), so only the name is checked."""
     name = str(device).strip().lower()
-    choices = ", ".join(DEVICE_CHOICES) + (" or cuda:N" if indexed else "")
+    choices = "auto, cpu, cuda or cuda:N" if indexed else "auto, cpu or cuda"
     kind, _, index = name.partition(":")
     if kind not in DEVICE_CHOICES or (index and (not indexed or kind != "cuda")):
         raise ConfigError(f"--device {device}: unknown device; use {choices}")
     if index and not index.isdigit():
         raise ConfigError(f"--device {device}: unknown device; use {choices}")
-    if kind == "cuda":
+    if kind == "cuda" and here:
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"--device {device}: no CUDA GPU is available on this machine "
