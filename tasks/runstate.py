@@ -129,7 +129,7 @@ def check_output(url: str, lease_wait_s: float = 0.0, hint: str | None = None) -
 
         check_access(url)
     else:
-        _check_writable(url)
+        check_writable(url)
     refuse_foreign(url, *([hint] if hint else []))
     if lease_wait_s <= 0:
         lease = Lease(url)
@@ -139,7 +139,8 @@ def check_output(url: str, lease_wait_s: float = 0.0, hint: str | None = None) -
             raise lease.held_error(info)
 
 
-def _check_writable(url: str) -> None:
+def check_writable(url: str) -> None:
+    """A local folder or store that exists and can be written, or can be made."""
     path = os.path.abspath(url)
     if os.path.exists(path) and not os.path.isdir(path):
         raise StoreConflictError(f"{url}: is a file, not a store (choose another location)")

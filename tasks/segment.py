@@ -334,8 +334,7 @@ def check_model_fits(info: ImageInfo, config: UNetConfig, model: str, channel: i
         raise InvalidVolumeError(f"{info.url}: the image is empty (shape {info.shape})")
     if config.ndim > len(spatial):
         raise InvalidVolumeError(
-            f"{info.url}: a {config.ndim}D model ({model}) cannot segment a "
-            f"{len(spatial)}D image"
+            f"{info.url}: a {config.ndim}D model ({model}) cannot segment a {len(spatial)}D image"
         )
     if channel is not None and channel >= info.n_channels:
         raise InvalidVolumeError(
