@@ -186,13 +186,15 @@ class _ProgressBar:
         self.task = self.progress.add_task("train", total=steps, loss="-", metric="-", rate="-")
 
     def __enter__(self) -> _ProgressBar:
-        self.progress.start()
-        return self
+        return self  # shown from the first step: an input refused before it prints no bar
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.progress.live.is_started:
+            self.progress.stop()
 
     def update(self, p: Any) -> None:
+        if not self.progress.live.is_started:
+            self.progress.start()
         self.progress.update(
             self.task,
             completed=p.step,
