@@ -226,4 +226,4 @@ def test_printed_paths_carry_and_evaluate_picks_the_mode(files: Path, segmented)
     assert np.array_equal(exported, zarr.open_array(instances, mode="r")[...])
     res = cli("stitch", labels, "--name", "again", "--instance-method", "components")
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["instances"] == f"{store}/labels/again"
+    assert json.loads(res.stdout)["instances"] == f"{store}/labels/again/0"
