@@ -283,6 +283,8 @@ def _register() -> None:
         "commands_stitch",
         "commands_train",
         "commands_serve",
+        "commands_predict",
+        "demo",
     ):
         try:
             __import__(f"segflow.{name}")

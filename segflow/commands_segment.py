@@ -17,6 +17,16 @@ if TYPE_CHECKING:
     from tasks.cluster import ClusterSpec
 
 
+#: ``--min-size`` and ``--connectivity`` of the commands that label objects with --instances.
+InstanceMinSize = Annotated[
+    int | None,
+    typer.Option(help="With --instances: drop smaller objects (default: from the model)."),
+]
+InstanceConnectivity = Annotated[
+    int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
+]
+
+
 @app.command()
 @clean_errors
 @cluster_options
@@ -65,15 +75,18 @@ def segment(
     instances: Annotated[
         bool, typer.Option("--instances", help="Then label objects across chunks (stitch).")
     ] = False,
-    min_size: Annotated[
-        int | None,
-        typer.Option(help="With --instances: drop smaller objects (default: from the model)."),
-    ] = None,
-    connectivity: Annotated[
-        int, typer.Option(min=1, max=3, help="With --instances: 1 faces, 2 edges, 3 corners.")
-    ] = 1,
+    min_size: InstanceMinSize = None,
+    connectivity: InstanceConnectivity = 1,
     instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
     link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
+    preview: Annotated[
+        bool,
+        typer.Option(
+            "--preview/--no-preview",
+            help="Write <store>.preview.png beside the store: orthogonal middle slices with "
+            "the labels outlined (and an object-size histogram with --instances).",
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     lease_wait: LeaseWait = 0.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -152,6 +165,9 @@ def segment(
             method=instance_method,
             link_iou=link_iou,
         )
+    shown = "instances" if instances else labels_name
+    summary["preview"] = write_preview_or_warn(image, result.out_url, shown) if preview else None
+    summary["napari"] = napari_command(result.out_url)
     if as_json:
         typer.echo(json.dumps(summary))
     else:
@@ -167,6 +183,34 @@ def segment(
                 f"{st['method']})"
             )
             typer.echo(f"objects table: {st['table_csv']}")
+        if summary["preview"]:
+            typer.echo(f"preview: {summary['preview']}")
+        if summary["napari"]:
+            typer.echo(f"view: {summary['napari']}")
+
+
+def write_preview_or_warn(image: str, store: str, labels: str) -> str | None:
+    """The preview PNG beside ``store`` (:func:`tasks.report.write_preview`, the one the
+    flow writes); a preview that cannot be made is a warning, never a failed run."""
+    from segflow.cli import describe_error
+    from tasks.report import write_preview
+
+    try:
+        return write_preview(image, store, labels)
+    except Exception as exc:
+        typer.echo(f"segflow: warning: no preview: {describe_error(exc, store)[0]}", err=True)
+        return None
+
+
+def napari_command(store: str) -> str | None:
+    """How to open ``store`` in napari, when napari and its OME-Zarr reader are installed."""
+    from importlib.util import find_spec
+
+    if find_spec("napari") is None or find_spec("napari_ome_zarr") is None:
+        return None
+    import shlex
+
+    return f"napari --plugin napari-ome-zarr {shlex.quote(store)}"
 
 
 def _ensure_zarr(src: str, out: str | None) -> str:

@@ -56,6 +56,7 @@ def run_stitch(
         "table_csv": result.table_csv,
         "table_parquet": result.table_parquet,
         "seconds": round(result.seconds, 3),
+        "reused": result.reused,
     }
 
 

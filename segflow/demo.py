@@ -10,7 +10,8 @@
 5. score the instances the pipeline made against the known objects (beside the 3D
    connected components of the same mask) and export them as OME-TIFF.
 
-``SEGFLOW_DEMO_STEPS`` sets the training steps (default 300).
+``SEGFLOW_DEMO_STEPS`` sets the training steps (default 300). ``segflow demo --data-only
+DIR`` writes just small synthetic data to try the commands on (the README's quick start).
 """
 
 from __future__ import annotations
@@ -21,10 +22,70 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+import typer
 
+from segflow.cli import app, clean_errors
 from unet_core.runtime import configure
+
+#: Voxel size of the synthetic stacks (z, y, x) in micrometres: nuclei span several slices.
+STACK_VOXEL = (0.75, 0.25, 0.25)
+
+
+def write_training_pair(folder: Path, shape: tuple[int, ...] = (384, 384)) -> tuple[Path, Path]:
+    """A synthetic 2D image with known nuclei and its instance labels, as TIFFs."""
+    import tifffile
+
+    from unet_core.synthetic import blobs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image, labels = blobs(shape, rng=1)
+    tifffile.imwrite(folder / "image.tif", image)
+    tifffile.imwrite(folder / "labels.tif", labels)
+    return folder / "image.tif", folder / "labels.tif"
+
+
+def write_stack(path: Path, shape: tuple[int, int, int], rng: int = 7) -> np.ndarray:
+    """A synthetic z-stack as an OME-TIFF with :data:`STACK_VOXEL` sizes; many nuclei touch
+    another along z. Returns the true instance labels."""
+    import tifffile
+
+    from unet_core.synthetic import blobs
+
+    volume, truth = blobs(shape, rng=rng, spacing=(3, 1, 1), stacked=0.5, overlap=0.1)
+    sizes = dict(zip(("PhysicalSizeZ", "PhysicalSizeY", "PhysicalSizeX"), STACK_VOXEL, strict=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, volume, ome=True, metadata={"axes": "ZYX", **sizes})
+    return truth
+
+
+@app.command()
+@clean_errors
+def demo(
+    out: Annotated[Path, typer.Argument(help="Folder to write into.")] = Path("demo-output"),
+    data_only: Annotated[
+        bool,
+        typer.Option(
+            "--data-only",
+            help="Only write small synthetic data: train/image.tif + train/labels.tif "
+            "(256x256), stack.tif (12x128x128) and batch/a.tif, batch/b.tif (8x96x96).",
+        ),
+    ] = False,
+) -> None:
+    """The demo (as `make demo`), or with --data-only small data to try the commands on.
+
+    Example: segflow demo --data-only data
+    """
+    if not data_only:
+        main(["--out", str(out)])
+        return
+    write_training_pair(out / "train", (256, 256))
+    write_stack(out / "stack.tif", (12, 128, 128))
+    for i, name in enumerate(("a", "b")):
+        write_stack(out / "batch" / f"{name}.tif", (8, 96, 96), rng=11 + i)
+    typer.echo(f"wrote {out}: train/image.tif, train/labels.tif, stack.tif, batch/a.tif, b.tif")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
-    import tifffile
     import torch
     import zarr
 
@@ -48,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     from unet_core import load_checkpoint
     from unet_core.metrics import dice, instances_from_mask, match_instances
     from unet_core.predict import predict
-    from unet_core.synthetic import blobs, touching_along
+    from unet_core.synthetic import touching_along
     from unet_core.training.config import TrainConfig
 
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
@@ -56,10 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. Train on a synthetic 2D image with known nuclei.
     train_dir = out / "train"
-    train_dir.mkdir(exist_ok=True)
-    image, labels = blobs((384, 384), rng=1)
-    tifffile.imwrite(train_dir / "image.tif", image)
-    tifffile.imwrite(train_dir / "labels.tif", labels)
+    write_training_pair(train_dir, (384, 384))
     ckpt = out / "model.ckpt"
     again = ckpt.exists()
     print(
@@ -83,14 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # 2. A new volume arrives: a synthetic stack as a multi-page TIFF.
-    inbox = out / "inbox"
-    inbox.mkdir(exist_ok=True)
-    volume, truth = blobs((24, 256, 256), rng=7, spacing=(3, 1, 1), stacked=0.5, overlap=0.1)
-    tif = inbox / "volume.ome.tif"
-    sizes = {"PhysicalSizeZ": 0.75, "PhysicalSizeY": 0.25, "PhysicalSizeX": 0.25}
-    tifffile.imwrite(tif, volume, ome=True, metadata={"axes": "ZYX", **sizes})
+    tif = out / "inbox" / "volume.ome.tif"
+    truth = write_stack(tif, (24, 256, 256))
     print(
-        f"[2/5] new volume {tif} {volume.shape} {volume.dtype}, voxels 0.75×0.25×0.25 µm, "
+        f"[2/5] new volume {tif} {truth.shape} uint16, voxels 0.75×0.25×0.25 µm, "
         f"{touching_along(truth, axis=0):.0%} of {truth.max()} nuclei touch another along z",
         flush=True,
     )

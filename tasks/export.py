@@ -15,7 +15,7 @@ import zarr
 
 from tasks.blockwise import injected_delay
 from tasks.ngff import label_names, read_multiscale
-from tasks.runstate import StrictArray, require_complete
+from tasks.runstate import StrictArray, owned_by_segflow, require_complete, set_complete
 from tasks.store import LABELS_GROUP, filesystem, get_array, is_remote, open_group
 from unet_core.errors import InvalidVolumeError
 
@@ -97,3 +97,41 @@ def export_tiff(
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
     return to
+
+
+def export_labels_once(
+    store: str,
+    to: str,
+    labels: str,
+    compression: str | None = "zlib",
+    progress: Callable[[int, int], None] | None = None,
+) -> bool:
+    """:func:`export_tiff` of ``labels/<labels>``, skipped when ``to`` already holds it.
+
+    After writing, the label group records the export (its target, the labels' run key,
+    the compression and the file's size and modification time). A later call finds that
+    record and a file that still matches it, and writes nothing; labels recomputed under
+    another key, another compression or a changed or missing file export again. Returns
+    whether the existing file was reused. (Only for local files in stores segflow made;
+    anything else is exported every time.)"""
+    path = f"{LABELS_GROUP}/{labels}"
+    meta = require_complete(store, path, f"'{labels}' labels")
+    record = {"key": meta.get("key"), "compression": compression}
+    local = not is_remote(to) and owned_by_segflow(store)
+    if local and record["key"] is not None:
+        done = meta.get("exports", {}).get(os.path.abspath(to))
+        if done is not None and done == {**record, **_file_id(to)}:
+            return True
+    export_tiff(store, to, labels=labels, compression=compression, progress=progress)
+    if local and record["key"] is not None:
+        exports = {**meta.get("exports", {}), os.path.abspath(to): {**record, **_file_id(to)}}
+        set_complete(store, path, True, exports=exports)
+    return False
+
+
+def _file_id(path: str) -> dict[str, int]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {}
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}

@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tasks.paths import beside_store
 from tasks.runstate import StrictArray, require_complete, write_beside
 from tasks.store import (
     LABELS_GROUP,
+    filesystem,
     get_array,
     open_group,
     open_level,
@@ -50,7 +51,8 @@ def write_preview(
     max_side: int = 1024,
     picture: Image.Image | None = None,
 ) -> str:
-    """PNG of the middle slice (:func:`preview_picture`, unless given) beside the store."""
+    """The preview PNG (:func:`preview_picture`, unless given) beside the store
+    (:func:`preview_path`); returns its path."""
     if picture is None:
         picture = preview_picture(image_url, out_url, labels, max_side)
     target = path or preview_path(out_url)
@@ -67,44 +69,165 @@ def png_data_uri(picture: Image.Image, max_side: int = 320) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+#: Pixels between the panels of a preview.
+PREVIEW_GAP = 4
+#: A small image is enlarged by a whole factor until its panels span at least this many pixels.
+PREVIEW_MIN_SIDE = 512
+
+
+def histogram_height(width: int) -> int:
+    """Height in pixels of the object-size histogram under slices ``width`` pixels wide."""
+    return min(max(round(0.3 * width), 120), 240)
+
+
 def preview_picture(image_url: str, out_url: str, labels: str, max_side: int = 1024) -> Image.Image:
-    """The middle slice in grey with the labels overlaid in colour (at most ``max_side``)."""
+    """What a run made, in one picture: orthogonal middle slices with the labels outlined.
+
+    A stack gives three panels, laid out as in a viewer's orthogonal view::
+
+        +-----------+--+
+        |  yx at    |zy|    zy: the middle x (z across, drawn to scale with
+        |  mid z    |  |        the voxel sizes), beside yx at the middle z
+        +-----------+--+
+        | zx (mid y)|
+        +-----------+
+
+    a plane (or a one-slice stack) one. Each label is outlined in its colour over the
+    image in grey (1st-99.8th percentile) with a faint fill; for instance labels with an
+    object table (``stitch``), a histogram of object sizes sits below. Small images are
+    enlarged by a whole factor, large ones shrunk so the slices fit in ``max_side``.
+    """
     info = read_image_info(image_url)
     arr = open_level(info)
-    spatial = info.spatial_shape
-    sel: list[Any] = []
-    for a in info.axes:
-        if a == "c":
-            sel.append(0)
-        elif a == "z":
-            sel.append(spatial[0] // 2)
-        else:
-            sel.append(slice(None))
-    img = np.asarray(arr[tuple(sel)]).astype(np.float32)
     require_complete(out_url, f"{LABELS_GROUP}/{labels}", f"'{labels}' labels")
     lab_arr = StrictArray(
         get_array(open_group(out_url, "r"), f"{LABELS_GROUP}/{labels}/0", out_url),
         out_url,
         f"{LABELS_GROUP}/{labels}/0",
     )
-    lab_sel = (spatial[0] // 2,) if len(spatial) == 3 else ()
-    lab = np.asarray(lab_arr[lab_sel]).astype(np.int64)
+    spatial = info.spatial_shape
+    channel: tuple[Any, ...] = (0,) if "c" in info.axes else ()
+    planes: list[tuple[str, np.ndarray, np.ndarray]] = []  # (caption, image, labels)
+    if len(spatial) == 3 and spatial[0] > 1:
+        nz, ny, nx = spatial
+        cuts: tuple[tuple[str, tuple[Any, ...]], ...] = (
+            (f"z {nz // 2}", (nz // 2, slice(None), slice(None))),
+            (f"x {nx // 2}", (slice(None), slice(None), nx // 2)),
+            (f"y {ny // 2}", (slice(None), ny // 2, slice(None))),
+        )
+        for caption, sel in cuts:
+            planes.append((caption, np.asarray(arr[(*channel, *sel)]), lab_arr[sel]))
+        # zy is drawn with z across: beside the yx panel, sharing its y.
+        planes[1] = (planes[1][0], planes[1][1].T, planes[1][2].T)
+    else:
+        plane: tuple[Any, ...] = (0,) if len(spatial) == 3 else ()
+        planes.append(("", np.asarray(arr[(*channel, *plane)]), lab_arr[plane]))
     if info.stats is not None and info.stats.percentiles:
         lo, hi = info.stats.percentile(1.0), info.stats.percentile(99.8)
     else:
-        lo, hi = float(np.percentile(img, 1)), float(np.percentile(img, 99.8))
+        values = np.concatenate([p[1].ravel() for p in planes]).astype(np.float64)
+        lo, hi = float(np.percentile(values, 1)), float(np.percentile(values, 99.8))
+    z_factor = info.spatial_scale[0] / info.spatial_scale[-2] if len(planes) == 3 else 1.0
+    height, width = planes[0][1].shape
+    thick = max(1.0, spatial[0] * z_factor) if len(planes) == 3 else 0.0
+    extent = max(height, width) + (thick + PREVIEW_GAP if thick else 0)
+    zoom = (
+        max_side / extent
+        if extent > max_side
+        else float(max(1, PREVIEW_MIN_SIDE // max(extent, 1)))
+    )
+
+    def size(n: float) -> int:
+        return max(1, round(n * zoom))
+
+    h, w, t = size(height), size(width), size(thick) if thick else 0
+    panels = [
+        _outlined(planes[0][1], planes[0][2], (h, w), lo, hi),
+    ]
+    if thick:
+        panels.append(_outlined(planes[1][1], planes[1][2], (h, t), lo, hi))
+        panels.append(_outlined(planes[2][1], planes[2][2], (t, w), lo, hi))
+    total = (w + PREVIEW_GAP + t, h + PREVIEW_GAP + t) if thick else (w, h)
+    picture = Image.new("RGB", total, (0, 0, 0))
+    origins = [(0, 0), (w + PREVIEW_GAP, 0), (0, h + PREVIEW_GAP)]
+    draw = ImageDraw.Draw(picture)
+    for (caption, *_), panel, origin in zip(planes, panels, origins, strict=False):
+        picture.paste(panel, origin)
+        if caption and panel.size[0] >= 40 and panel.size[1] >= 14:
+            x, y = origin[0] + 3, origin[1] + 2
+            draw.text((x + 1, y + 1), caption, fill=(0, 0, 0))
+            draw.text((x, y), caption, fill=(255, 255, 255))
+    sizes = _object_sizes(out_url, labels)
+    if sizes is not None:
+        picture = _with_histogram(picture, sizes)
+    return picture
+
+
+def _outlined(
+    image: np.ndarray, labels: np.ndarray, shape: tuple[int, int], lo: float, hi: float
+) -> Image.Image:
+    """A grey panel of ``shape`` with each label outlined (and faintly filled) in colour."""
+    rows = (np.arange(shape[0]) * image.shape[0] // shape[0]).astype(np.intp)
+    cols = (np.arange(shape[1]) * image.shape[1] // shape[1]).astype(np.intp)
+    img = image[np.ix_(rows, cols)].astype(np.float32)  # nearest-voxel resampling
+    lab = labels[np.ix_(rows, cols)].astype(np.int64)
     grey = np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1) * 255
     rgb = np.repeat(grey[..., None], 3, axis=2)
     colours = _PALETTE[(lab - 1) % len(_PALETTE)]
     fg = lab > 0
-    rgb[fg] = 0.55 * rgb[fg] + 0.45 * colours[fg]
-    picture = Image.fromarray(rgb.astype(np.uint8))
-    scale = max(picture.size) / max_side
-    if scale > 1:
-        picture = picture.resize(
-            (int(picture.size[0] / scale), int(picture.size[1] / scale)), Image.Resampling.NEAREST
-        )
-    return picture
+    edge = np.zeros_like(fg)
+    padded = np.pad(lab, 1, mode="edge")
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        edge |= padded[dy : dy + lab.shape[0], dx : dx + lab.shape[1]] != lab
+    edge &= fg
+    inside = fg & ~edge
+    rgb[inside] = 0.8 * rgb[inside] + 0.2 * colours[inside]
+    rgb[edge] = colours[edge]
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def _object_sizes(out_url: str, labels: str) -> np.ndarray | None:
+    """Voxels per object from the object table ``stitch`` wrote for ``labels``, if any."""
+    from tasks.stitch import table_paths
+
+    _, parquet = table_paths(out_url, labels)
+    fs = filesystem(parquet)
+    if not fs.exists(parquet):
+        return None
+    import pandas as pd
+
+    with fs.open(parquet, "rb") as f:
+        return np.asarray(pd.read_parquet(f, columns=["voxels"])["voxels"], dtype=np.int64)
+
+
+def _with_histogram(picture: Image.Image, sizes: np.ndarray) -> Image.Image:
+    """``picture`` above a histogram of object sizes (log-spaced bins, as many as fit)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    width = picture.size[0]
+    height = histogram_height(width)
+    dpi = 100
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_subplot()
+    sizes = sizes[sizes > 0]
+    if sizes.size:
+        top = max(int(sizes.max()), 2)
+        bins = np.unique(np.geomspace(max(int(sizes.min()), 1), top + 1, 25).round())
+        ax.hist(sizes, bins=list(bins), color="#3c82c8")
+        ax.set_xscale("log")
+    small = width < 400
+    ax.set_title(f"{sizes.size:,} objects", fontsize=7 if small else 9)
+    ax.set_xlabel("voxels per object", fontsize=7 if small else 8)
+    ax.tick_params(labelsize=6 if small else 7)
+    fig.tight_layout(pad=0.4)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    chart = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
+    both = Image.new("RGB", (width, picture.size[1] + height), (255, 255, 255))
+    both.paste(picture, (0, 0))
+    both.paste(chart.resize((width, height)), (0, picture.size[1]))
+    return both
 
 
 def size_histogram(sizes: Sequence[int] | np.ndarray) -> list[dict[str, int]]:
@@ -147,7 +270,7 @@ def markdown_report(summary: dict[str, Any]) -> str:
     if summary.get("failed_regions"):
         lines += _failed_section(summary)
     if summary.get("preview_uri"):
-        lines += ["", "## Preview (middle slice)", "", f"![preview]({summary['preview_uri']})"]
+        lines += ["", "## Preview (middle slices)", "", f"![preview]({summary['preview_uri']})"]
     if summary.get("size_histogram"):
         lines += ["", "## Object sizes", "", "| voxels | objects | |", "|---|---|---|"]
         top = max(r["objects"] for r in summary["size_histogram"])

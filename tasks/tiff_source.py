@@ -211,13 +211,13 @@ def _os_error(url: str, exc: OSError) -> SegflowError:
     )
 
 
-def _list_slices(src: str) -> list[str]:
+def list_tiff_files(src: str) -> list[str]:
     """Files of a folder (TIFF suffixes only) or of a glob, in natural order.
 
     A path that exists is a folder, even if its name holds glob characters ('stack[2]');
     only a path that does not exist is expanded as a pattern."""
     remote = is_remote(src)
-    if _is_pattern(src):
+    if is_glob_pattern(src):
         if remote:
             scheme = src.split("://", 1)[0]
             names = [f"{scheme}://{p}" for p in filesystem(src).glob(src)]
@@ -236,7 +236,7 @@ def _list_slices(src: str) -> list[str]:
     return sorted(names, key=natural_key)
 
 
-def _is_pattern(src: str) -> bool:
+def is_glob_pattern(src: str) -> bool:
     """Whether SRC is to be expanded as a glob: it has glob characters and no such path."""
     if not _GLOB_CHARS.search(src):
         return False
@@ -248,7 +248,7 @@ def _is_pattern(src: str) -> bool:
 def _resolve(src: str) -> tuple[Literal["tiff", "slices"], list[str]]:
     if is_remote(src):
         check_access(src)
-        if _is_pattern(src):
+        if is_glob_pattern(src):
             kind: Literal["tiff", "slices"] = "slices"
         else:
             fs = filesystem(src)
@@ -261,7 +261,7 @@ def _resolve(src: str) -> tuple[Literal["tiff", "slices"], list[str]]:
             if not isdir:
                 raise VolumeNotFoundError(f"{src}: no such file or folder")
             kind = "slices"
-    elif _is_pattern(src):
+    elif is_glob_pattern(src):
         kind = "slices"
     elif os.path.isfile(src):
         return "tiff", [src]
@@ -272,13 +272,13 @@ def _resolve(src: str) -> tuple[Literal["tiff", "slices"], list[str]]:
             _stat(src)  # names why it cannot be used (a symlink loop, no permission)
         raise VolumeNotFoundError(f"{src}: no such file or folder")
     try:
-        names = _list_slices(src)
+        names = list_tiff_files(src)
     except OSError as exc:
         raise _os_error(src, exc) from None
     if not names:
         what = (
             "matches"
-            if kind == "slices" and _is_pattern(src)
+            if kind == "slices" and is_glob_pattern(src)
             else "TIFF files (.tif/.tiff) in the folder"
         )
         raise VolumeNotFoundError(f"{src}: no {what}")

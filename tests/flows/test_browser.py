@@ -123,8 +123,10 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         )
         _shot(page, shots, "3-report")
         width, height = preview.evaluate("i => [i.naturalWidth, i.naturalHeight]")
-        assert (width, height) == (64, 64)  # the middle slice, full size (it is small)
-        for heading in ("Preview (middle slice)", "Object sizes", "Work"):
+        # 4x64x64: three orthogonal slices enlarged 7x (480 wide) over the object-size
+        # histogram (144 high), embedded as a thumbnail of at most 320 pixels
+        assert (width, height) == (246, 320)
+        for heading in ("Preview (middle slices)", "Object sizes", "Work"):
             assert page.get_by_role("heading", name=heading).count() == 1, heading
         assert report.locator("table").count() >= 3
         browser.close()

@@ -90,7 +90,8 @@ def test_objects_crossing_one_two_and_three_faces_and_a_snake(tmp_path, dask_cli
             z = min(z + 1, 22)
     # Diagonal-only contacts: separate under face connectivity, joined under full.
     mask[20, 2, 2] = mask[21, 3, 3] = True
-    url = semantic_store(tmp_path / "img.ome.zarr", mask, (4, 4, 4))
+    # chunks of 8: 27 blocks, every object above crosses a face (4: 216 blocks, 8x the time)
+    url = semantic_store(tmp_path / "img.ome.zarr", mask, (8, 8, 8))
     for connectivity in (1, 2, 3):
         stitch(url, connectivity=connectivity, client=dask_client, write_table=False)
         out = zarr.open_group(url, mode="r")["labels/instances/0"][...]

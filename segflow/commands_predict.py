@@ -1,0 +1,315 @@
+"""``segflow predict``: label TIFFs for TIFFs, one command for one file or a whole batch.
+
+Each input goes through the steps the other commands run, with the same task functions
+(so the same engine and the same bits): ingest (``segflow ingest``) -> segment
+(``segflow segment``) -> instances (``segflow stitch``, with ``--instances``) -> label
+OME-TIFF (``segflow export``) -> preview. Outputs follow the inbox convention of the
+nightly run (:func:`tasks.paths.nightly_store`): input ``a.tif`` gives
+
+    OUT/a.tif.ome.zarr          the image, its labels (and instances)
+    OUT/a.tif.labels.ome.tif    the labels (instance ids with --instances, else class ids)
+    OUT/a.tif.preview.png       orthogonal middle slices with the labels outlined
+
+A failed input is reported and the others go on; re-running skips what is complete (the
+ingest's unit markers, the segmentation's block markers under the run key, the stitch's
+key, the export's record).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from segflow.cli import app, clean_errors, cluster_options, describe_error, parse_shape
+from segflow.commands_segment import InstanceConnectivity, InstanceMinSize
+from segflow.commands_stitch import LINK_IOU_HELP, METHOD_HELP
+from segflow.progress import BlockProgress
+from unet_core.errors import ExitCode
+
+if TYPE_CHECKING:
+    from tasks.cluster import ClusterSpec
+    from tasks.segment import SegmentParams
+
+#: What ``predict`` writes beside each store (see :func:`tasks.paths.beside_store`).
+LABELS_TIFF = "labels.ome.tif"
+
+
+@dataclass
+class Row:
+    """The outcome for one input: ``ok`` or ``failed`` with one sentence."""
+
+    input: str
+    status: str = "failed"
+    error: str | None = None
+    exit_code: int = 0
+    store: str | None = None
+    labels_tiff: str | None = None
+    preview: str | None = None
+    blocks_computed: int = 0
+    blocks_reused: int = 0
+    objects: int | None = None
+    reused: bool = False
+    seconds: float = 0.0
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[Row]]:
+    """TIFF files named by ``inputs`` (files, folders of TIFFs, globs), in order and once
+    each, and a failed row for each input that names none.
+
+    A path that exists is taken as it is (a folder named ``run[2]``); only a path that does
+    not exist is expanded as a glob."""
+    from tasks.paths import is_tiff_name
+    from tasks.tiff_source import is_glob_pattern, list_tiff_files
+
+    files: list[str] = []
+    bad: list[Row] = []
+    seen: set[str] = set()
+
+    def fail(name: str, problem: str) -> None:
+        bad.append(Row(name, error=f"{name}: {problem}", exit_code=int(ExitCode.BAD_INPUT)))
+
+    for name in inputs:
+        if os.path.isdir(name):
+            found = list_tiff_files(name)
+            if not found:
+                fail(name, "this folder holds no TIFF files (.tif, .tiff)")
+        elif os.path.exists(name):
+            found = [name]
+            if not is_tiff_name(name):
+                fail(name, "not a TIFF file (predict reads .tif/.tiff files)")
+                found = []
+        elif is_glob_pattern(name):
+            found = [f for f in list_tiff_files(name) if is_tiff_name(f) and os.path.isfile(f)]
+            if not found:
+                fail(name, "no TIFF file matches this pattern")
+        else:
+            fail(name, "no such file or folder")
+            found = []
+        for f in found:
+            real = os.path.realpath(f)
+            if real not in seen:
+                seen.add(real)
+                files.append(f)
+    return files, bad
+
+
+def predict_one(
+    source: str,
+    out: str,
+    model: str,
+    params: SegmentParams,
+    client: Any,
+    cluster: ClusterSpec | None,
+    *,
+    instances: bool,
+    min_size: int | None,
+    connectivity: int,
+    instance_method: str | None,
+    link_iou: float | None,
+    preview: bool,
+    force: bool,
+    quiet: bool,
+) -> Row:
+    """Ingest, segment, (stitch,) export and preview one TIFF; never raises for a bad input."""
+    from segflow.commands_segment import _ensure_zarr, write_preview_or_warn
+    from segflow.commands_stitch import run_stitch
+    from tasks.export import export_labels_once
+    from tasks.paths import beside_store, nightly_store
+    from tasks.segment import plan_segmentation, segment_image
+
+    t0 = time.perf_counter()
+    store = nightly_store(out, source)
+    row = Row(source, store=store)
+    try:
+        image = _ensure_zarr(source, store)
+        plan = plan_segmentation(image, model, None, params)
+        with BlockProgress(quiet=quiet) as progress:
+            result = segment_image(
+                image,
+                model,
+                params=params,
+                client=client,
+                force=force,
+                progress=progress,
+                plan=plan,
+            )
+        row.blocks_computed, row.blocks_reused = result.blocks_computed, result.blocks_skipped
+        labels = params.labels_name
+        reused = result.blocks_computed == 0
+        if instances:
+            st = run_stitch(
+                result.out_url,
+                labels,
+                "instances",
+                min_size,
+                connectivity,
+                None,
+                cluster,
+                client=client,
+                method=instance_method,
+                link_iou=link_iou,
+            )
+            row.objects = st["objects"]
+            reused = reused and bool(st["reused"])
+            labels = "instances"
+        tiff = beside_store(store, LABELS_TIFF)
+        reused = export_labels_once(result.out_url, tiff, labels) and reused
+        row.labels_tiff = tiff
+        if preview:
+            row.preview = write_preview_or_warn(image, result.out_url, labels)
+        row.status, row.reused = "ok", reused
+    except Exception as exc:  # one input's failure is its row; the others go on
+        message, code = describe_error(exc, source)
+        row.error, row.exit_code = message, int(code)
+    row.seconds = round(time.perf_counter() - t0, 2)
+    return row
+
+
+@app.command()
+@clean_errors
+@cluster_options
+def predict(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="TIFF files, folders of TIFFs or quoted globs ('raw/*.tif'); each TIFF is "
+            "one volume (or plane).",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
+    instances: Annotated[
+        bool,
+        typer.Option("--instances", help="Label objects; the TIFF then holds instance ids."),
+    ] = False,
+    min_size: InstanceMinSize = None,
+    connectivity: InstanceConnectivity = 1,
+    instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
+    link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
+    tile: Annotated[
+        str | None, typer.Option(help="Largest tile input shape (default: per model).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Tiles per forward pass.")] = 4,
+    preview: Annotated[
+        bool,
+        typer.Option(
+            "--preview/--no-preview",
+            help="Write <name>.preview.png per input: orthogonal middle slices with the "
+            "labels outlined.",
+        ),
+    ] = True,
+    force: Annotated[bool, typer.Option("--force", help="Recompute finished blocks.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary.")] = False,
+    cluster: ClusterSpec | None = None,
+) -> None:
+    """Label TIFFs for TIFFs: each input is ingested, segmented (with --instances also split
+    into objects) and exported as OUT/<name>.labels.ome.tif beside its OUT/<name>.ome.zarr.
+
+    A failed input does not stop the others; the summary lists each input, and the exit
+    status is that of the first failure. Re-running skips inputs already complete.
+
+    Example: segflow predict 'raw/*.tif' --model model.ckpt --out results --instances
+    """
+    from tasks.cluster import dask_client
+    from tasks.paths import nightly_store
+    from tasks.segment import SegmentParams
+    from unet_core import read_checkpoint_header
+
+    read_checkpoint_header(model)  # a missing or unusable model fails before any work
+    params = SegmentParams.model_validate(
+        {"tile": parse_shape(tile, "tile"), "device": device, "batch_size": batch_size}
+    )
+    files, rows = expand_inputs(inputs)
+    taken: dict[str, str] = {}
+    todo: list[str] = []
+    for f in files:  # two inputs named alike would share their outputs
+        store = nightly_store(out, f)
+        if store in taken:
+            rows.append(
+                Row(
+                    f,
+                    error=f"{f}: its outputs would be {store}, which {taken[store]} writes; "
+                    "run them into different --out folders",
+                    exit_code=int(ExitCode.CONFLICT),
+                )
+            )
+        else:
+            taken[store] = f
+            todo.append(f)
+    if todo and "://" not in out:
+        os.makedirs(out, exist_ok=True)
+    done: list[Row] = []
+    if todo:
+        with dask_client(cluster=cluster, device=params.device) as client:
+            for i, f in enumerate(todo, 1):
+                if not (quiet or as_json):
+                    typer.echo(f"[{i}/{len(todo)}] {f}")
+                row = predict_one(
+                    f,
+                    out,
+                    str(model),
+                    params,
+                    client,
+                    cluster,
+                    instances=instances,
+                    min_size=min_size,
+                    connectivity=connectivity,
+                    instance_method=instance_method,
+                    link_iou=link_iou,
+                    preview=preview,
+                    force=force,
+                    quiet=quiet or as_json,
+                )
+                if row.status != "ok" and not as_json:
+                    typer.echo(f"segflow: error: {row.error}", err=True)
+                done.append(row)
+    order = {f: i for i, f in enumerate(files)}
+    rows = sorted(done, key=lambda r: order.get(r.input, -1)) + rows
+    failed = [r for r in rows if r.status != "ok"]
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "out": out,
+                    "ok": len(rows) - len(failed),
+                    "failed": len(failed),
+                    "inputs": [asdict(r) for r in rows],
+                }
+            )
+        )
+    else:
+        _print_summary(rows, out)
+    if failed:
+        raise typer.Exit(failed[0].exit_code or int(ExitCode.OTHER))
+
+
+def _print_summary(rows: list[Row], out: str) -> None:
+    from segflow.commands_segment import napari_command
+
+    ok = [r for r in rows if r.status == "ok"]
+    typer.echo(f"predict: {len(ok)} ok, {len(rows) - len(ok)} failed ({out})")
+    for r in rows:
+        if r.status == "ok":
+            what = (
+                "complete already, nothing recomputed"
+                if r.reused
+                else f"{r.blocks_computed} blocks computed, {r.blocks_reused} reused"
+            )
+            if r.objects is not None:
+                what += f"; {r.objects} objects"
+            typer.echo(f"  ok      {r.input} -> {r.labels_tiff} ({what}, {r.seconds:.1f} s)")
+            if r.preview:
+                typer.echo(f"          preview: {r.preview}")
+        else:
+            typer.echo(f"  failed  {r.error}")
+    if ok and ok[0].store and (view := napari_command(ok[0].store)):
+        typer.echo(f"view: {view}")
