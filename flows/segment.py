@@ -42,6 +42,7 @@ from tasks.runstate import Lease
 from tasks.segment import (
     SegmentParams,
     SegmentPlan,
+    check_segment_inputs,
     dask_client,
     finalize_outputs,
     plan_segmentation,
@@ -293,13 +294,23 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     name = volume_name(params.source)
     add_run_tags("segflow", name)
     complete = False
+    tiff = is_tiff_source(params.source)
+    check_segment_inputs(  # every input, before the cluster starts or anything is written
+        params.source,
+        params.model,
+        params.output,
+        params.engine(),
+        params.lease_wait_s,
+        (params.output or store_beside(params.source)) if tiff else None,
+        local=params.dask_address is None and params.cluster.kind == "local",
+    )
     with dask_client(
         address=params.dask_address, cluster=params.cluster, device=params.device
     ) as client:
         address = params.dask_address or client.scheduler.address
         image = params.source
         output = params.output
-        if is_tiff_source(params.source):
+        if tiff:
             dst = params.output or store_beside(params.source)
             image = ingest_step(params.source, dst, params.ingest_levels, address)
             output = None  # labels go into the ingested image store

@@ -46,9 +46,15 @@ def segment(
     ] = None,
     chunks: Annotated[str | None, typer.Option(help="Output chunks, e.g. 64,128,128.")] = None,
     tile: Annotated[
-        str | None, typer.Option(help="Largest tile input shape (default: per model).")
+        str | None,
+        typer.Option(
+            help="Largest tile input shape, e.g. 64,128,128 (default: per model). For a 2D "
+            "model on a stack, the in-plane Y,X (e.g. 572,572) or 1,Y,X."
+        ),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present), cpu or cuda; checked before any work.")
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Tiles per forward pass.")] = 4,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     fast: Annotated[
@@ -93,10 +99,19 @@ def segment(
     cluster: ClusterSpec | None = None,
 ) -> None:
     """Segment SRC with MODEL; masks land in SRC's labels/ group (or in --out)."""
-    from tasks.segment import SegmentParams, plan_segmentation, segment_image
+    from tasks.paths import is_tiff_name, store_beside
+    from tasks.segment import (
+        SegmentParams,
+        check_segment_inputs,
+        plan_segmentation,
+        segment_image,
+    )
+    from unet_core.predict import check_device
 
     if fast and reference:
         raise typer.BadParameter("--fast and --reference exclude each other; pick one")
+    local = cluster is None or cluster.kind == "local"
+    check_device(device, indexed=False, here=local)
 
     params = SegmentParams.model_validate(
         {
@@ -112,6 +127,8 @@ def segment(
             "labels_name": labels_name,
         }
     )
+    ingest_to = (out or store_beside(src)) if is_tiff_name(src) else None
+    check_segment_inputs(src, str(model), out, params, lease_wait, ingest_to, local)
     image = _ensure_zarr(src, out)
     plan = plan_segmentation(image, str(model), out, params)
     from tasks.cluster import dask_client

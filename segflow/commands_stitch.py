@@ -73,8 +73,16 @@ def stitch_text(summary: dict[str, Any]) -> str:
 @output_options
 @cluster_options
 def stitch(
-    store: Annotated[str, typer.Argument(help="Store holding labels/<NAME> (path or s3://).")],
-    labels: Annotated[str, typer.Option(help="Semantic label image to read.")] = "semantic",
+    store: Annotated[
+        str,
+        typer.Argument(
+            help="Store holding labels/<NAME> (path or s3://), or the labels' path as segment "
+            "prints it (STORE/labels/NAME/0)."
+        ),
+    ],
+    labels: Annotated[
+        str | None, typer.Option(help="Semantic label image to read (default: semantic).")
+    ] = None,
     name: Annotated[str, typer.Option(help="Name of the instance label image.")] = "instances",
     min_size: Annotated[
         int | None,
@@ -92,10 +100,13 @@ def stitch(
 ) -> None:
     """Objects of a semantic mask with global ids across chunks: connected components, or
     for a stack segmented slice by slice, slice objects linked by overlap."""
+    from tasks.paths import split_labels_path
+
+    store, named = split_labels_path(store, labels)
     with BlockProgress() as progress:
         summary = run_stitch(
             store,
-            labels,
+            named or "semantic",
             name,
             min_size,
             connectivity,
@@ -112,21 +123,29 @@ def stitch(
 @clean_errors
 @output_options
 def export(
-    store: Annotated[str, typer.Argument(help="OME-Zarr store.")],
+    store: Annotated[
+        str,
+        typer.Argument(help="OME-Zarr store, or a label image's path STORE/labels/NAME/0."),
+    ],
     to: Annotated[str, typer.Option("--to", help="Output .tif (BigTIFF, OME metadata).")],
     labels: Annotated[
-        str | None, typer.Option(help="Label image to export (omit with --image).")
-    ] = "instances",
+        str | None,
+        typer.Option(help="Label image to export (default: instances; omit with --image)."),
+    ] = None,
     image: Annotated[bool, typer.Option("--image", help="Export the image itself.")] = False,
     compression: Annotated[str, typer.Option(help="zlib, zstd, lzw or none.")] = "zlib",
 ) -> None:
     """Stream a label image (or the image) into a BigTIFF / OME-TIFF with physical sizes."""
     from tasks.export import export_tiff
+    from tasks.paths import split_labels_path
 
+    store, named = split_labels_path(store, labels)
+    if image and named:
+        raise typer.BadParameter(f"--image exports the image itself, not the labels '{named}'")
     out = export_tiff(
         store,
         to,
-        labels=None if image else labels,
+        labels=None if image else named or "instances",
         compression=None if compression == "none" else compression,
     )
     emit({"tiff": str(out)}, f"wrote {out}")

@@ -85,13 +85,23 @@ def train(
     ] = None,
     norm: Annotated[str | None, typer.Option(help="batch, none, instance or group.")] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout at the bottom.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda or cuda:N; checked before any data is read.")
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed (runs are deterministic).")] = 0,
     resume: Annotated[
         Path | None,
         typer.Option(help="Continue the run of this checkpoint (or fine-tune from it)."),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch.")] = None,
+    trust_labels: Annotated[
+        bool,
+        typer.Option(
+            "--trust-labels",
+            help="Skip the check that --labels look like an annotation and --image like an "
+            "image (for dense annotations without background).",
+        ),
+    ] = False,
 ) -> None:
     """Train a U-Net on image/label pairs and write the best checkpoint (by validation Dice).
 
@@ -138,7 +148,7 @@ def train(
     from tasks.training.run import run_training
 
     with TrainProgress(config.steps, config.epoch_steps) as shown:
-        result, files = run_training(image, labels, out, config, shown.update, resume)
+        result, files = run_training(image, labels, out, config, shown.update, resume, trust_labels)
     report = summary(result, files)
     emit(report, train_text(report))
 
@@ -159,36 +169,75 @@ def train_text(report: dict[str, Any]) -> str:
 @clean_errors
 @output_options
 def evaluate(
-    pred: Annotated[str, typer.Argument(help="Predicted mask (TIFF, OME-Zarr, .npy, PNG).")],
-    gt: Annotated[str, typer.Argument(help="Ground-truth mask of the same shape.")],
-    instances: Annotated[
-        bool,
-        typer.Option(
-            help="Score objects: precision/recall/F1 at IoU >= threshold and the ISBI Rand "
-            "error (binary masks are split into connected components)."
+    pred: Annotated[
+        str,
+        typer.Argument(
+            help="Predicted labels: STORE/labels/NAME/0 as segment prints it, a store with "
+            "--labels NAME, or a TIFF, .npy or PNG."
         ),
+    ],
+    gt: Annotated[str, typer.Argument(help="Ground truth of the same shape (any of those).")],
+    labels: Annotated[
+        str | None, typer.Option(help="Label image of a PRED store (e.g. semantic, instances).")
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="auto (from the ids: instance vs class ids), classes (Dice/IoU per class), "
+            "foreground (binary Dice/IoU of ids > 0) or instances (F1 at IoU >= threshold, "
+            "Rand error)."
+        ),
+    ] = "auto",
+    instances: Annotated[
+        bool, typer.Option(help="Same as --mode instances (masks are split into objects).")
     ] = False,
     threshold: Annotated[float, typer.Option(help="IoU for a matched object.")] = 0.5,
     n_classes: Annotated[
         int | None, typer.Option(help="Classes (default: largest id + 1).")
     ] = None,
 ) -> None:
-    """Print Dice and IoU per class (or instance scores) of PRED against GT."""
+    """Score PRED against GT and print the scores, naming the mode used and why."""
     import numpy as np
 
-    from tasks.training.inputs import read_array
+    from tasks.training.inputs import read_labels
     from unet_core.errors import InvalidShapeError, InvalidVolumeError
-    from unet_core.metrics import class_report, instance_report, instances_from_mask
+    from unet_core.metrics import (
+        choose_mode,
+        class_report,
+        foreground_report,
+        instance_report,
+        instances_from_mask,
+    )
+    from unet_core.targets import label_problem
 
-    p, g = read_array(pred), read_array(gt)
+    modes = ("auto", "classes", "foreground", "instances")
+    if mode not in modes:
+        raise typer.BadParameter(f"--mode {mode}: use one of {', '.join(modes)}")
+    if instances:
+        mode = "instances"
+    elif mode == "auto" and n_classes is not None:
+        mode = "classes"
+    if not 0.0 < threshold <= 1.0:
+        raise typer.BadParameter("threshold must be in (0, 1]")
+    p, g = read_labels(pred, labels, image_ok=False), read_labels(gt)
     if p.shape != g.shape:
         raise InvalidShapeError(f"{pred}: shape {p.shape} differs from {gt}'s {g.shape}")
-    if instances:
-        if not 0.0 < threshold <= 1.0:
-            raise typer.BadParameter("threshold must be in (0, 1]")
+    for name, a, what in ((pred, p, "prediction"), (gt, g, "ground truth")):
+        problem = label_problem(a, background=False)
+        if problem is not None:
+            raise InvalidVolumeError(
+                f"{name}: this {what} looks like an image, not labels: {problem}"
+            )
+    why = "asked with --mode" if mode != "auto" else ""
+    if mode == "auto":
+        mode, why = choose_mode(p, g)
+    head: dict[str, Any] = {"mode": mode, "why": why}
+    if mode == "instances":
         p = instances_from_mask(p > 0) if np.unique(p).size <= 2 else p
         g = instances_from_mask(g > 0) if np.unique(g).size <= 2 else g
-        result = instance_report(p, g, threshold)
+        result = {**head, **instance_report(p, g, threshold)}
+    elif mode == "foreground":
+        result = {**head, **foreground_report(p, g)}
     else:
         for name, a in ((pred, p), (gt, g)):
             if a.dtype.kind == "f" or (a.size and a.min() < 0):
@@ -197,5 +246,5 @@ def evaluate(
         if n_classes is not None and top >= n_classes:
             raise InvalidVolumeError(f"class id {top} is not below --n-classes {n_classes}")
         k = max(n_classes or top + 1, 2)
-        result = {"n_classes": k, **class_report(p, g, k)}
+        result = {**head, "n_classes": k, **class_report(p, g, k)}
     emit(result)

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import re
+
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")
@@ -78,3 +80,20 @@ def beside_store(store: str, what: str) -> str:
 def nightly_store(output: str, entry: str) -> str:
     """The store of inbox entry ``entry`` in the output location: ``<output>/<entry>.ome.zarr``."""
     return f"{str(output).rstrip('/')}/{basename(entry)}{STORE_SUFFIX}"
+
+
+def split_labels_path(path: str, name: str | None = None) -> tuple[str, str | None]:
+    """A store and the name of one of its label images, from what a user types: ``STORE``
+    (the name, if any, given apart), ``STORE/labels/NAME`` or ``STORE/labels/NAME/0`` (the
+    array path ``segment`` and ``stitch`` print). A name in the path and a different one
+    given apart is an error."""
+    text = str(path).rstrip("/")
+    match = re.fullmatch(r"(.+)/labels/([^/]+?)(?:/0)?", text)
+    if match is None:
+        return text, name
+    store, found = match.group(1), match.group(2)
+    if name is not None and name != found:
+        from unet_core.errors import ConfigError
+
+        raise ConfigError(f"{path} names the labels '{found}' but --labels says '{name}'")
+    return store, found

@@ -54,6 +54,7 @@ from unet_core.errors import (
     LeaseHeldError,
     MissingDataError,
     SegflowError,
+    StorageAccessError,
     StoreConflictError,
 )
 
@@ -106,16 +107,57 @@ def owned_by_segflow(url: str) -> bool:
     return seg.get("created_by") == OWNER or "ingest" in seg or "role" in seg
 
 
+def refuse_foreign(url: str, hint: str = "choose a new or empty location") -> None:
+    """Raise :class:`StoreConflictError` unless ``url`` is absent, empty or a store segflow
+    made: segflow never writes into, or replaces, anything else."""
+    if store_exists(url) and not owned_by_segflow(url):
+        what = "a zarr store" if _is_zarr(url) else "other files"
+        raise StoreConflictError(
+            f"{url}: already holds {what} that segflow did not make; it is never replaced, "
+            f"not even with --overwrite, and segflow writes only into stores it made ({hint})"
+        )
+
+
+def check_output(url: str, lease_wait_s: float = 0.0, hint: str | None = None) -> None:
+    """Before any work: can a run write its outputs to ``url``? Reachable (S3), a folder
+    that can be made or written (local), absent or made by segflow (:func:`refuse_foreign`),
+    and not being written by another run (its lease; only when not waiting for it).
+    Writes nothing."""
+    url = str(url).rstrip("/")
+    if is_remote(url):
+        from tasks.store import check_access
+
+        check_access(url)
+    else:
+        check_writable(url)
+    refuse_foreign(url, *([hint] if hint else []))
+    if lease_wait_s <= 0:
+        lease = Lease(url)
+        info = lease.read()
+        if not lease.free(info, quiet=True):
+            assert info is not None
+            raise lease.held_error(info)
+
+
+def check_writable(url: str) -> None:
+    """A local folder or store that exists and can be written, or can be made."""
+    path = os.path.abspath(url)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreConflictError(f"{url}: is a file, not a store (choose another location)")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise StoreConflictError(f"{url}: {probe} is a file, so no store can be made under it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageAccessError(f"{url}: cannot write here (permission denied on {probe})")
+
+
 def claim_store(url: str, role: str, **attrs: Any) -> zarr.Group:
     """Open ``url`` for writing outputs: create it (marked as segflow's) when absent or
     empty, reuse it when segflow made it, refuse anything else in one sentence."""
+    refuse_foreign(url)
     if store_exists(url):
-        if not owned_by_segflow(url):
-            what = "a zarr store that segflow did not make" if _is_zarr(url) else "other files"
-            raise StoreConflictError(
-                f"{url}: already holds {what}; segflow writes only into stores it made "
-                "(choose a new or empty location)"
-            )
         return open_group(url, "r+")
     root = open_group(url, "a")  # "w" would delete the run's lease
     root.attrs.update({"segflow": {"created_by": OWNER, "role": role, **attrs}})
@@ -260,16 +302,29 @@ class Lease:
                 f.write(text)
             os.replace(tmp, self.path)
 
-    def _free(self, info: LeaseInfo | None) -> bool:
+    def free(self, info: LeaseInfo | None, quiet: bool = False) -> bool:
+        """Whether this run may take the lease described by ``info`` (none, its own, an
+        expired one or one of a dead process); ``quiet``: without logging a takeover."""
         if info is None or info.holder == self.holder:
             return True
         if info.expires < time.time():
-            log.warning("%s: taking over an expired lease (%s)", self.store, info.describe())
+            if not quiet:
+                log.warning("%s: taking over an expired lease (%s)", self.store, info.describe())
             return True
         if info.host == socket.gethostname() and not _pid_alive(info.pid):
-            log.warning("%s: taking over the lease of a dead run (%s)", self.store, info.describe())
+            if not quiet:
+                log.warning(
+                    "%s: taking over the lease of a dead run (%s)", self.store, info.describe()
+                )
             return True
         return False
+
+    def held_error(self, info: LeaseInfo) -> LeaseHeldError:
+        return LeaseHeldError(
+            f"{self.store}: another segflow run is writing these outputs "
+            f"({info.describe()}); wait for it to finish or stop it (its lease "
+            f"expires {self.ttl_s:.0f} s after its last heartbeat)"
+        )
 
     # -- life cycle
 
@@ -282,7 +337,7 @@ class Lease:
         deadline = time.monotonic() + self.wait_s
         while True:
             info = self.read()
-            if self._free(info):
+            if self.free(info):
                 self._write()
                 time.sleep(0.2)  # a concurrent taker writes too: the last writer wins
                 check = self.read()
@@ -291,11 +346,7 @@ class Lease:
                 info = check
             if time.monotonic() >= deadline:
                 assert info is not None
-                raise LeaseHeldError(
-                    f"{self.store}: another segflow run is writing these outputs "
-                    f"({info.describe()}); wait for it to finish or stop it (its lease "
-                    f"expires {self.ttl_s:.0f} s after its last heartbeat)"
-                )
+                raise self.held_error(info)
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
         self._thread = threading.Thread(
             target=self._beat, name=f"segflow-lease-{self.store[-20:]}", daemon=True

@@ -45,9 +45,10 @@ from tasks.ngff import (
 from tasks.runstate import (
     Lease,
     StrictArray,
+    check_output,
     claim_store,
     image_digest,
-    owned_by_segflow,
+    refuse_foreign,
     set_complete,
 )
 from tasks.store import (
@@ -65,7 +66,7 @@ from tasks.store import (
 )
 from unet_core.checkpoint import load_checkpoint, read_checkpoint_header
 from unet_core.config import UNetConfig
-from unet_core.errors import ConfigError, InvalidVolumeError, StoreConflictError
+from unet_core.errors import ConfigError, InvalidVolumeError
 from unet_core.geometry import Block, Box, Tile, TileLattice, TileSpec, plan_lattice, plan_tiles
 from unet_core.normalize import (
     NONFINITE_VALUE,
@@ -328,6 +329,106 @@ def default_block_shape(
     return tuple(block)
 
 
+def check_model_fits(info: ImageInfo, config: UNetConfig, model: str, channel: int | None) -> None:
+    """The model can segment the image: dimensionality and input channels (``channel``:
+    the one channel to use, or None for all)."""
+    spatial = info.spatial_shape
+    if any(n < 1 for n in spatial):
+        raise InvalidVolumeError(f"{info.url}: the image is empty (shape {info.shape})")
+    if config.ndim > len(spatial):
+        raise InvalidVolumeError(
+            f"{info.url}: a {config.ndim}D model ({model}) cannot segment a {len(spatial)}D image"
+        )
+    if channel is not None and channel >= info.n_channels:
+        raise InvalidVolumeError(
+            f"{info.url}: channel {channel} asked for but the image has {info.n_channels}"
+        )
+    n_in = info.n_channels if channel is None else 1
+    if n_in != config.in_channels:
+        raise InvalidVolumeError(
+            f"{info.url}: the image has {n_in} channel(s) but the model {model} expects "
+            f"{config.in_channels} (select one with --channel)"
+        )
+
+
+def fit_shapes(
+    config: UNetConfig, info: ImageInfo, params: SegmentParams
+) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Output chunks (given or the image's) and the tile bound per spatial axis of the image.
+
+    For a 2D model on a stack the tile may be given in-plane (``Y,X``): it means
+    ``1,Y,X``, the slices the model sees."""
+    spatial = info.spatial_shape
+    n = len(spatial)
+    chunks = tuple(params.chunks or info.chunks[-n:])
+    if len(chunks) != n or any(c < 1 for c in chunks):
+        raise ConfigError(
+            f"chunks {chunks} do not fit the image's {n} spatial axes ({info.spatial_axes})"
+        )
+    tile = params.tile
+    if tile is not None and config.ndim == 2 and n == 3 and len(tile) == 2:
+        tile = (1, *tile)
+    if tile is not None and len(tile) != n:
+        plane = " or, for this 2D model, the in-plane Y,X" if config.ndim == 2 and n == 3 else ""
+        raise ConfigError(
+            f"tile {tile} does not fit the image's {n} spatial axes: give "
+            f"{','.join(info.spatial_axes.upper())}{plane}"
+        )
+    return chunks, tile
+
+
+def source_info(src: str) -> ImageInfo:
+    """What the engine needs of SRC before anything is written: an OME-Zarr image's
+    metadata, or a TIFF source's axes and shape (its header only; not yet ingested)."""
+    from tasks.paths import is_tiff_source
+
+    if not is_tiff_source(src):
+        return read_image_info(src)
+    from tasks.tiff_source import open_source
+
+    source = open_source(src)
+    return ImageInfo(
+        url=src,
+        axes=source.axes,
+        shape=tuple(source.shape),
+        chunks=tuple(source.shape),
+        dtype=source.dtype,
+        scale=tuple(source.scale),
+        unit=source.unit,
+        stats=None,
+    )
+
+
+def check_segment_inputs(
+    src: str,
+    model_path: str,
+    out: str | None = None,
+    params: SegmentParams | None = None,
+    lease_wait_s: float = 0.0,
+    ingest_to: str | None = None,
+    local: bool = True,
+) -> None:
+    """Every input of a segmentation, checked before anything is ingested or written: the
+    device, the checkpoint, that the model fits the image (channels, dimensionality, tile
+    and chunk shapes), and that the outputs can be written (``out``, else SRC's store, else,
+    for a TIFF, ``ingest_to``): writable, made by segflow, no other run writing them.
+    ``local``: the model runs on this machine (else CUDA is not looked for here). Each
+    problem is one sentence (a :class:`SegflowError`)."""
+    from unet_core.predict import check_device
+
+    params = params or SegmentParams()
+    check_device(params.device, indexed=False, here=local)
+    config, _ = read_checkpoint_header(model_path)
+    info = source_info(src)
+    check_model_fits(info, config, str(model_path), params.channel)
+    fit_shapes(config, info, params)
+    target = out or ingest_to or src
+    hint = None if out or ingest_to else "pass --out to write the labels to a new store"
+    check_output(str(target), lease_wait_s, hint)
+    if ingest_to and out and str(ingest_to).rstrip("/") != str(out).rstrip("/"):
+        check_output(str(ingest_to), lease_wait_s)
+
+
 def plan_segmentation(
     src: str,
     model_path: str,
@@ -340,36 +441,17 @@ def plan_segmentation(
     info = read_image_info(src)
     config, meta = read_checkpoint_header(model_path)
     spatial = info.spatial_shape
-    if any(n < 1 for n in spatial):
-        raise InvalidVolumeError(f"{src}: the image is empty (shape {info.shape})")
-    if config.ndim > len(spatial):
-        raise InvalidVolumeError(
-            f"{src}: a {config.ndim}D model cannot segment a {len(spatial)}D image"
-        )
-    n_in = info.n_channels if params.channel is None else 1
-    if params.channel is not None and params.channel >= info.n_channels:
-        raise InvalidVolumeError(
-            f"{src}: channel {params.channel} asked for but the image has {info.n_channels}"
-        )
-    if n_in != config.in_channels:
-        raise InvalidVolumeError(
-            f"{src}: the image has {n_in} channel(s) but the model {model_path} expects "
-            f"{config.in_channels} (select one with --channel)"
-        )
+    check_model_fits(info, config, str(model_path), params.channel)
     spec = TileSpec(config, len(spatial))
-    chunks = tuple(params.chunks or info.chunks[-len(spatial) :])
-    if len(chunks) != len(spatial) or any(c < 1 for c in chunks):
-        raise ConfigError(f"chunks {chunks} do not fit the image's {len(spatial)} spatial axes")
-    if params.tile is not None and len(params.tile) != len(spatial):
-        raise ConfigError(f"tile {params.tile} does not fit the image's {len(spatial)} axes")
+    chunks, given_tile = fit_shapes(config, info, params)
     lattice = None
     if params.mode == "invariant":
-        lattice = plan_lattice(spec, spatial, params.tile)
+        lattice = plan_lattice(spec, spatial, given_tile)
         tile = lattice.tile
         if params.chunks is None:
             chunks = lattice.aligned_chunks(chunks)
     else:
-        tile = spec.valid_tile_shape(params.tile) if params.tile else spec.default_tile_shape()
+        tile = spec.valid_tile_shape(given_tile) if given_tile else spec.default_tile_shape()
     overhead = float(np.prod(tile)) / max(float(np.prod(spec.usable(tile))), 1.0)
     if overhead > 8:
         log.warning(
@@ -513,11 +595,7 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
     """
     same_store = plan.out_url == plan.image.url.rstrip("/")
     if same_store:
-        if not owned_by_segflow(plan.out_url):
-            raise StoreConflictError(
-                f"{plan.out_url}: segflow did not make this store and writes only into stores "
-                "it made; pass --out to write the labels to a new store"
-            )
+        refuse_foreign(plan.out_url, "pass --out to write the labels to a new store")
         root = open_group(plan.out_url, "r+")
     else:
         root = claim_store(plan.out_url, "segmentation outputs", source_image=plan.image.url)

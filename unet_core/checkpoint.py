@@ -177,29 +177,79 @@ def _check_architecture(p: Path, config: UNetConfig, state: dict[str, Any]) -> N
             )
 
 
+def _not_torch(raw: bytes) -> str | None:
+    """Why ``raw`` cannot be a ``torch.save`` file (a zip archive holding ``data.pkl``), or
+    None when it may be one."""
+    kinds = (
+        ((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), "a TIFF image"),
+        ((b"\x93NUMPY",), "a NumPy array"),
+        ((b"\x89PNG",), "a PNG picture"),
+        ((b"\x89HDF",), "an HDF5 file"),
+    )
+    for magics, what in kinds:
+        if raw.startswith(magics):
+            return f"it is {what}, not a PyTorch file"
+    if not raw.startswith(b"PK\x03\x04"):
+        try:
+            raw[:4096].decode("utf-8")
+        except UnicodeDecodeError:
+            return "it is not a PyTorch file"
+        return "it is a text file, not a PyTorch file"
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, ValueError):
+        return None  # damaged: torch.load says so
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "it is a zip archive, not a PyTorch file"
+    return None
+
+
+def _pickle_reason(exc: BaseException) -> str:
+    """The line of PyTorch's refusal that names the object (``GLOBAL module.Name``)."""
+    text = str(exc)
+    for line in text.splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+            return line.split(" was not an allowed global")[0][:160]
+    first = text.strip().splitlines()[0] if text.strip() else "unpickling failed"
+    return first[:160]
+
+
 def _read(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> tuple[UNetConfig, CheckpointMeta, dict[str, torch.Tensor]]:
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{p} is not a segflow checkpoint (it is a folder)")
     if not p.is_file():
         raise VolumeNotFoundError(f"{p}: checkpoint file does not exist")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: checkpoint file is empty")
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except PermissionError:
+        raise CheckpointError(f"{p}: cannot read the checkpoint (permission denied)") from None
+    reason = _not_torch(raw)
+    if reason is not None:
+        raise CheckpointError(f"{p} is not a segflow checkpoint ({reason})")
     try:
         payload = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
         raise CheckpointError(
-            f"{p}: refused to load a checkpoint containing objects other than tensors and "
-            f"plain containers ({reason[:160]})"
+            f"{p} is not a segflow checkpoint (it holds pickled Python objects, refused "
+            f"unrun: {_pickle_reason(exc)}; segflow checkpoints are written by 'segflow "
+            "train' and 'segflow model create')"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(
             f"{p}: not a readable segflow checkpoint (corrupted or not a torch file)"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{p}: not a segflow checkpoint (no '{FORMAT}' header)")
+        raise CheckpointError(
+            f"{p} is not a segflow checkpoint (a PyTorch file without the '{FORMAT}' header, "
+            "e.g. a bare state_dict or another program's checkpoint)"
+        )
     if payload.get("version") != VERSION:
         raise CheckpointError(
             f"{p}: checkpoint format version {payload.get('version')} is not supported "

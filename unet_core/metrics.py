@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -227,4 +227,61 @@ def instance_report(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) ->
         "rand_precision": rp,
         "rand_recall": rr,
         "foreground_dice": fg,
+    }
+
+
+#: More distinct non-zero ids than this are instance ids, not class ids.
+MAX_CLASS_IDS = 8
+LabelKind = Literal["binary", "classes", "instances"]
+EvalMode = Literal["classes", "foreground", "instances"]
+
+
+def label_kind(labels: np.ndarray) -> tuple[LabelKind, int]:
+    """What the ids of a label image are, and how many non-zero ids it holds: ``binary``
+    (at most one), ``instances`` (more than :data:`MAX_CLASS_IDS`, or each id one
+    connected object) or ``classes`` (a few ids, each in several pieces)."""
+    a = np.asarray(labels)
+    ids = np.unique(a)
+    ids = ids[ids != 0]
+    n = int(ids.size)
+    if n <= 1:
+        return "binary", n
+    if n > MAX_CLASS_IDS:
+        return "instances", n
+    pieces = sum(int(components(a == v).max()) for v in ids)
+    return ("instances" if pieces < 1.5 * n else "classes"), n
+
+
+def _kind_text(kind: LabelKind, n: int) -> str:
+    if kind == "binary":
+        return "a binary mask" if n else "no foreground"
+    return f"{n} {'instance' if kind == 'instances' else 'class'} ids"
+
+
+def choose_mode(pred: np.ndarray, gt: np.ndarray) -> tuple[EvalMode, str]:
+    """The scores that fit two label images, and why: ``instances`` when the prediction
+    holds objects and the ground truth objects or a mask; ``classes`` when the ground truth
+    holds class ids; ``foreground`` (binary Dice/IoU of ``> 0``) otherwise, e.g. a semantic
+    mask against instance ground truth (what ``train`` consumes)."""
+    pk, pn = label_kind(pred)
+    gk, gn = label_kind(gt)
+    why = f"ground truth holds {_kind_text(gk, gn)}, the prediction {_kind_text(pk, pn)}"
+    if pk == "instances" and gk != "classes":
+        return "instances", why
+    if gk == "classes" and pk != "instances":
+        return "classes", why
+    return "foreground", why
+
+
+def foreground_report(pred: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
+    """Binary scores of the foreground (every id > 0) of a prediction against ground truth."""
+    cm = confusion_matrix(np.asarray(pred) > 0, np.asarray(gt) > 0, 2)
+    tp, pred_fg, gt_fg = int(cm[1, 1]), int(cm[:, 1].sum()), int(cm[1, :].sum())
+    return {
+        "dice": dice_from_confusion(cm)[1],
+        "iou": iou_from_confusion(cm)[1],
+        "precision": tp / pred_fg if pred_fg else 1.0 if not gt_fg else 0.0,
+        "recall": tp / gt_fg if gt_fg else 1.0 if not pred_fg else 0.0,
+        "pred_voxels": pred_fg,
+        "gt_voxels": gt_fg,
     }

@@ -83,6 +83,75 @@ def _check_integer(label: np.ndarray) -> None:
         raise InvalidVolumeError("labels must not be negative")
 
 
+def equal_neighbours(a: np.ndarray) -> float:
+    """Fraction of pairs of neighbouring voxels (along every axis) with the same value:
+    near 1 for annotations, which are constant over each object, low for intensities."""
+    a = np.asarray(a)
+    same = pairs = 0
+    for axis in range(a.ndim):
+        n = a.shape[axis]
+        if n < 2:
+            continue
+        lo = np.take(a, np.arange(n - 1), axis=axis)
+        hi = np.take(a, np.arange(1, n), axis=axis)
+        same += int(np.count_nonzero(lo == hi))
+        pairs += lo.size
+    return same / pairs if pairs else 1.0
+
+
+#: Above this many distinct values, labels with (almost) no background 0 look like an image.
+MANY_IDS = 16
+
+
+def label_problem(label: np.ndarray, background: bool = True) -> str | None:
+    """Why ``label`` looks like an intensity image rather than an annotation, or None.
+
+    Checks, in order: fractional values; neighbouring voxels that mostly differ
+    (annotations are constant over each object); with ``background``, more than
+    :data:`MANY_IDS` distinct values and fewer than 1% of voxels 0 (dense annotations
+    without background exist: callers offer a way past this)."""
+    a = np.asarray(label)
+    if a.dtype.kind == "f" and a.size:
+        finite = a[np.isfinite(a)]
+        if finite.size < a.size or not np.array_equal(finite, np.round(finite)):
+            return f"it holds fractional values ({a.dtype}), as an intensity image does"
+    if a.dtype.kind not in "uif" or not a.size:
+        return None
+    n = int(np.unique(a).size)
+    if n <= 2:
+        return None
+    same = equal_neighbours(a)
+    if same < 0.5:
+        return (
+            f"neighbouring voxels differ in {1 - same:.0%} of places ({n} distinct values), "
+            "as in an intensity image, while annotations are constant over each object"
+        )
+    zero = float(np.count_nonzero(a == 0)) / a.size
+    if background and n > MANY_IDS and zero < 0.01:
+        return f"it has {n} distinct values and {zero:.1%} background (0), as an image has"
+    return None
+
+
+def image_problem(image: np.ndarray) -> str | None:
+    """Why ``image`` looks like an annotation rather than an intensity image, or None:
+    integers with at most two values (a mask), or constant over 98% of neighbouring voxels
+    and 0 over at least half of them (labels)."""
+    a = np.asarray(image)
+    if a.dtype.kind not in "uib" or not a.size:
+        return None
+    n = int(np.unique(a).size)
+    if n <= 2:
+        return f"it holds only {n} value(s), as a mask does"
+    zero = float(np.count_nonzero(a == 0)) / a.size
+    same = equal_neighbours(a)
+    if same >= 0.98 and zero >= 0.5:
+        return (
+            f"it is 0 over {zero:.0%} of voxels and constant over {same:.0%} of neighbouring "
+            "voxels, as an annotation is"
+        )
+    return None
+
+
 def relabel_sequential(instances: np.ndarray) -> np.ndarray:
     """Instance ids renumbered 1..n (0 stays background), as int32."""
     ids, inverse = np.unique(instances, return_inverse=True)

@@ -70,8 +70,8 @@ from tasks.ingest.store import (
 from tasks.ingest.write import ingest_unit
 from tasks.ngff import Multiscale, image_ome
 from tasks.paths import volume_name
-from tasks.runstate import Lease
-from tasks.store import DONE_GROUP, ImageInfo, check_access, open_group, read_image_info
+from tasks.runstate import Lease, check_output
+from tasks.store import DONE_GROUP, ImageInfo, open_group, read_image_info
 from tasks.tiff_source import open_source, release_files
 from unet_core.errors import ConfigError, InvalidVolumeError
 from unet_core.normalize import IntensityStats
@@ -165,7 +165,7 @@ def ingest_volume(
         raise ConfigError(f"levels must be 0 or more, got {levels}")
     source = open_source(str(src), axes, voxel_size)
     plan = make_plan(source, str(dst), chunks, compression, unit_mib)
-    check_access(plan.dst)
+    check_output(plan.dst, lease_wait_s)  # reachable, writable, ours, not leased
     check_sizes(plan, levels, allow_sparse)
     with Lease(plan.dst, "ingest", wait_s=lease_wait_s) as lease:
         _prepare_store(plan, overwrite, refresh)

@@ -63,9 +63,26 @@ def read_array(path: str | os.PathLike[str]) -> np.ndarray:
     )
 
 
-def load_pair(image: str, labels: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one training pair and check that image and labels belong together."""
+def check_pair_kinds(image: str, labels: str, img: np.ndarray, lab: np.ndarray) -> None:
+    """Refuse labels that look like an intensity image, or an image that looks like labels
+    (swapped --image and --labels), naming the check that tripped."""
+    from unet_core.targets import image_problem, label_problem
+
+    hint = "(swapped --image and --labels? --trust-labels skips this check)"
+    problem = label_problem(lab)
+    if problem is not None:
+        raise InvalidVolumeError(f"{labels}: these labels look like an image: {problem} {hint}")
+    problem = image_problem(img)
+    if problem is not None:
+        raise InvalidVolumeError(f"{image}: this image looks like labels: {problem} {hint}")
+
+
+def load_pair(image: str, labels: str, trust: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read one training pair and check that image and labels belong together (and, unless
+    ``trust``, that each looks like what it is said to be)."""
     img, lab = read_array(image), read_array(labels)
+    if not trust:
+        check_pair_kinds(image, labels, img, lab)
     if lab.ndim == 3 and lab.shape[-1] in (3, 4) and img.shape[:2] == lab.shape[:2]:
         raise InvalidVolumeError(f"{labels}: labels must be a single-channel image, not RGB")
     if img.ndim == lab.ndim + 1 and img.shape[:-1] == lab.shape and img.shape[-1] <= 4:
@@ -81,7 +98,7 @@ def load_pair(image: str, labels: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_pairs(
-    images: Sequence[str], labels: Sequence[str]
+    images: Sequence[str], labels: Sequence[str], trust: bool = False
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     if not images:
         raise ConfigError("give at least one --image with its --labels")
@@ -90,8 +107,48 @@ def load_pairs(
             f"{len(images)} image(s) but {len(labels)} label image(s): give one --labels per "
             "--image, in the same order"
         )
-    pairs = [load_pair(str(i), str(lab)) for i, lab in zip(images, labels, strict=True)]
+    pairs = [load_pair(str(i), str(lab), trust) for i, lab in zip(images, labels, strict=True)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 __all__ = ["load_pair", "load_pairs", "read_array"]
+
+
+def read_labels(path: str, name: str | None = None, image_ok: bool = True) -> np.ndarray:
+    """A whole label image: a file (TIFF, .npy, PNG), an OME-Zarr image, or labels in a
+    store named as ``STORE/labels/NAME[/0]`` or ``STORE`` plus ``name`` (those must be
+    complete). ``image_ok=False`` refuses an OME-Zarr image given without a label name
+    (the raw image is not a prediction)."""
+    from tasks.paths import split_labels_path
+
+    store, name = split_labels_path(str(path), name)
+    if name is None:
+        if not image_ok and _is_zarr(store):
+            _refuse_image(store)
+        return read_array(store)
+    from tasks.runstate import StrictArray, require_complete
+    from tasks.store import LABELS_GROUP, get_array, open_group
+
+    require_complete(store, f"{LABELS_GROUP}/{name}", f"'{name}' labels")
+    root = open_group(store, "r")
+    arr = get_array(root, f"{LABELS_GROUP}/{name}/0", store)
+    return np.asarray(StrictArray(arr, store, f"{LABELS_GROUP}/{name}/0")[...])
+
+
+def _refuse_image(store: str) -> None:
+    import zarr
+
+    from tasks.ngff import label_names
+    from tasks.store import LABELS_GROUP, open_group
+
+    group = open_group(store, "r").get(LABELS_GROUP)
+    names = label_names(group) if isinstance(group, zarr.Group) else []
+    have = (
+        f"e.g. {store}/labels/{names[-1]}/0 (it has {', '.join(names)})"
+        if names
+        else "it has no labels yet"
+    )
+    raise InvalidVolumeError(
+        f"{store} is an image, not a prediction: give its labels as STORE/labels/NAME/0 or "
+        f"with --labels NAME, {have}"
+    )

@@ -20,12 +20,25 @@ def run_training(
     config: TrainConfig | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
     resume: str | os.PathLike[str] | None = None,
+    trust_labels: bool = False,
 ) -> tuple[TrainResult, TrainingFiles]:
-    """Load the pairs, train, and write the checkpoint with its report files."""
+    """Load the pairs, train, and write the checkpoint with its report files.
+
+    Checked before any data is read: the device, the checkpoint to resume, and that
+    ``out`` can be written; then, unless ``trust_labels``, that the labels look like an
+    annotation and the images like images (:func:`tasks.training.inputs.check_pair_kinds`)."""
+    from tasks.runstate import check_writable
+    from unet_core.checkpoint import read_checkpoint_header
+    from unet_core.predict import check_device
+
     out = Path(out)
+    check_device((config or TrainConfig()).device)
     if out.is_dir():
         raise ConfigError(f"{out}: is a directory; --out names the checkpoint file to write")
-    imgs, labs = load_pairs(images, labels)
+    check_writable(str(out.parent))
+    if resume is not None:
+        read_checkpoint_header(resume)
+    imgs, labs = load_pairs(images, labels, trust_labels)
     result = train(
         imgs,
         labs,

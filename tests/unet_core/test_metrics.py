@@ -152,3 +152,47 @@ def test_same_partition_ignores_ids_but_not_splits_or_merges():
     assert not same_partition(a, np.array([[1, 1, 0, 2], [1, 1, 0, 2]]))  # merged
     assert not same_partition(a, np.array([[1, 4, 0, 2], [3, 3, 0, 2]]))  # split
     assert not same_partition(a, np.array([[1, 1, 0, 2], [3, 3, 3, 2]]))  # other foreground
+
+
+def test_the_mode_follows_the_ids() -> None:
+    from scipy import ndimage
+
+    from unet_core.metrics import choose_mode, foreground_report, label_kind
+
+    rng = np.random.default_rng(0)
+    blobs = ndimage.gaussian_filter(rng.random((64, 64)), 2) > 0.5
+    inst, n = ndimage.label(blobs)
+    assert n > 8
+    assert label_kind(inst) == ("instances", n)
+    assert label_kind(blobs.astype(np.uint8))[0] == "binary"
+    ring = np.zeros((20, 20), np.uint8)  # interior 1 and boundary 2 of two objects: classes
+    ring[2:8, 2:8], ring[3:7, 3:7] = 2, 1
+    ring[12:18, 12:18], ring[13:17, 13:17] = 2, 1
+    assert label_kind(ring)[0] == "classes"
+    assert choose_mode(blobs.astype(np.uint8), inst)[0] == "foreground"
+    assert choose_mode(inst, inst)[0] == "instances"
+    assert choose_mode(inst, blobs)[0] == "instances"
+    assert choose_mode(ring, ring)[0] == "classes"
+    fg = foreground_report(blobs, inst)
+    assert fg["dice"] == fg["iou"] == fg["precision"] == fg["recall"] == 1.0
+    half = blobs.copy()
+    half[:32] = False
+    assert foreground_report(half, inst)["precision"] == 1.0
+    assert foreground_report(half, inst)["recall"] < 1.0
+
+
+def test_labels_that_look_like_images_are_named() -> None:
+    from unet_core.targets import image_problem, label_problem
+
+    rng = np.random.default_rng(1)
+    image = (rng.random((32, 32)) * 4000).astype(np.uint16)
+    labels = np.zeros((64, 64), np.uint16)
+    labels[4:12, 4:12], labels[40:48, 40:48] = 1, 2
+    assert label_problem(labels) is None
+    assert image_problem(image) is None
+    assert "neighbouring voxels differ" in str(label_problem(image))
+    assert "fractional" in str(label_problem(image / 7.0))
+    assert "0 over" in str(image_problem(labels))
+    dense = np.arange(1, 33, dtype=np.uint16).repeat(32).reshape(32, 32)  # 32 ids, no 0
+    assert "background" in str(label_problem(dense))
+    assert label_problem(dense, background=False) is None
