@@ -191,7 +191,7 @@ def test_an_in_plane_tile_is_the_same_as_one_slice_deep(files: Path, segmented) 
 
 
 def _evaluate(*args: object) -> tuple[int, dict, str]:
-    res = cli("evaluate", *args)
+    res = cli("evaluate", *args, "--json")
     return res.returncode, json.loads(res.stdout) if res.returncode == 0 else {}, res.stderr
 
 
@@ -224,6 +224,6 @@ def test_printed_paths_carry_and_evaluate_picks_the_mode(files: Path, segmented)
     assert res.returncode == 0, res.stderr
     exported = tifffile.imread(files / "inst.ome.tif")
     assert np.array_equal(exported, zarr.open_array(instances, mode="r")[...])
-    res = cli("stitch", labels, "--name", "again", "--instance-method", "components")
+    res = cli("stitch", labels, "--name", "again", "--instance-method", "components", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["instances"] == f"{store}/labels/again/0"
