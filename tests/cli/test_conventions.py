@@ -170,7 +170,9 @@ def test_train_evaluate_model_and_geometry_follow_the_same_conventions(tmp_path:
 
     np.save(tmp_path / "gt.npy", (labels > 0).astype(np.uint8))
     scores = summary(ok("evaluate", tmp_path / "gt.npy", tmp_path / "gt.npy", "--json"))
-    assert scores["mean_dice"] == 1.0
+    assert (scores["mode"], scores["dice"]) == ("foreground", 1.0)  # a binary mask: auto
+    args = ["evaluate", tmp_path / "gt.npy", tmp_path / "gt.npy", "--mode", "classes"]
+    assert summary(ok(*args, "--json"))["mean_dice"] == 1.0
 
     tiny = tmp_path / "tiny.ckpt"
     created = summary(ok("model", "create", tiny, "--depth", "2", "--base-channels", "4", "--json"))

@@ -124,10 +124,12 @@ def test_cli_model_commands(tmp_path):
     )
     assert "wrote" in out.stdout
     info = subprocess.run(
-        [*exe, "model", "info", str(ckpt)], capture_output=True, text=True, check=True
+        [*exe, "model", "info", str(ckpt), "--json"], capture_output=True, text=True, check=True
     )
     assert '"depth": 2' in info.stdout
-    geo = subprocess.run([*exe, "geometry", "570,570"], capture_output=True, text=True, check=True)
+    geo = subprocess.run(
+        [*exe, "geometry", "570,570", "--json"], capture_output=True, text=True, check=True
+    )
     assert '"output": [388, 388]' in geo.stdout
     bad = subprocess.run(
         [*exe, "model", "info", str(tmp_path / "nope.ckpt")], capture_output=True, text=True

@@ -272,11 +272,12 @@ def test_evaluate_cli(tmp_path):
     pred[1:5, 2:6] = 5  # the first object off by one pixel; the second missed
     np.save(tmp_path / "gt.npy", gt)
     tifffile.imwrite(tmp_path / "pred.tif", pred)
-    res = runner.invoke(
-        app, ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "gt.npy"), "--json"]
-    )
+    args = ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "gt.npy"), "--json"]
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
+    out = json.loads(res.stdout)  # one binary mask against two objects: foreground scores
+    assert (out["mode"], out["dice"]) == ("foreground", pytest.approx(2 * 12 / (16 + 16 + 9)))
+    out = json.loads(runner.invoke(app, [*args, "--mode", "classes"]).stdout)
     assert out["n_classes"] == 6
     res = runner.invoke(
         app,
