@@ -26,10 +26,11 @@ from unet_core.errors import ExitCode
 
 SIZE = "1m"
 ROOM = 160 * 1024  # bytes left free by the ballast: a few blocks' worth (4 KiB pages)
+# --fast: a block is one chunk, so a marked block's box is its index times the chunk shape
 SEGMENT = [
     "--chunks", "2,16,16", "--tile", "1,64,64", "--device", "cpu", "-q", "--fast",
     "--probabilities", "--probabilities-dtype", "float32",
-]  # fmt: skip  (--fast: a block is one chunk, so a marker's box is index * chunk shape)
+]  # fmt: skip
 
 
 @pytest.fixture
