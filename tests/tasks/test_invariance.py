@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-import tasks.segment as segment_mod
+import tasks.segment.worker as segment_worker
 from tasks.blockwise import Markers
 from tasks.segment import SegmentParams, plan_segmentation, segment_image
 from tasks.store import read_image_info, write_image
@@ -116,12 +116,12 @@ def test_default_mode_same_bits_for_any_chunks_workers_and_resume(
         if block.index == first:
             raise RuntimeError("injected failure")
 
-    segment_mod._fault_hook = fail_first
+    segment_worker._fault_hook = fail_first
     try:
         with pytest.raises(RuntimeError, match="injected"):
             segment_image(src, ckpt, out, params(chunkings[1]), client=dask_client)
     finally:
-        segment_mod._fault_hook = None
+        segment_worker._fault_hook = None
     done = Markers.open(out, "segment-semantic").done_mask()
     assert not done[first]
     assert done.sum() == done.size - 1

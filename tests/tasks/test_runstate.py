@@ -260,7 +260,7 @@ def test_outputs_never_go_into_foreign_folders_and_overwrite_never_deletes_them(
 
 
 def test_incomplete_labels_are_refused_and_stale_outputs_removed(tmp_path, volume):
-    import tasks.segment as segment_mod
+    import tasks.segment.worker as segment_worker
 
     src, _ = volume
     a, b = make_model(tmp_path / "a.ckpt", 8), make_model(tmp_path / "b.ckpt", 9)
@@ -270,12 +270,12 @@ def test_incomplete_labels_are_refused_and_stale_outputs_removed(tmp_path, volum
         if block.index == (1, 1, 1):
             raise RuntimeError("injected failure")
 
-    segment_mod._fault_hook = fail_one
+    segment_worker._fault_hook = fail_one
     try:
         with pytest.raises(BlockError, match=r"segment-semantic block \[1, 1, 1\] voxels 4:8"):
             segment_image(src, a, out, params())
     finally:
-        segment_mod._fault_hook = None
+        segment_worker._fault_hook = None
     with pytest.raises(IncompleteError, match="incomplete"):
         stitch(out)
     from tasks.export import export_tiff

@@ -11,7 +11,7 @@ import pytest
 import torch
 import zarr
 
-import tasks.segment as segment_mod
+import tasks.segment.worker as segment_worker
 from tasks.blockwise import Markers
 from tasks.segment import SegmentParams, segment_image
 from tasks.store import read_image_info, write_image
@@ -175,10 +175,10 @@ def test_model_is_loaded_once_per_worker(tmp_path, dask_client):
     src = str(tmp_path / "img.ome.zarr")
     write_image(src, vol, "yx", chunks=(16, 16))
     model = make_model(tmp_path / "m.ckpt", seed=11, ndim=2)
-    before = segment_mod.model_loads
+    before = segment_worker.model_loads
     res = run(src, model, str(tmp_path / "o.zarr"), dask_client, chunks=(16, 16), tile=(60, 60))
     assert res.blocks_total >= 9
-    assert segment_mod.model_loads - before == 1
+    assert segment_worker.model_loads - before == 1
 
 
 def test_s3_store_gives_the_same_result_as_local(tmp_path, dask_client, s3_bucket):
@@ -242,12 +242,12 @@ def test_a_failing_block_leaves_others_done_and_is_not_marked(tmp_path, dask_cli
         if block.index == (1, 1):
             raise RuntimeError("injected failure")
 
-    segment_mod._fault_hook = fail_block_11
+    segment_worker._fault_hook = fail_block_11
     try:
         with pytest.raises(RuntimeError, match="injected"):
             run(src, model, out, dask_client, chunks=(16, 16), tile=(60, 60), force=False)
     finally:
-        segment_mod._fault_hook = None
+        segment_worker._fault_hook = None
     done = Markers.open(str(out), "segment-semantic").done_mask()
     assert not done[1, 1]
     assert done.sum() == done.size - 1
@@ -343,7 +343,7 @@ def test_dask_address_of_a_process_cluster(tmp_path):
         )
         assert res.blocks_total == res.blocks_computed > 1
         with Client(cluster) as client:
-            loads = client.run(lambda: __import__("tasks.segment").segment.model_loads)
+            loads = client.run(lambda: segment_worker.model_loads)  # each worker's own
     probs, _ = outputs(out)
     assert np.array_equal(probs, ref)
     assert all(n <= 1 for n in loads.values())
