@@ -38,7 +38,7 @@ from segflow.cli import (
 )
 from segflow.commands_segment import InstanceConnectivity, InstanceMinSize
 from segflow.commands_stitch import LINK_IOU_HELP, METHOD_HELP
-from segflow.progress import BlockProgress
+from segflow.progress import BlockProgress, blocks_text
 from unet_core.errors import ExitCode
 
 if TYPE_CHECKING:
@@ -130,12 +130,15 @@ def predict_one(
     from segflow.commands_stitch import run_stitch
     from tasks.export import export_labels_once
     from tasks.paths import beside_store, nightly_store
-    from tasks.segment import plan_segmentation, segment_image
+    from tasks.segment import check_segment_inputs, plan_segmentation, segment_image
 
+    local = cluster is None or not cluster.is_job_cluster
     t0 = time.perf_counter()
     store = nightly_store(out, source)
     row = Row(source, store=store)
     try:
+        # every input checked before it is ingested (model fits, outputs ours and free)
+        check_segment_inputs(source, model, None, params, ingest_to=store, local=local)
         image = _ensure_zarr(source, store)
         plan = plan_segmentation(image, model, None, params)
         with BlockProgress(quiet=quiet) as progress:
@@ -229,8 +232,10 @@ def predict(
     from tasks.paths import nightly_store
     from tasks.segment import SegmentParams
     from unet_core import read_checkpoint_header
+    from unet_core.predict import check_device
 
     quiet, as_json = is_quiet(), wants_json()
+    check_device(device, indexed=False, here=cluster is None or not cluster.is_job_cluster)
     read_checkpoint_header(model)  # a missing or unusable model fails before any work
     params = SegmentParams.model_validate(
         {"tile": parse_shape(tile, "tile"), "device": device, "batch_size": batch_size}
@@ -309,7 +314,7 @@ def _print_summary(rows: list[Row], out: str) -> None:
             what = (
                 "complete already, nothing recomputed"
                 if r.reused
-                else f"{r.blocks_computed} blocks computed, {r.blocks_reused} reused"
+                else f"{blocks_text(r.blocks_computed)} computed, {r.blocks_reused} reused"
             )
             if r.objects is not None:
                 what += f"; {r.objects} objects"

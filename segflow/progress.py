@@ -46,7 +46,7 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d} h"
 
 
-def _blocks(n: int) -> str:
+def blocks_text(n: int) -> str:
     return "1 block" if n == 1 else f"{n} blocks"
 
 
@@ -175,10 +175,10 @@ class BlockProgress:
         if step.total == 0:
             if not step.skipped:
                 return f"{name}: no blocks"
-            reused = "all " + _blocks(step.skipped) if step.skipped > 1 else "its one block"
+            reused = "all " + blocks_text(step.skipped) if step.skipped > 1 else "its one block"
             return f"{name}: {reused} reused from an earlier run"
         reused = f" ({step.skipped} reused)" if step.skipped else ""
-        text = f"{name}: {step.done}/{_blocks(step.total)}{reused}"
+        text = f"{name}: {step.done}/{blocks_text(step.total)}{reused}"
         return text + self._figures(step, now)
 
     def _figures(self, step: _Step, now: float) -> str:

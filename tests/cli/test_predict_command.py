@@ -122,3 +122,19 @@ def test_predict_says_which_inputs_name_nothing(batch):
     assert any("ok      in/a.tif -> out2/a.tif.labels.ome.tif" in line for line in lines)
     assert "nothing/*.tif: no TIFF file matches this pattern" in res.stdout
     assert "missing.tif: no such file or folder" in res.stdout
+
+
+def test_predict_checks_the_device_and_each_input_before_writing(batch):
+    gpu = segflow("predict", "in/a.tif", "--model", "m.ckpt", "--out", "out3", "--device", "gpu",
+                  cwd=batch)  # fmt: skip
+    assert gpu.returncode == ExitCode.USAGE, gpu.stderr
+    assert "--device gpu: unknown device" in gpu.stderr
+    assert not (batch / "out3").exists()
+    # an output store that segflow did not make is refused before its input is ingested
+    foreign = batch / "out4" / "a.tif.ome.zarr"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    res = segflow("predict", "in/a.tif", "--model", "m.ckpt", "--out", "out4", cwd=batch)
+    assert res.returncode == ExitCode.CONFLICT, res.stderr
+    assert "segflow did not make" in res.stdout
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
