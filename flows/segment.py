@@ -151,6 +151,9 @@ class SegmentVolumeParams(SegmentOptions):
 
 #: Prefect's own run names (two random words), replaced by volume + time.
 _GENERATED_NAME = re.compile(r"[a-z]+-[a-z]+")
+#: Seconds between updates of a run's progress artifact (one API call each; a 2,000-region
+#: run would otherwise make 2,000 of them).
+PROGRESS_EVERY_S = 1.0
 
 
 def _run_name() -> str:
@@ -402,6 +405,7 @@ def _segment_regions(
     done_now = count - len(todo)
     waiting = list(reversed(todo))
     running: dict[Any, int] = {}
+    shown_at = time.monotonic()  # the progress artifact: at most one API call a second
     # A bounded window of region tasks: a 2,000-region run must not start 2,000 threads.
     while waiting or running:
         while waiting and len(running) < params.regions_in_flight:
@@ -416,7 +420,9 @@ def _segment_regions(
             except Exception as exc:  # logged with its traceback by the task run already
                 errors[region] = str(exc) or type(exc).__name__
             break  # refill the window
-        update_progress_artifact(progress_id, 100.0 * done_now / count)
+        if time.monotonic() - shown_at >= PROGRESS_EVERY_S or not (waiting or running):
+            update_progress_artifact(progress_id, 100.0 * done_now / count)
+            shown_at = time.monotonic()
     failed = sorted(errors)
     summary: dict[str, Any] = {
         "volume": name,
