@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_HOME", str(out / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Dask's own INFO lines (scheduler, worker start-up) drown the flow's log: warnings only.
+    # Set before distributed is imported: its logging config overrides a logger's level.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
     import torch
