@@ -4,7 +4,7 @@
 engine in ``tasks`` run per block. The modes (``Mode``) say what is guaranteed:
 
 - ``"invariant"`` (default): tiles on one lattice per volume
-  (:class:`unet_core.geometry.TileLattice`), every forward pass of the same shape (a short
+  (:class:`unet_core.lattice.TileLattice`), every forward pass of the same shape (a short
   batch is padded), the fast deterministic kernels (oneDNN on CPU; cuDNN with
   deterministic algorithms and benchmarking off on CUDA) and the 1x1 head as separate
   multiplies and adds. A voxel's value then does not depend on the chunking, the block
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unet_core.errors import ConfigError, InvalidVolumeError
-from unet_core.geometry import Box, Tile, TileSpec, plan_lattice, plan_tiles
+from unet_core.geometry import Box, Tile, TileSpec, plan_tiles
+from unet_core.lattice import plan_lattice
 from unet_core.model import UNet
 from unet_core.normalize import apply_affine
 

@@ -32,7 +32,8 @@ from tasks.store import (
 from unet_core.checkpoint import read_checkpoint_header
 from unet_core.config import UNetConfig
 from unet_core.errors import ConfigError, InvalidVolumeError
-from unet_core.geometry import Block, Box, Tile, TileLattice, TileSpec, plan_lattice, plan_tiles
+from unet_core.geometry import Block, Box, Tile, TileSpec, plan_tiles
+from unet_core.lattice import TileLattice, plan_lattice
 from unet_core.normalize import NONFINITE_VALUE, IntensityStats, StatsAccumulator
 from unet_core.predict import DEFAULT_BATCH_SIZE, Mode, effective_batch_size
 from unet_core.slicelink import DEFAULT_LINK_IOU

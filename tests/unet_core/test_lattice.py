@@ -8,7 +8,8 @@ import pytest
 
 from unet_core import UNetConfig
 from unet_core.errors import ConfigError, InvalidShapeError
-from unet_core.geometry import Box, TileLattice, TileSpec, iter_chunks, plan_lattice
+from unet_core.geometry import Box, TileSpec, iter_chunks
+from unet_core.lattice import TileLattice, plan_lattice
 
 NETS = [
     (UNetConfig(ndim=2, depth=2), (70, 53), (60, 60)),

@@ -9,7 +9,8 @@ import torch
 
 import unet_core.predict as predict_mod
 from unet_core import ConfigError, InvalidVolumeError, UNet, UNetConfig
-from unet_core.geometry import Box, TileSpec, iter_chunks, plan_lattice
+from unet_core.geometry import Box, TileSpec, iter_chunks
+from unet_core.lattice import plan_lattice
 from unet_core.predict import (
     Predictor,
     class_labels,
