@@ -125,9 +125,32 @@ def save_checkpoint(
 
 
 def read_checkpoint_header(path: str | os.PathLike[str]) -> tuple[UNetConfig, CheckpointMeta]:
-    """Config and meta of a checkpoint, verified (weights are read but no model is built)."""
-    config, meta, _ = _read(path)
-    return config, meta
+    """Config and meta of a checkpoint, verified (weights are read but no model is built).
+
+    Remembered per file version (path, size, modification time): a run checks the model
+    before any work and plans with it afterwards, and ``predict`` does both per input; a
+    large checkpoint is then read and hashed once, not each time."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        st = None
+    if st is None or not p.is_file():
+        config, meta, _ = _read(p)  # raises the sentence for what is wrong
+        return config, meta
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    known = _HEADERS.get(key)
+    if known is None:
+        config, meta, _ = _read(p)  # messages name the path as given
+        while len(_HEADERS) >= _HEADERS_KEPT:
+            _HEADERS.pop(next(iter(_HEADERS)))
+        _HEADERS[key] = known = (config, meta)
+    return known[0].model_copy(), known[1].model_copy()
+
+
+#: Verified headers by (resolved path, size, modification time in ns), oldest first.
+_HEADERS: dict[tuple[str, int, int], tuple[UNetConfig, CheckpointMeta]] = {}
+_HEADERS_KEPT = 8
 
 
 def load_checkpoint(

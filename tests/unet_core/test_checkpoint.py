@@ -137,3 +137,26 @@ def test_cli_model_commands(tmp_path):
     assert bad.returncode == 3  # ExitCode.BAD_INPUT
     assert bad.stderr.strip().count("\n") == 0
     assert "nope.ckpt" in bad.stderr
+
+
+def test_a_header_is_read_once_per_file_version(tmp_path, model):
+    from unet_core import checkpoint
+
+    path = tmp_path / "m.ckpt"
+    first = save_checkpoint(path, model)
+    config, meta = read_checkpoint_header(path)
+    assert meta.digest == first
+    known = len(checkpoint._HEADERS)
+    assert read_checkpoint_header(str(path)) == (config, meta)  # same file version: kept
+    assert len(checkpoint._HEADERS) == known
+    # another model written to the same path is a new version: read and verified again
+    torch.manual_seed(2)
+    other = UNet(UNetConfig(ndim=2, depth=2, base_channels=6, n_classes=3)).eval()
+    second = save_checkpoint(path, other)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock
+    config2, meta2 = read_checkpoint_header(path)
+    assert (meta2.digest, config2.base_channels) == (second, 6) != (first, 4)
+    path.write_bytes(b"not a checkpoint")  # a broken file is never served from memory
+    with pytest.raises(CheckpointError):
+        read_checkpoint_header(path)
