@@ -11,11 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from served_stack import serve_stack, wait_state
+from served_stack import api_call, serve_stack, wait_state
 
 from tasks.store import write_image
 
@@ -63,6 +64,22 @@ def _shot(page, folder: Path, name: str) -> Path:
     return path
 
 
+def _created_run(page, api: str, name: str, shots: Path, timeout: float = 90.0) -> str:
+    """The id of the flow run the form created under `name`; on failure the assertion
+    carries what the form page showed (its validation messages) and a screenshot."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = api_call(
+            "POST", f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}}
+        ).json()
+        if runs:
+            return runs[0]["id"]
+        time.sleep(1)
+    path = _shot(page, shots, "submit-failed")
+    text = page.locator("body").inner_text()[-1500:]
+    raise AssertionError(f"no run named {name} after Submit ({page.url}; {path}):\n{text}")
+
+
 def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
     _ensure_chromium()
     sync_api = _ensure_playwright()
@@ -98,10 +115,12 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         field("Model").fill(stack["model"])
         _shot(page, shots, "1-form")
         page.get_by_role("button", name="Submit", exact=True).click()
-        # the deployment's run list shows the new run under the form's name: open it
-        page.get_by_role("link", name=name, exact=True).first.click()
-        page.wait_for_url("**/runs/flow-run/**")
-        run_id = page.url.split("/flow-run/")[1].split("?")[0].split("/")[0]
+        # the form leaves for the deployment page once the run is created; the run exists
+        # under the form's name (looked up through the API: the UI's confirmation toast is
+        # gone after a few seconds and the run list refreshes on its own schedule)
+        run_id = _created_run(page, api, name, shots)
+        page.goto(f"{ui}/runs/flow-run/{run_id}")
+        page.get_by_text(name, exact=True).first.wait_for()
         run = wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 180)
         assert run["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         assert run["name"] == name  # the name shown in the form is kept
