@@ -17,6 +17,10 @@ configure()  # the CPU settings segflow's entry points apply, before any test lo
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / "test"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one Prefect home per worker process
+    os.environ["PREFECT_HOME"] = os.path.join(
+        os.environ["PREFECT_HOME"], os.environ["PYTEST_XDIST_WORKER"]
+    )
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DASK_TEMPORARY_DIRECTORY", str(ROOT / ".dask-scratch"))
@@ -75,6 +79,15 @@ def s3_bucket(s3_endpoint, request):
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real temporary Prefect server (Prefect's test harness), shared by the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -28,14 +28,6 @@ def planted_secret(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return secret
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
 def test_the_s3_secret_never_reaches_the_output(
     tmp_path: Path, s3_bucket: str, planted_secret: str
