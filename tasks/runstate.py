@@ -281,7 +281,7 @@ class Lease:
         except (ValueError, TypeError, KeyError):
             return None  # a torn or foreign file: treat as no lease
 
-    def _write(self) -> None:
+    def _text(self) -> str:
         now = time.time()
         info = LeaseInfo(
             self.holder,
@@ -292,7 +292,10 @@ class Lease:
             now,
             now + self.ttl_s,
         )
-        text = json.dumps(asdict(info))
+        return json.dumps(asdict(info))
+
+    def _write(self) -> None:
+        text = self._text()
         if is_remote(self.store):
             filesystem(self.store).pipe(self.path, text.encode())
         else:
@@ -301,6 +304,28 @@ class Lease:
             with open(tmp, "w") as f:
                 f.write(text)
             os.replace(tmp, self.path)
+
+    def _create(self) -> bool | None:
+        """Create the lease file where none exists, atomically: a local store's file is
+        written aside and hard-linked to its name, which fails if the name is taken.
+        True: created; False: the name is taken (another run was first, or the file is
+        torn); None: not possible here (a remote store, or no hard links): the caller
+        writes and verifies instead."""
+        if is_remote(self.store):
+            return None
+        os.makedirs(self.store, exist_ok=True)
+        tmp = f"{self.path}.{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            f.write(self._text())
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links
+            return None
+        finally:
+            os.unlink(tmp)
+        return True
 
     def free(self, info: LeaseInfo | None, quiet: bool = False) -> bool:
         """Whether this run may take the lease described by ``info`` (none, its own, an
@@ -338,6 +363,11 @@ class Lease:
         while True:
             info = self.read()
             if self.free(info):
+                created = self._create() if info is None else None
+                if created:
+                    break  # a new lease file, created atomically: no other writer
+                if created is False and self.read() is not None:
+                    continue  # another run created it first: read it as any other lease
                 self._write()
                 time.sleep(0.2)  # a concurrent taker writes too: the last writer wins
                 check = self.read()

@@ -18,15 +18,17 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import zarr
 
 from tasks.runstate import StrictArray
-from tasks.store import PROBABILITIES_GROUP, every_chunk, get_array, open_group, open_level
+from tasks.store import PROBABILITIES_GROUP, every_chunk, get_array, is_remote, open_group
 from unet_core.checkpoint import load_checkpoint
 from unet_core.errors import ConfigError
 from unet_core.geometry import Block, Box, Tile
@@ -79,11 +81,37 @@ def get_predictor(plan: SegmentPlan) -> Predictor:
         return predictor
 
 
+_arrays: dict[tuple[str, str, str], zarr.Array] = {}
+_ARRAYS_KEPT = 16
+
+
+def run_array(plan: SegmentPlan, url: str, path: str, write: bool = False) -> zarr.Array:
+    """An array of this run, opened once per worker process and run (keyed by the run key:
+    the same key means the same image, outputs and their layout). Opening a group and
+    its array read their metadata, a few percent of a block's time. Before a write the
+    local output store is checked to be still there, so that a store deleted during the
+    run fails its blocks by name instead of being half re-created."""
+    key = (plan.key, url, path)
+    with _predictors_lock:
+        arr = _arrays.get(key)
+    if arr is not None and write and not is_remote(url) and not os.path.exists(url):
+        arr = None
+    if arr is None:
+        arr = get_array(open_group(url, "r+" if write else "r"), path, url)
+        if write:
+            arr = every_chunk(arr)
+        with _predictors_lock:
+            while len(_arrays) >= _ARRAYS_KEPT:
+                _arrays.pop(next(iter(_arrays)))
+            _arrays[key] = arr
+    return arr
+
+
 def read_block_input(plan: SegmentPlan, read: Box) -> np.ndarray:
     """(C, *read.shape) float32: the read box, mirror-extended at the volume border only,
     normalised with the global statistics (non-finite voxels become 0, see
     :func:`unet_core.normalize.apply_affine`). A missing or undecodable chunk is named."""
-    arr = StrictArray(open_level(plan.image), plan.image.url, "0")
+    arr = StrictArray(run_array(plan, plan.image.url, "0"), plan.image.url, "0")
     c_axis = plan.image.channel_axis
     data = read_mirrored(arr, read, plan.image.spatial_shape, leading=0 if c_axis is None else 1)
     if c_axis is None:
@@ -125,12 +153,11 @@ def _compute_block(
     t2 = time.perf_counter()
     del data
     labels, counts = class_labels(logits)
-    root = open_group(plan.out_url, "r+")
-    labels_arr = every_chunk(get_array(root, f"{plan.labels_path}/0", plan.out_url))
+    labels_arr = run_array(plan, plan.out_url, f"{plan.labels_path}/0", write=True)
     labels_arr[block.write.to_slices()] = labels
     if plan.params.probabilities:
         probs = softmax(logits).astype(plan.params.probabilities_dtype)
-        probs_arr = every_chunk(get_array(root, f"{PROBABILITIES_GROUP}/0", plan.out_url))
+        probs_arr = run_array(plan, plan.out_url, f"{PROBABILITIES_GROUP}/0", write=True)
         probs_arr[(slice(None), *block.write.to_slices())] = probs
     return counts, (t0, t1, t2)
 

@@ -19,7 +19,7 @@ import zarr
 
 from tasks.blockwise import DELAY_ENV, Markers, Runner, Step
 from tasks.ingest import ingest_volume
-from tasks.runstate import Lease, StrictArray, write_beside
+from tasks.runstate import LEASE_FILE, Lease, StrictArray, write_beside
 from tasks.segment import SegmentParams, segment_image
 from tasks.stitch import stitch
 from tasks.store import every_chunk, write_image
@@ -181,6 +181,39 @@ def test_lease_is_exclusive_between_processes_and_expires(tmp_path, s3_bucket):
         time.sleep(0.7)
         with Lease(store, "taker", ttl_s=5.0) as taker:
             assert taker.read().holder == taker.holder
+
+
+def test_runs_racing_for_a_new_lease_get_exactly_one_holder(tmp_path):
+    """Four processes take the lease of a store that has none at the same instant (the
+    local fast path: an atomic create, no write-and-verify pause): one wins, three are
+    refused naming it. A torn lease file is no lease: it is taken over."""
+    store = str(tmp_path / "race.zarr")
+    race = (
+        "import sys, time; from tasks.runstate import Lease\n"
+        "from unet_core.errors import SegflowError\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "try:\n    lease = Lease(sys.argv[1], 'racer').acquire()\n"
+        "except SegflowError:\n    print('refused'); sys.exit(0)\n"
+        "print('won', flush=True); time.sleep(3); lease.release()\n"
+    )
+    start = f"{time.time() + 4:.3f}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", race, store, start],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert sorted(out.strip() for out, _ in outs) == ["refused"] * 3 + ["won"], outs
+    assert Lease(store).read() is None
+    with open(os.path.join(store, LEASE_FILE), "w") as f:
+        f.write('{"holder": "torn')
+    with Lease(store, "after a torn file") as lease:
+        assert lease.read().holder == lease.holder
 
 
 # -------------------------------------------------------------------------- run identity
