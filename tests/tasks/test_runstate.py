@@ -188,18 +188,30 @@ def test_runs_racing_for_a_new_lease_get_exactly_one_holder(tmp_path):
     local fast path: an atomic create, no write-and-verify pause): one wins, three are
     refused naming it. A torn lease file is no lease: it is taken over."""
     store = str(tmp_path / "race.zarr")
+    # the create step itself never replaces a lease that is there
+    first, second = Lease(store, "first"), Lease(store, "second")
+    second.holder = "another-run"
+    assert first._create() is True
+    assert second._create() is False
+    assert Lease(store).read().holder == first.holder
+    os.unlink(os.path.join(store, LEASE_FILE))
+    release = tmp_path / "release"
     race = (
-        "import sys, time; from tasks.runstate import Lease\n"
+        "import os, sys, time; from tasks.runstate import Lease\n"
         "from unet_core.errors import SegflowError\n"
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
         "try:\n    lease = Lease(sys.argv[1], 'racer').acquire()\n"
         "except SegflowError:\n    print('refused'); sys.exit(0)\n"
-        "print('won', flush=True); time.sleep(3); lease.release()\n"
+        "print('won', flush=True)\n"
+        "deadline = time.time() + 120\n"
+        "while not os.path.exists(sys.argv[3]) and time.time() < deadline:\n"
+        "    time.sleep(0.1)\n"
+        "lease.release()\n"
     )
-    start = f"{time.time() + 4:.3f}"
+    start = f"{time.time() + 6:.3f}"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", race, store, start],
+            [sys.executable, "-c", race, store, start, str(release)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -207,6 +219,11 @@ def test_runs_racing_for_a_new_lease_get_exactly_one_holder(tmp_path):
         )
         for _ in range(4)
     ]
+    # the winner holds the lease until the others have answered (however slowly they start)
+    deadline = time.time() + 120
+    while sum(p.poll() is not None for p in procs) < 3 and time.time() < deadline:
+        time.sleep(0.1)
+    release.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert sorted(out.strip() for out, _ in outs) == ["refused"] * 3 + ["won"], outs
     assert Lease(store).read() is None
