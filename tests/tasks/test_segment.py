@@ -181,6 +181,31 @@ def test_model_is_loaded_once_per_worker(tmp_path, dask_client):
     assert segment_worker.model_loads - before == 1
 
 
+def test_arrays_are_opened_once_per_run_and_a_deleted_output_is_named(tmp_path, dask_client):
+    """A worker keeps the run's arrays open across blocks (keyed by the run key); a block
+    after its output store was deleted fails naming the store, without re-creating it."""
+    import shutil
+
+    from tasks.segment import plan_segmentation
+    from unet_core.errors import SegflowError
+
+    vol = np.random.default_rng(7).normal(size=(64, 64)).astype(np.float32)
+    src = str(tmp_path / "img.ome.zarr")
+    write_image(src, vol, "yx", chunks=(16, 16))
+    model = make_model(tmp_path / "m.ckpt", seed=12, ndim=2)
+    out = str(tmp_path / "o.zarr")
+    params: dict = {"chunks": (16, 16), "tile": (60, 60)}
+    run(src, model, out, dask_client, **params)
+    p = SegmentParams(probabilities=True, probabilities_dtype="float32", mode="reference", **params)
+    plan = plan_segmentation(src, str(model), out, p)
+    cached = {key[1:] for key in segment_worker._arrays if key[0] == plan.key}
+    assert cached == {(src, "0"), (out, "labels/semantic/0"), (out, "probabilities/0")}
+    shutil.rmtree(out)
+    with pytest.raises(SegflowError, match="no such store"):
+        segment_worker.segment_block(plan, (0, 0))
+    assert not (tmp_path / "o.zarr").exists()
+
+
 def test_s3_store_gives_the_same_result_as_local(tmp_path, dask_client, s3_bucket):
     vol = np.random.default_rng(8).integers(0, 60000, size=(12, 40, 37)).astype(np.uint16)
     model = make_model(tmp_path / "m.ckpt", ndim=3)
