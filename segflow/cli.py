@@ -134,6 +134,26 @@ def _where(arguments: Mapping[str, Any]) -> str:
     return ""
 
 
+class _UnretrievedTimeouts(logging.Filter):
+    """Drops asyncio's report of a timed-out future that nothing awaited.
+
+    On a loaded machine Dask's shutdown can leave one of its own timeouts unretrieved;
+    asyncio then prints "Future exception was never retrieved ... TimeoutError: Timeout"
+    when the future is collected, possibly after the command has finished, even with
+    ``-q``. No result depends on it. Installed for the rest of the process (collection
+    can happen at exit); ``--debug`` keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        unretrieved = record.getMessage().startswith(
+            ("Future exception was never retrieved", "Task exception was never retrieved")
+        )
+        return not (unretrieved and isinstance(exc, TimeoutError))
+
+
+_UNRETRIEVED = _UnretrievedTimeouts()
+
+
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """Unless debugging, Dask's logs and warnings stay off stderr: a failed task is reported
@@ -141,6 +161,7 @@ def _quiet_libraries() -> Iterator[None]:
     if debug_enabled():
         yield
         return
+    logging.getLogger("asyncio").addFilter(_UNRETRIEVED)  # idempotent
     env = "DASK_LOGGING__DISTRIBUTED"  # read when distributed is imported
     saved = os.environ.get(env)
     os.environ[env] = saved or "critical"

@@ -342,8 +342,10 @@ class Predictor:
     ``batch_size`` equal-shaped tiles go through it (in the invariant mode always exactly
     ``batch_size``: a short batch is padded with zeros, since some kernels' results depend
     on the batch size; a 3D network runs one tile per pass, its tiles being sized to fill
-    one), and on CUDA autocast (bf16/fp16), channels-last and pinned, asynchronous
-    host/device copies keep the GPU busy while the next batch is assembled.
+    one). Tensors are channels-last in the default and fast modes (oneDNN's and cuDNN's
+    fast layout; the reference mode keeps contiguous ones), and on CUDA autocast
+    (bf16/fp16) and pinned, asynchronous host/device copies keep the GPU busy while the
+    next batch is assembled.
     """
 
     def __init__(
