@@ -108,10 +108,7 @@ def overhead(args: argparse.Namespace) -> dict:
             for n, tile_shape in passes:
                 x = torch.from_numpy(rng.standard_normal((n, 1, *tile_shape[s:]), dtype=np.float32))
                 t = time.perf_counter()
-                if predictor.channels_last:  # as the predictor passes its batches
-                    fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
-                    x = x.contiguous(memory_format=fmt)
-                predictor.model(x)
+                predictor.model(predictor.layout(x))  # as the predictor passes its batches
                 total += time.perf_counter() - t
         return total
 

@@ -181,10 +181,12 @@ def forward_variant(
     """Voxels/s of repeated forward passes of one batch (after warm-up / compilation)."""
     import torch
 
+    from unet_core.predict import channels_last_format
+
     m = copy.deepcopy(model).to(device).eval()
     xin = x
     if channels_last:
-        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        fmt = channels_last_format(x.ndim)
         m = m.to(memory_format=fmt)
         xin = x.contiguous(memory_format=fmt)
     t0 = time.perf_counter()
@@ -214,8 +216,10 @@ def conv_device_time(model: Any, x: Any, device: Any, dtype: Any, iters: int = 5
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from unet_core.predict import channels_last_format
+
     m = copy.deepcopy(model).to(device).eval()
-    fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+    fmt = channels_last_format(x.ndim)
     m = m.to(memory_format=fmt)
     xin = x.contiguous(memory_format=fmt)
     with torch.inference_mode(), _autocast(device, dtype):
@@ -295,7 +299,6 @@ def end_to_end(name: str, device: Any, quick: bool) -> dict[str, Any]:
     forward_s = 0.0
     batches = 0
     dtype = torch.bfloat16 if cuda else None
-    fmt = torch.channels_last if config.ndim == 2 else torch.channels_last_3d
     with torch.inference_mode(), _autocast(device, dtype):
         for index in plan.indices():
             block = plan.block(index)
@@ -303,8 +306,7 @@ def end_to_end(name: str, device: Any, quick: bool) -> dict[str, Any]:
             for start in range(0, len(tiles), params.batch_size):
                 n = len(tiles[start : start + params.batch_size])
                 x = torch.randn((n, config.in_channels, *tile[s:]), device=device)
-                if predictor.channels_last:
-                    x = x.contiguous(memory_format=fmt)
+                x = predictor.layout(x)
                 _sync(device)
                 t = time.perf_counter()
                 predictor.model(x)

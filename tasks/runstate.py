@@ -294,16 +294,19 @@ class Lease:
         )
         return json.dumps(asdict(info))
 
+    def _write_aside(self) -> str:
+        """A fresh lease file beside the lease's name in a local store; returns its path."""
+        os.makedirs(self.store, exist_ok=True)
+        tmp = f"{self.path}.{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            f.write(self._text())
+        return tmp
+
     def _write(self) -> None:
-        text = self._text()
         if is_remote(self.store):
-            filesystem(self.store).pipe(self.path, text.encode())
+            filesystem(self.store).pipe(self.path, self._text().encode())
         else:
-            os.makedirs(self.store, exist_ok=True)
-            tmp = f"{self.path}.{uuid.uuid4().hex[:8]}"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, self.path)
+            os.replace(self._write_aside(), self.path)
 
     def _create(self) -> bool | None:
         """Create the lease file where none exists, atomically: a local store's file is
@@ -313,10 +316,7 @@ class Lease:
         writes and verifies instead."""
         if is_remote(self.store):
             return None
-        os.makedirs(self.store, exist_ok=True)
-        tmp = f"{self.path}.{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w") as f:
-            f.write(self._text())
+        tmp = self._write_aside()
         try:
             os.link(tmp, self.path)
         except FileExistsError:

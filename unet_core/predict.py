@@ -335,6 +335,12 @@ def _model_for(model: UNet, mode: Mode) -> UNet:
     return copied
 
 
+def channels_last_format(tensor_ndim: int) -> torch.memory_format:
+    """The channels-last memory format of an (N, C, *spatial) tensor of ``tensor_ndim``
+    axes: ``channels_last`` for 2D images, ``channels_last_3d`` for volumes."""
+    return torch.channels_last if tensor_ndim == 4 else torch.channels_last_3d
+
+
 class Predictor:
     """A model on a device that turns mirror-extended input boxes into class logits.
 
@@ -391,7 +397,7 @@ class Predictor:
         if self.channels_last:
             # A copy: the caller's model keeps its layout (training validates the model it
             # is training; converting its weights in place would change later steps' bits).
-            fmt = torch.channels_last if self.config.ndim == 2 else torch.channels_last_3d
+            fmt = channels_last_format(self.config.ndim + 2)
             moved = copy.deepcopy(moved).to(memory_format=fmt)  # type: ignore[call-overload]
         self.model = _model_for(moved, mode)
         if not self.config.tile_exact:
@@ -417,14 +423,16 @@ class Predictor:
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
 
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (N, C, *spatial) in the memory layout this predictor's model runs on."""
+        return x.contiguous(memory_format=channels_last_format(x.ndim)) if self.channels_last else x
+
     def _forward(self, batch: np.ndarray) -> torch.Tensor:
         """batch: (B, C, *spatial) float32 on the host; returns logits on the device."""
         x = torch.from_numpy(batch)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        if self.channels_last:
-            fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
-            x = x.contiguous(memory_format=fmt)
+        x = self.layout(x)
         with self._autocast():
             out: torch.Tensor = self.model(x)
         return out.float().contiguous()  # channels-last logits: classes back in front
