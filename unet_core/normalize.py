@@ -18,6 +18,7 @@ import math
 from typing import Literal
 
 import numpy as np
+from numpy.typing import DTypeLike
 from pydantic import BaseModel, ConfigDict, Field
 
 from unet_core.errors import ConfigError, InvalidVolumeError
@@ -88,19 +89,47 @@ class Normalization(BaseModel):
 NONFINITE_VALUE = 0.0
 
 
-def apply_affine(x: np.ndarray, offset: float, scale: float) -> np.ndarray:
+def apply_affine(
+    x: np.ndarray,
+    offset: float,
+    scale: float,
+    *,
+    in_place: bool = False,
+    source_dtype: DTypeLike | None = None,
+) -> np.ndarray:
     """float32 ``(x - offset) * scale``; the same arithmetic everywhere (bitwise exactness).
 
     Voxels that are not finite, in ``x`` or after the affine map (a finite extreme that
     overflows float32), become :data:`NONFINITE_VALUE` (0.0), so no NaN or Inf reaches
-    the network."""
-    out = np.array(x, dtype=np.float32)  # one copy, then in place
+    the network. ``in_place``: a float32 ``x`` is overwritten instead of copied.
+    ``source_dtype``: what ``x`` was converted from (default ``x.dtype``); for integers
+    whose whole range maps to finite values the check for non-finite voxels is skipped.
+    """
+    if in_place and x.dtype == np.float32 and x.flags.writeable:
+        out = x
+    else:
+        out = np.array(x, dtype=np.float32)  # one copy, then in place
     out -= np.float32(offset)
     out *= np.float32(scale)
-    bad = ~np.isfinite(out)
-    if bad.any():
-        out[bad] = np.float32(NONFINITE_VALUE)
+    source = np.dtype(x.dtype if source_dtype is None else source_dtype)
+    if not _maps_to_finite(source, offset, scale):
+        bad = ~np.isfinite(out)
+        if bad.any():
+            out[bad] = np.float32(NONFINITE_VALUE)
     return out
+
+
+def _maps_to_finite(dtype: np.dtype, offset: float, scale: float) -> bool:
+    """Whether every value of an integer ``dtype`` maps to a finite float32 under
+    :func:`apply_affine` (the map is monotonic, so its two ends decide)."""
+    if dtype.kind not in "biu":
+        return False
+    info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
+    ends = np.array([info.min, info.max], dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ends -= np.float32(offset)
+        ends *= np.float32(scale)
+    return bool(np.isfinite(ends).all())
 
 
 class StatsAccumulator:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import threading
@@ -30,6 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import DTypeLike
 from torch import nn
 
 from unet_core.errors import ConfigError, InvalidVolumeError
@@ -209,14 +211,40 @@ def mirror_indices(begin: int, end: int, n: int) -> np.ndarray:
     return np.where(q < n, q, 2 * n - 1 - q)
 
 
+def _mirror_runs(idx: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """``idx`` (from :func:`mirror_indices`, relative to the read range) as runs of
+    consecutive indices: (first output position, first source index, length, step ±1)."""
+    runs = []
+    start, n = 0, len(idx)
+    while start < n:
+        step = -1 if start + 1 < n and idx[start + 1] - idx[start] == -1 else 1
+        end = start + 1
+        while end < n and idx[end] - idx[end - 1] == step:
+            end += 1
+        runs.append((start, int(idx[start]), end - start, step))
+        start = end
+    return runs
+
+
+#: A mirrored read is assembled from at most this many block copies (runs per axis
+#: multiplied); beyond (axes of a few voxels mirrored many times) it gathers by index.
+_MAX_MIRROR_COPIES = 512
+
+
 def read_mirrored(
-    source: object, box: Box, volume_shape: Sequence[int], leading: int = 0
+    source: object,
+    box: Box,
+    volume_shape: Sequence[int],
+    leading: int = 0,
+    dtype: DTypeLike | None = None,
 ) -> np.ndarray:
     """Read ``box`` from ``source`` (NumPy, zarr, anything sliceable) with mirror extension.
 
     Only the bounding range of needed voxels is read (one request for zarr); ``leading``
     axes (e.g. channels) are read whole. Mirroring happens only where the box leaves the
-    volume, never at chunk or block borders.
+    volume, never at chunk or block borders. The result has ``dtype`` (default: the
+    source's), converted while it is assembled: one pass over the box, however many of
+    its axes are mirrored.
     """
     idx = [
         mirror_indices(b, e, n) for b, e, n in zip(box.begin, box.end, volume_shape, strict=True)
@@ -225,10 +253,24 @@ def read_mirrored(
     hi = [int(i.max()) + 1 for i in idx]
     sel = (slice(None),) * leading + tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     data = np.asarray(source[sel])  # type: ignore[index]
-    for axis, (i, a, b) in enumerate(zip(idx, lo, hi, strict=True)):
-        if len(i) != b - a or (len(i) and (i[0] != a or i[-1] != b - 1)):
+    target = data.dtype if dtype is None else np.dtype(dtype)
+    runs = [_mirror_runs(i - a) for i, a in zip(idx, lo, strict=True)]
+    if all(len(r) == 1 and r[0][3] == 1 for r in runs):  # inside the volume: no mirroring
+        return data if data.dtype == target else data.astype(target)
+    if math.prod(len(r) for r in runs) > _MAX_MIRROR_COPIES:
+        for axis, (i, a) in enumerate(zip(idx, lo, strict=True)):
             data = np.take(data, i - a, axis=leading + axis)
-    return data
+        return data.astype(target, copy=False)
+    out = np.empty((*data.shape[:leading], *box.shape), dtype=target)
+    lead = (slice(None),) * leading
+    for combo in itertools.product(*runs):
+        dst = tuple(slice(o, o + n) for o, _, n, _ in combo)
+        src = tuple(
+            slice(s, s + n) if step == 1 else slice(s, s - n if s >= n else None, -1)
+            for _, s, n, step in combo
+        )
+        out[(*lead, *dst)] = data[(*lead, *src)]
+    return out
 
 
 # ------------------------------------------------------------------------ predictor
@@ -549,5 +591,7 @@ def predict(
         model, device=device, batch_size=batch_size, precision=precision, mode=mode
     )
     read, tiles = plan_box(predictor.spec(volume.ndim), volume.shape, volume, mode, tile_shape)
-    data = apply_affine(read_mirrored(a, read, volume.shape, leading=1), offset, scale)
+    data = read_mirrored(a, read, volume.shape, leading=1, dtype=np.float32)
+    own = not np.may_share_memory(data, a)  # a view of the caller's array stays untouched
+    data = apply_affine(data, offset, scale, in_place=own, source_dtype=a.dtype)
     return softmax(predictor.logits(data, read, tiles, volume))

@@ -7,6 +7,7 @@ to the Dask workers, and computes each block's read and write boxes on demand.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -189,6 +190,16 @@ class SegmentPlan:
         if lattice is not None:
             return lattice.plan(write)
         return plan_tiles(TileSpec(self.config, write.ndim), write, self.tile)
+
+    @functools.cached_property
+    def reads_overlap(self) -> bool:
+        """Whether a block reads voxels of its neighbours (the network's context reaches
+        across a block border), so that neighbouring blocks read some chunks in common."""
+        first = self.block((0,) * len(self.grid))
+        return any(
+            g > 1 and r > w
+            for g, r, w in zip(self.grid, first.read.shape, first.write.shape, strict=True)
+        )
 
     @property
     def batch_size(self) -> int:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from tasks.runstate import StrictArray
+from tasks.runstate import ChunkCache, StrictArray
 from tasks.store import PROBABILITIES_GROUP, every_chunk, get_array, is_remote, open_group
 from unet_core.checkpoint import load_checkpoint
 from unet_core.errors import ConfigError
@@ -81,6 +81,9 @@ def get_predictor(plan: SegmentPlan) -> Predictor:
         return predictor
 
 
+#: Decoded image chunks of this process's blocks (see :class:`tasks.runstate.ChunkCache`).
+image_chunks = ChunkCache()
+
 _arrays: dict[tuple[str, str, str], zarr.Array] = {}
 _ARRAYS_KEPT = 16
 
@@ -111,14 +114,21 @@ def read_block_input(plan: SegmentPlan, read: Box) -> np.ndarray:
     """(C, *read.shape) float32: the read box, mirror-extended at the volume border only,
     normalised with the global statistics (non-finite voxels become 0, see
     :func:`unet_core.normalize.apply_affine`). A missing or undecodable chunk is named."""
-    arr = StrictArray(run_array(plan, plan.image.url, "0"), plan.image.url, "0")
+    cache = image_chunks if plan.reads_overlap else None
+    arr = StrictArray(run_array(plan, plan.image.url, "0"), plan.image.url, "0", cache, plan.key)
+    if cache is not None:
+        # Room for the chunks of two blocks' reads: the next block (in C order, or on the
+        # other thread beside a GPU) finds the chunks it shares with this one decoded.
+        channels = () if plan.image.channel_axis is None else (plan.image.n_channels,)
+        cache.reserve(2 * arr.chunk_set_bytes((*channels, *read.shape)))
     c_axis = plan.image.channel_axis
-    data = read_mirrored(arr, read, plan.image.spatial_shape, leading=0 if c_axis is None else 1)
+    leading = 0 if c_axis is None else 1
+    data = read_mirrored(arr, read, plan.image.spatial_shape, leading, dtype=np.float32)
     if c_axis is None:
         data = data[None]
     elif plan.params.channel is not None:
         data = data[plan.params.channel : plan.params.channel + 1]
-    return apply_affine(data, plan.offset, plan.scale)
+    return apply_affine(data, plan.offset, plan.scale, in_place=True, source_dtype=arr.dtype)
 
 
 _fault_hook: Callable[[SegmentPlan, Block], None] | None = None

@@ -77,6 +77,13 @@ def test_nonfinite_voxels_are_counted_and_normalised_to_zero():
     assert out[0] == pytest.approx(-1.0)
     big = apply_affine(np.float32([3e38, 1.0]), -3e38, 1.0)  # 6e38 overflows float32
     assert big.tolist() == [0.0, float(np.float32(3e38))]
+    # Integer images skip the check only where their whole range maps to finite values.
+    ints = np.array([0, 65535], dtype=np.uint16)
+    assert apply_affine(ints, 0.0, 1e35).tolist() == [0.0, 0.0]  # 65535e35 overflows
+    assert apply_affine(ints.astype(np.float32), 0, 1e35, source_dtype=np.uint16)[1] == 0.0
+    assert apply_affine(ints, 1.0, 2.0).tolist() == [-2.0, 131068.0]
+    mine = ints.astype(np.float32)
+    assert apply_affine(mine, 1.0, 2.0, in_place=True) is mine
 
 
 def test_ingest_counts_nonfinite_and_keeps_exact_percentiles(tmp_path):

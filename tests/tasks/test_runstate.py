@@ -19,7 +19,7 @@ import zarr
 
 from tasks.blockwise import DELAY_ENV, Markers, Runner, Step
 from tasks.ingest import ingest_volume
-from tasks.runstate import LEASE_FILE, Lease, StrictArray, write_beside
+from tasks.runstate import LEASE_FILE, ChunkCache, Lease, StrictArray, write_beside
 from tasks.segment import SegmentParams, segment_image
 from tasks.stitch import stitch
 from tasks.store import every_chunk, write_image
@@ -27,6 +27,7 @@ from unet_core import CheckpointMeta, Normalization, UNet, UNetConfig, save_chec
 from unet_core.errors import (
     BlockError,
     IncompleteError,
+    MissingDataError,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -399,6 +400,47 @@ def test_strict_array_reads_every_selection_form(tmp_path):
     assert np.array_equal(strict[1:4], arr[1:4])
     assert np.array_equal(strict[2, 1:6], arr[2, 1:6])
     assert np.array_equal(strict[4:5, 6:7], arr[4:5, 6:7])
+
+
+def test_reads_through_a_chunk_cache_equal_direct_reads_and_stay_in_budget(tmp_path):
+    """Cached reads assemble whole chunks: any box (channel axis, array edges, sharded
+    arrays) equals zarr's own read; each chunk is decoded once while it fits the budget;
+    the budget bounds what is kept; a chunk missing from the store is still named."""
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 60000, size=(2, 13, 22, 19), dtype=np.uint16)
+    for name, shards in (("plain", None), ("sharded", (2, 8, 8, 8))):
+        url = str(tmp_path / f"{name}.zarr")
+        arr = zarr.create_array(
+            url, shape=data.shape, chunks=(2, 4, 4, 4), shards=shards, dtype="uint16"
+        )
+        every_chunk(arr)[...] = data
+        direct = StrictArray(arr, url)
+        cache = ChunkCache(10**9)
+        cached = StrictArray(arr, url, cache=cache, tag="run-1")
+        for _ in range(60):
+            lo = [int(rng.integers(0, n)) for n in data.shape]
+            hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, data.shape, strict=True)]
+            box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+            assert np.array_equal(cached[box], data[box]), (name, box)
+            assert np.array_equal(direct[box], data[box])
+        assert np.array_equal(cached[1, 3:9, 5], data[1, 3:9, 5])  # integers drop axes
+        chunks_in_array = 1 * 4 * 6 * 5
+        assert cache.misses <= chunks_in_array < cache.hits  # every chunk read at most once
+        # A budget of three chunks keeps at most three.
+        small = ChunkCache(3 * 2 * 4 * 4 * 4 * 2)
+        tight = StrictArray(arr, url, cache=small, tag="run-1")
+        assert np.array_equal(tight[:, 2:11, 3:17, 0:19], data[:, 2:11, 3:17, 0:19])
+        assert small.nbytes <= small.max_bytes
+        assert len(small._chunks) == 3
+    # A chunk deleted before it was ever read is named, as without the cache.
+    (tmp_path / "plain.zarr" / "c" / "0" / "3" / "5" / "4").unlink()
+    plain = zarr.open_array(str(tmp_path / "plain.zarr"))
+    fresh = StrictArray(plain, "plain", "0", ChunkCache(10**9), "k")
+    with pytest.raises(MissingDataError, match=r"plain: chunk 0/0/3/5/4 is missing"):
+        fresh[:, 10:13, 18:22, 16:19]
+    # A sized budget holds the chunks of one read anywhere in the array.
+    assert direct.chunk_set_bytes((2, 6, 6, 6)) == 1 * 3 * 3 * 3 * (2 * 4 * 4 * 4) * 2
+    assert direct.chunk_set_bytes((2, 5, 5, 30)) == 1 * 2 * 2 * 5 * (2 * 4 * 4 * 4) * 2
 
 
 # ----------------------------------------------------------------------------------- runner

@@ -206,6 +206,43 @@ def test_arrays_are_opened_once_per_run_and_a_deleted_output_is_named(tmp_path, 
     assert not (tmp_path / "o.zarr").exists()
 
 
+def test_blocks_decode_the_chunks_they_share_once(tmp_path, dask_client):
+    """A 3D block reads its neighbours' chunks for the network's context (up to 27 chunks
+    for one chunk of output); the worker keeps them decoded, so a run decodes far fewer
+    chunks than its blocks' boxes touch, with the same bits as the whole-volume pass."""
+    from tasks.segment import plan_segmentation
+    from unet_core.predict import mirror_indices
+
+    vol = np.random.default_rng(9).integers(0, 60000, size=(24, 40, 40)).astype(np.uint16)
+    src = str(tmp_path / "img.ome.zarr")
+    write_image(src, vol, "zyx", chunks=(8, 8, 8))
+    model = make_model(tmp_path / "m.ckpt", ndim=3, depth=1)
+    out = str(tmp_path / "o.zarr")
+    params = {"chunks": (8, 8, 8), "tile": (32, 32, 32), "mode": "reference"}
+    plan = plan_segmentation(src, str(model), out, SegmentParams(**params), (8, 8, 8))
+    assert plan.reads_overlap
+    assert plan.n_blocks == 75
+    touched = 0  # chunks that reading every block's box directly decodes
+    for index in plan.indices():
+        read = plan.block(index).read
+        per_axis = []
+        for b, e, n in zip(read.begin, read.end, vol.shape, strict=True):
+            i = mirror_indices(b, e, n)
+            per_axis.append(int(i.max()) // 8 - int(i.min()) // 8 + 1)
+        touched += int(np.prod(per_axis))
+    cache = segment_worker.image_chunks
+    cache.clear()
+    misses = cache.misses
+    run(src, model, out, dask_client, block_shape=(8, 8, 8), **params)
+    decoded = cache.misses - misses
+    assert 75 <= decoded < touched / 4, (decoded, touched)
+    probs, _ = outputs(out)
+    assert np.array_equal(probs, reference(model, src, vol))
+    # A block whose context stays inside it reads nothing of its neighbours: no cache.
+    whole = SegmentParams(chunks=(24, 40, 40), tile=(64, 64, 64))
+    assert not plan_segmentation(src, str(model), out, whole).reads_overlap
+
+
 def test_s3_store_gives_the_same_result_as_local(tmp_path, dask_client, s3_bucket):
     vol = np.random.default_rng(8).integers(0, 60000, size=(12, 40, 37)).astype(np.uint16)
     model = make_model(tmp_path / "m.ckpt", ndim=3)
