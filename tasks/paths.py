@@ -77,6 +77,11 @@ def beside_store(store: str, what: str) -> str:
     return f"{_strip(str(store).rstrip('/'), ZARR_SUFFIXES)}.{what}"
 
 
+def table_paths(store: str, name: str) -> tuple[str, str]:
+    """Object table files beside the store: ``<store without .ome.zarr>.<name>.csv|parquet``."""
+    return beside_store(store, f"{name}.csv"), beside_store(store, f"{name}.parquet")
+
+
 def nightly_store(output: str, entry: str) -> str:
     """The store of inbox entry ``entry`` in the output location: ``<output>/<entry>.ome.zarr``."""
     return f"{str(output).rstrip('/')}/{basename(entry)}{STORE_SUFFIX}"

@@ -188,7 +188,7 @@ def _outlined(
 
 def _object_sizes(out_url: str, labels: str) -> np.ndarray | None:
     """Voxels per object from the object table ``stitch`` wrote for ``labels``, if any."""
-    from tasks.stitch import table_paths
+    from tasks.paths import table_paths
 
     _, parquet = table_paths(out_url, labels)
     fs = filesystem(parquet)

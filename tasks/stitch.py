@@ -37,7 +37,7 @@ from scipy import ndimage, sparse
 from tasks.blockwise import ProgressFn, Runner, Step
 from tasks.cluster import ClusterSpec
 from tasks.ngff import Multiscale, add_label, compressors, is_image, label_ome, label_source
-from tasks.paths import beside_store
+from tasks.paths import table_paths
 from tasks.runstate import Lease, StrictArray, require_complete, set_complete, write_beside
 from tasks.store import (
     LABELS_GROUP,
@@ -670,11 +670,6 @@ def _finish_instances(plan: StitchPlan, provisional_final: int, objects: int) ->
         {"complete": True, "key": plan.key, "objects": objects, "max_id": provisional_final}
     )
     group.attrs.update({"segflow": meta["segflow"]})
-
-
-def table_paths(store: str, name: str) -> tuple[str, str]:
-    """Object table files beside the store: ``<store without .ome.zarr>.<name>.csv|parquet``."""
-    return beside_store(store, f"{name}.csv"), beside_store(store, f"{name}.parquet")
 
 
 def write_object_table(plan: StitchPlan, table: pd.DataFrame) -> tuple[str, str]:

@@ -132,7 +132,7 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
 def remove_stale_outputs(plan: SegmentPlan, root: zarr.Group) -> list[str]:
     """Remove what an earlier run of these labels with another key left: instances
     derived from them (and their object tables) and probabilities. Returns their paths."""
-    from tasks.stitch import table_paths
+    from tasks.paths import table_paths
 
     removed: list[str] = []
     name = plan.params.labels_name
