@@ -7,7 +7,8 @@ Data path of one block (see :mod:`unet_core.geometry` for the drawing)::
       ──▶ argmax → labels/<name>/0[block.write]   softmax → probabilities/0[:, block.write]
 
 The runner marks the block done in segflow-done/segment-<name> after it returns. The model
-is loaded once per worker process (cached by checkpoint digest), never per block. A
+is loaded once per worker process (cached by checkpoint digest), never per block; image
+chunks that neighbouring blocks share are kept decoded (:data:`image_chunks`). A
 forward pass holds a per-device lock so that, while one block computes, the other Dask
 threads read, normalise and write the next ones. Functions shipped to the workers stay
 module-level (pickled by module path).
