@@ -53,6 +53,15 @@ DEFAULT_BATCH_SIZE = 4
 #: Reference mode: most bytes one convolution unfolds (im2col) at once.
 SLAB_BYTES = 64 * 2**20
 
+#: Default mode: most bytes the first convolution unfolds at once (see :func:`_model_for`).
+FIRST_SLAB_BYTES = 16 * 2**20
+
+#: Changes whenever the default mode computes a tile differently, so that its bits change:
+#: part of a run's key (:func:`tasks.segment.plan_segmentation`), so that a run resumed by
+#: another segflow version recomputes its blocks instead of mixing two versions' bits.
+#: 2: channels-last tensors on CPU; 3: the first convolution in slabs of FIRST_SLAB_BYTES.
+INVARIANT_REVISION = 3
+
 # ------------------------------------------------------------------------- numerics
 
 # Process-wide kernel settings. Forward passes that need different settings never overlap
@@ -346,20 +355,24 @@ def _model_for(model: UNet, mode: Mode) -> UNet:
     """The model a mode runs: the model itself in fast mode, else a copy (weights shared).
 
     Reference: every convolution in slabs. Invariant: the deterministic head, and the
-    first convolution in slabs: it sees the image's few channels, and oneDNN unfolds such
-    an input 27-fold (measured: +320 MiB for one 88x168x168 tile). The slabs follow from
-    the tile shape alone, so every tile is still computed the same way.
+    first convolution in slabs of :data:`FIRST_SLAB_BYTES`: it sees the image's few
+    channels, and oneDNN unfolds such an input 27-fold (measured for the first block of
+    one 88x168x168 tile: +320 MiB whole, +220 MiB in 64 MiB slabs, +100 MiB in 16 MiB
+    slabs, no slower). The slabs follow from the tile shape alone, so every tile is still
+    computed the same way.
     """
     if mode == "fast":
         return model
     copied = copy.copy(model)  # shallow: submodule dicts are copied below, weights shared
     copied._modules = dict(model._modules)
 
-    def slabbed(block: nn.Module, every: bool) -> nn.Sequential:
+    def slabbed(block: nn.Module, every: bool, budget: int | None = None) -> nn.Sequential:
         layers: list[nn.Module] = list(block.children())
         return nn.Sequential(
             *(
-                _SlabConv(m) if isinstance(m, nn.Conv2d | nn.Conv3d) and (every or i == 0) else m
+                _SlabConv(m, budget)
+                if isinstance(m, nn.Conv2d | nn.Conv3d) and (every or i == 0)
+                else m
                 for i, m in enumerate(layers)
             )
         )
@@ -367,7 +380,8 @@ def _model_for(model: UNet, mode: Mode) -> UNet:
     if mode == "invariant":
         copied._modules["head"] = _ElementwiseHead(model.head)
         encoder = list(model.encoder)
-        copied._modules["encoder"] = nn.ModuleList([slabbed(encoder[0], False), *encoder[1:]])
+        first = slabbed(encoder[0], False, FIRST_SLAB_BYTES)
+        copied._modules["encoder"] = nn.ModuleList([first, *encoder[1:]])
         return copied
     for name in ("encoder", "decoder"):
         copied._modules[name] = nn.ModuleList(

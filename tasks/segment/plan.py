@@ -36,7 +36,12 @@ from unet_core.errors import ConfigError, InvalidVolumeError
 from unet_core.geometry import Block, Box, Tile, TileSpec, plan_tiles
 from unet_core.lattice import TileLattice, plan_lattice
 from unet_core.normalize import NONFINITE_VALUE, IntensityStats, StatsAccumulator
-from unet_core.predict import DEFAULT_BATCH_SIZE, Mode, effective_batch_size
+from unet_core.predict import (
+    DEFAULT_BATCH_SIZE,
+    INVARIANT_REVISION,
+    Mode,
+    effective_batch_size,
+)
 from unet_core.slicelink import DEFAULT_LINK_IOU
 
 log = logging.getLogger(__name__)
@@ -433,7 +438,12 @@ def plan_segmentation(
     numerics: dict[str, Any] | None = None
     if lattice is not None:
         _warn_misaligned(lattice, blocks_shape)
-        numerics = {"tile": list(tile), "batch": batch, "device": params.device}
+        numerics = {
+            "tile": list(tile),
+            "batch": batch,
+            "device": params.device,
+            "revision": INVARIANT_REVISION,
+        }
     stats = info.stats
     if meta.normalization.kind != "none" and stats is None:
         log.warning("%s has no stored intensity statistics; computing them now", src)

@@ -276,6 +276,30 @@ def test_equivalent_parameters_share_a_key(tmp_path, volume):
     assert segment_image(src, model, out, other).blocks_computed > 0
 
 
+def test_a_run_resumed_by_a_version_that_computes_tiles_differently_recomputes(
+    tmp_path, volume, monkeypatch
+):
+    """The default mode's bits depend on how segflow computes a tile (memory layout, slabs);
+    its revision is part of the run key, so a run resumed after such a change recomputes
+    its blocks instead of mixing two versions' bits. The reference mode's key stays."""
+    import tasks.segment.plan as segment_plan
+    from tasks.segment import plan_segmentation
+
+    src, _ = volume
+    model = make_model(tmp_path / "m.ckpt", 8)
+    out = str(tmp_path / "o.zarr")
+    default = SegmentParams(device="cpu", tile=(1, 64, 64))
+    reference = SegmentParams(device="cpu", tile=(1, 64, 64), mode="reference")
+    keys = [plan_segmentation(src, model, out, p).key for p in (default, reference)]
+    assert segment_image(src, model, out, default).blocks_computed > 0
+    assert segment_image(src, model, out, default).blocks_computed == 0
+    monkeypatch.setattr(segment_plan, "INVARIANT_REVISION", segment_plan.INVARIANT_REVISION + 1)
+    later = [plan_segmentation(src, model, out, p).key for p in (default, reference)]
+    assert later[0] != keys[0]
+    assert later[1] == keys[1]
+    assert segment_image(src, model, out, default).blocks_computed > 0
+
+
 # ------------------------------------------------------------------------------ ownership
 
 
