@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 import zarr
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -443,6 +444,7 @@ def plan_segmentation(
             "batch": batch,
             "device": params.device,
             "revision": INVARIANT_REVISION,
+            "torch": torch.__version__,  # oneDNN and cuDNN come with it
         }
     stats = info.stats
     if meta.normalization.kind != "none" and stats is None:

@@ -298,6 +298,9 @@ def test_a_run_resumed_by_a_version_that_computes_tiles_differently_recomputes(
     assert later[0] != keys[0]
     assert later[1] == keys[1]
     assert segment_image(src, model, out, default).blocks_computed > 0
+    # Another PyTorch (its oneDNN and cuDNN) is another run too.
+    monkeypatch.setattr(torch, "__version__", "0.0.0+other")
+    assert plan_segmentation(src, model, out, default).key not in (keys[0], later[0])
 
 
 # ------------------------------------------------------------------------------ ownership
