@@ -14,6 +14,7 @@ from typing import Any, cast
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
+from prefect.exceptions import MissingResult
 from prefect.states import Failed
 from pydantic import ConfigDict, Field
 
@@ -92,7 +93,15 @@ def nightly_inbox(params: NightlyParams) -> dict[str, Any] | State:
             state = cast(State, segment_volume(**vp.flow_parameters(), return_state=True))
         seconds = round(time.perf_counter() - t0, 1)
         if state.is_completed():
-            summary = state.result()
+            try:
+                summary = state.result()
+            except MissingResult:
+                # The run completed (its outputs are written and marked complete) but
+                # Prefect handed back its final state without the returned summary (seen
+                # on a loaded machine when the API's database was locked): the volume is
+                # processed all the same, only its object count is not known here.
+                logger.warning("%s: processed; its summary was not returned", c.path)
+                summary = {}
             record(manifest, c, "done", output=out, objects=summary.get("objects"))
             rows.append(
                 {

@@ -428,6 +428,12 @@ class dask_client:  # noqa: N801 - used like a function in a with statement
         return client
 
     def __exit__(self, *exc: object) -> None:
+        # Clients that tasks of this run opened to the cluster it started go with it (left
+        # open they would try to reconnect for 30 s and then log an error).
+        for obj in self._owned:
+            address = getattr(obj, "scheduler_address", None)
+            if address:
+                release_client(address)
         for obj in self._owned:
             obj.close()
         self._owned.clear()
@@ -462,6 +468,14 @@ def client_for(address: str) -> Any:
         return client
 
 
+def release_client(address: str) -> None:
+    """Close this process's client for ``address`` (its scheduler is going away)."""
+    with _clients_lock:
+        client = _clients.pop(address, None)
+    if client is not None:
+        client.close()
+
+
 def _identity(value: Any) -> Any:
     return value
 
@@ -485,6 +499,7 @@ __all__ = [
     "gpu_worker_env",
     "job_cluster_kwargs",
     "job_ids",
+    "release_client",
     "share",
     "start_job_cluster",
     "visible_gpus",

@@ -157,3 +157,17 @@ def test_flows_take_the_cluster_as_a_parameter_and_serve_sets_the_nightly_defaul
     assert nightly.cluster == settings.cluster
     assert nightly.options()["cluster"] == settings.cluster.model_dump()
     assert _options(ServeSettings(cluster=ClusterSpec())) == {}
+
+
+def test_clients_that_tasks_opened_to_a_run_cluster_close_with_it():
+    """A region task's client (cached per scheduler address) is closed when the run's own
+    cluster closes, instead of trying to reconnect to a scheduler that is gone."""
+    from tasks.cluster import _clients, client_for, dask_client
+
+    with dask_client(threads=1) as client:
+        address = client.scheduler.address
+        cached = client_for(address)
+        assert cached.submit(sum, [1, 2]).result() == 3
+        assert client_for(address) is cached
+    assert address not in _clients
+    assert cached.status == "closed"
