@@ -100,6 +100,9 @@ def dask_client():
     )
     client = Client(cluster)
     yield client
+    from tasks.cluster import release_client
+
+    release_client(cluster.scheduler_address)  # the clients flows' tasks opened to it
     client.close()
     cluster.close()
 
