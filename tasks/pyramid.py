@@ -9,7 +9,7 @@ import zarr
 
 from tasks.blockwise import Runner, Step
 from tasks.ngff import compressors, read_multiscale, write_multiscale
-from tasks.runstate import StrictArray
+from tasks.reads import StrictArray
 from tasks.store import LABELS_GROUP, every_chunk, get_array, open_group
 from unet_core.errors import InvalidVolumeError
 from unet_core.geometry import Box

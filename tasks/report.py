@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tasks.paths import beside_store
-from tasks.runstate import StrictArray, require_complete, write_beside
+from tasks.reads import StrictArray
+from tasks.runstate import require_complete, write_beside
 from tasks.store import (
     LABELS_GROUP,
     filesystem,

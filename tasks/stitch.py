@@ -38,7 +38,8 @@ from tasks.blockwise import ProgressFn, Runner, Step
 from tasks.cluster import ClusterSpec
 from tasks.ngff import Multiscale, add_label, compressors, is_image, label_ome, label_source
 from tasks.paths import table_paths
-from tasks.runstate import Lease, StrictArray, require_complete, set_complete, write_beside
+from tasks.reads import StrictArray
+from tasks.runstate import Lease, require_complete, set_complete, write_beside
 from tasks.store import (
     LABELS_GROUP,
     attributes,

@@ -538,7 +538,7 @@ def every_chunk(arr: zarr.Array) -> zarr.Array:
     """The array, configured to store every chunk it writes, even one of only zeros.
 
     segflow writes every chunk of its outputs, so a missing chunk means damage (see
-    :class:`tasks.runstate.StrictArray`), never "empty"; it also spares zarr a comparison
+    :class:`tasks.reads.StrictArray`), never "empty"; it also spares zarr a comparison
     of each chunk with the fill value."""
     return arr.with_config({"write_empty_chunks": True})
 

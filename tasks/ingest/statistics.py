@@ -12,9 +12,7 @@ import zarr
 from tasks.blockwise import Runner, Step
 from tasks.ingest.plan import STEP, Grid, IngestPlan, _digest, _slices, _unit_box
 from tasks.ingest.store import _array, _partials
-from tasks.runstate import (
-    StrictArray,
-)
+from tasks.reads import StrictArray
 from tasks.store import (
     DONE_GROUP,
 )

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from tasks.runstate import ChunkCache, StrictArray
+from tasks.reads import ChunkCache, StrictArray
 from tasks.store import PROBABILITIES_GROUP, every_chunk, get_array, is_remote, open_group
 from unet_core.checkpoint import load_checkpoint
 from unet_core.errors import ConfigError
@@ -82,7 +82,7 @@ def get_predictor(plan: SegmentPlan) -> Predictor:
         return predictor
 
 
-#: Decoded image chunks of this process's blocks (see :class:`tasks.runstate.ChunkCache`).
+#: Decoded image chunks of this process's blocks (see :class:`tasks.reads.ChunkCache`).
 image_chunks = ChunkCache()
 
 _arrays: dict[tuple[str, str, str], zarr.Array] = {}

@@ -126,7 +126,8 @@ def read_labels(path: str, name: str | None = None, image_ok: bool = True) -> np
         if not image_ok and _is_zarr(store):
             _refuse_image(store)
         return read_array(store)
-    from tasks.runstate import StrictArray, require_complete
+    from tasks.reads import StrictArray
+    from tasks.runstate import require_complete
     from tasks.store import LABELS_GROUP, get_array, open_group
 
     require_complete(store, f"{LABELS_GROUP}/{name}", f"'{name}' labels")

@@ -19,7 +19,8 @@ import zarr
 
 from tasks.blockwise import DELAY_ENV, Markers, Runner, Step
 from tasks.ingest import ingest_volume
-from tasks.runstate import LEASE_FILE, ChunkCache, Lease, StrictArray, write_beside
+from tasks.reads import ChunkCache, StrictArray
+from tasks.runstate import LEASE_FILE, Lease, write_beside
 from tasks.segment import SegmentParams, segment_image
 from tasks.stitch import stitch
 from tasks.store import every_chunk, write_image
