@@ -36,6 +36,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+# the guide in docs/: strict turns a broken link into a failure (not with --quiet,
+# which hides the warnings that strict counts)
+	$(BIN)/mkdocs build --strict --site-dir $(CURDIR)/.mkdocs-site
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -46,4 +49,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 
 clean:
-	rm -rf demo-output .prefect .dask-scratch .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo-output .prefect .dask-scratch .pytest_cache .mypy_cache .ruff_cache .mkdocs-site
