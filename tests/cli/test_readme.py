@@ -1,8 +1,12 @@
-"""The README's quick start, run as a reader runs it, so that it cannot drift.
+"""The README's quick start and the guide's examples, run as a reader runs them, so that
+they cannot drift.
 
-Every ```bash block of the set-up and quick-start sections carries a marker on the line
-before it: ``<!-- test: run; creates: PATH ... -->`` (run here, in order, in an empty
-folder; it must exit 0 and leave each PATH) or ``<!-- test: skip (REASON) -->``.
+Every ```bash block of the README's set-up and quick-start sections, and every ```bash
+block of the guide (``docs/*.md``), carries a marker on the line before it:
+``<!-- test: run; creates: PATH ... -->`` (run here, in order; it must exit 0 and leave
+each PATH) or ``<!-- test: skip (REASON) -->``. The README's blocks run first, in an empty
+folder; the guide's then run in that same folder, page by page in the order of
+``mkdocs.yml``'s ``nav``, so they may use what the quick start made.
 """
 
 from __future__ import annotations
@@ -12,66 +16,188 @@ import re
 import stat
 import subprocess
 import sys
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
 SECTIONS = ("## Set up and run", "## Quick start on your own data")
 MARKER = re.compile(r"<!-- test: (run; creates: (?P<creates>[^>]*?)|skip \((?P<why>.+)\)) -->")
+BASH_BLOCK = re.compile(r"(?:^([^\n]*)\n)?```bash\n(.*?)```", re.MULTILINE | re.DOTALL)
+#: Shell blocks under another name would escape the markers: the guide writes ```bash.
+OTHER_SHELL_FENCE = re.compile(r"^\s*```(sh|shell|console|zsh|shell-session)\s*$", re.MULTILINE)
+EXIT_ROW = re.compile(r"^\| `(\d+)` \| ([^|]+) \|", re.MULTILINE)
 
 
-def readme_blocks() -> list[tuple[str, str, str | None, list[str]]]:
-    """(section, code, skip reason, paths it creates) of each bash block in SECTIONS."""
+@dataclass(frozen=True)
+class Block:
+    where: str  # the file (and README section) it is in
+    code: str
+    why: str | None  # the skip reason; None: it runs
+    creates: tuple[str, ...]
+
+
+def marked_blocks(text: str, where: str) -> list[Block]:
+    """Each ```bash block of ``text`` with its marker; a block without one fails."""
+    assert not OTHER_SHELL_FENCE.search(text), f"{where}: a shell block not fenced as ```bash"
+    blocks = []
+    for m in BASH_BLOCK.finditer(text):
+        marker = MARKER.fullmatch((m.group(1) or "").strip())
+        assert marker, f"{where}: a bash block without a test marker:\n{m.group(2)}"
+        creates = tuple((marker.group("creates") or "").split())
+        blocks.append(Block(where, m.group(2), marker.group("why"), creates))
+    return blocks
+
+
+def readme_blocks() -> list[Block]:
+    """The marked bash blocks of the README's SECTIONS, in order."""
     text = (ROOT / "README.md").read_text()
     blocks = []
     for title in SECTIONS:
         assert title in text, f"README lost its section {title!r}"
         body = text.split(title, 1)[1]
         body = re.split(r"^## ", body, maxsplit=1, flags=re.MULTILINE)[0]
-        for m in re.finditer(r"(?:^([^\n]*)\n)?```bash\n(.*?)```", body, re.MULTILINE | re.DOTALL):
-            marker = MARKER.fullmatch((m.group(1) or "").strip())
-            assert marker, f"{title}: a bash block without a test marker:\n{m.group(2)}"
-            creates = (marker.group("creates") or "").split()
-            blocks.append((title, m.group(2), marker.group("why"), creates))
+        blocks += marked_blocks(body, f"README.md, {title}")
+    return blocks
+
+
+def docs_pages() -> list[Path]:
+    """The guide's pages in the order of mkdocs.yml's nav, then any others by name."""
+    nav = re.findall(
+        r"^\s*-\s*(?:[^:\n]+:\s*)?(\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M
+    )
+    pages = [DOCS / name for name in nav]
+    return pages + sorted(set(DOCS.glob("*.md")) - set(pages))
+
+
+def docs_blocks() -> list[Block]:
+    blocks = []
+    for page in docs_pages():
+        blocks += marked_blocks(page.read_text(), str(page.relative_to(ROOT)))
     return blocks
 
 
 def test_every_quick_start_block_is_marked_and_most_run():
     blocks = readme_blocks()
-    run = [b for b in blocks if b[2] is None]
+    run = [b for b in blocks if b.why is None]
     assert len(run) >= 5, "the quick start should run train, segment, export and predict"
-    for _title, code, why, creates in blocks:
-        assert why or creates, f"a run block names no output:\n{code}"
+    for b in blocks:
+        assert b.why or b.creates, f"a run block names no output:\n{b.code}"
 
 
-def test_the_quick_start_runs_as_written(tmp_path):
-    """In an empty folder, with ``segflow`` on PATH being this checkout."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    shim = bin_dir / "segflow"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m segflow "$@"\n')
-    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
-    work = tmp_path / "work"
-    work.mkdir()
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(ROOT),
-    }
-    for _title, code, why, creates in readme_blocks():
-        if why is not None:
-            continue
+def test_every_docs_block_is_marked_and_the_cheap_ones_run():
+    pages = docs_pages()
+    assert all(p.exists() for p in pages), f"mkdocs.yml names a missing page: {pages}"
+    blocks = docs_blocks()
+    run = [b for b in blocks if b.why is None]
+    assert len(run) >= 5, "the guide's offline CLI examples (geometry, model, evaluate) should run"
+    for b in blocks:
+        assert b.why or b.creates, f"{b.where}: a run block names no output:\n{b.code}"
+
+
+def slug(heading: str) -> str:
+    """The anchor MkDocs (Python-Markdown's toc) and GitHub give a heading."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "").replace("*", "")
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def test_the_readme_links_into_the_guide_resolve():
+    """mkdocs build --strict checks links between the guide's pages; the README is not one."""
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\((docs/[^)#\s]*)(?:#([^)\s]+))?\)", readme)
+    assert links, "the README should point into docs/"
+    for path, anchor in links:
+        target = ROOT / path
+        assert target.exists(), f"README links to {path}, which does not exist"
+        if anchor:
+            text = re.sub(r"```.*?```", "", target.read_text(), flags=re.DOTALL)
+            headings = re.findall(r"^#+ (.+?)\s*$", text, re.MULTILINE)
+            assert anchor in {slug(h) for h in headings}, f"README: {path} has no #{anchor}"
+
+
+def test_the_readme_and_the_guide_point_at_nothing_outside_the_repository():
+    for path in (ROOT / "README.md", *docs_pages()):
+        text = path.read_text()
+        for outside in ("../shared", "DESIGN.md"):
+            assert outside not in text, f"{path.name} points at {outside}, not in a clone"
+
+
+def test_the_readme_and_the_guide_give_the_same_exit_statuses():
+    readme = dict(EXIT_ROW.findall((ROOT / "README.md").read_text()))
+    guide = dict(EXIT_ROW.findall((DOCS / "guide.md").read_text()))
+    assert readme, "the README lost its exit-status table"
+    assert readme == guide
+
+
+class Reader:
+    """One folder a reader works in, with ``segflow`` on PATH being this checkout."""
+
+    def __init__(self, tmp: Path) -> None:
+        bin_dir = tmp / "bin"
+        bin_dir.mkdir()
+        shim = bin_dir / "segflow"
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m segflow "$@"\n')
+        shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+        self.work = tmp / "work"
+        self.work.mkdir()
+        self.env = {
+            **os.environ,
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT),
+        }
+        self.quick_start_ran: bool | None = None  # None: not yet; False: it failed
+
+    def run(self, block: Block) -> None:
         res = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", code],
-            cwd=work,
-            env=env,
+            ["bash", "-euo", "pipefail", "-c", block.code],
+            cwd=self.work,
+            env=self.env,
             capture_output=True,
             text=True,
             timeout=300,
         )
         if res.returncode != 0:
-            pytest.fail(f"README block failed ({res.returncode}):\n{code}\n{res.stderr[-3000:]}")
-        assert "Traceback" not in res.stderr, res.stderr
-        for path in creates:
-            assert (work / path).exists(), f"{code.strip()} did not create {path}"
+            pytest.fail(
+                f"{block.where}: block failed ({res.returncode}):\n{block.code}\n"
+                f"{res.stderr[-3000:]}"
+            )
+        assert "Traceback" not in res.stderr, f"{block.where}:\n{res.stderr}"
+        for path in block.creates:
+            assert (self.work / path).exists(), (
+                f"{block.where}: {block.code.strip()} did not create {path}"
+            )
+
+    def quick_start(self) -> None:
+        """Run the README's blocks once; a later caller skips when they failed."""
+        if self.quick_start_ran is False:
+            pytest.skip("the README's quick start failed (see its test)")
+        if self.quick_start_ran:
+            return
+        self.quick_start_ran = False
+        for block in readme_blocks():
+            if block.why is None:
+                self.run(block)
+        self.quick_start_ran = True
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory: pytest.TempPathFactory) -> Reader:
+    return Reader(tmp_path_factory.mktemp("reader"))
+
+
+def test_the_quick_start_runs_as_written(reader: Reader):
+    """In an empty folder."""
+    reader.quick_start()
+
+
+def test_the_guide_examples_run_after_the_quick_start(reader: Reader):
+    """In the folder the quick start made, page by page in the nav's order."""
+    reader.quick_start()
+    for block in docs_blocks():
+        if block.why is None:
+            reader.run(block)
