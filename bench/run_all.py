@@ -7,7 +7,8 @@ own subprocess, so peak-memory figures belong to one benchmark each. Their JSON 
 into ``bench/results.json`` with the machine and its load averages during the run (other
 work on a shared machine slows everything down: read timings with them), a markdown table
 ``bench/results.md``, the plots ``bench/rss_vs_volume.png`` and ``bench/peers.png``, and the
-README section between ``<!-- bench:start -->`` and ``<!-- bench:end -->``.
+section of the guide's ``docs/benchmarks.md`` between ``<!-- bench:start -->`` and
+``<!-- bench:end -->`` (with the plots copied into ``docs/img/``, where the guide finds them).
 
 ``--quick`` runs small sizes for development and writes only to ``bench/out/`` (git-ignored),
 never the committed results. ``--only`` reruns some benchmarks and merges them into the
@@ -21,6 +22,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -622,12 +624,15 @@ def plots(results: dict[str, Any], where: Path) -> list[str]:
     return made
 
 
-# -------------------------------------------------------------------------- README
+# ------------------------------------------------------------------- the guide's page
+
+DOCS_PAGE = ROOT / "docs" / "benchmarks.md"
+DOCS_IMG = ROOT / "docs" / "img"
 
 
-def update_readme(section: str, readme: Path = ROOT / "README.md") -> None:
+def update_docs(section: str, page: Path = DOCS_PAGE) -> None:
     """Replace the text between the markers (append a Benchmarks section if absent)."""
-    text = readme.read_text()
+    text = page.read_text()
     block = f"{START}\n{section.strip()}\n{END}"
     if START in text and END in text:
         head, rest = text.split(START, 1)
@@ -635,10 +640,10 @@ def update_readme(section: str, readme: Path = ROOT / "README.md") -> None:
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n## Benchmarks\n\n" + block + "\n"
-    readme.write_text(text)
+    page.write_text(text)
 
 
-def readme_section(results: dict[str, Any], table: str, images: list[str]) -> str:
+def docs_section(results: dict[str, Any], table: str, images: list[str]) -> str:
     parts = [
         "`make bench` runs every benchmark under `bench/` (each in its own process; "
         "`python -m bench.<name>` runs one) and writes `bench/results.json`, "
@@ -648,7 +653,7 @@ def readme_section(results: dict[str, Any], table: str, images: list[str]) -> st
         table,
         NOTES,
     ]
-    parts += [f"![{name}](bench/{name})" for name in images]
+    parts += [f"![{name}](img/{name})" for name in images]
     return "\n\n".join(parts)
 
 
@@ -680,16 +685,19 @@ NOTES = """How to read it (details and every figure: `bench/results.json`, modul
 # ---------------------------------------------------------------------------- main
 
 
-def render(where: Path, results: dict[str, Any], readme: bool) -> str:
-    """results.md, the plots and (full runs) the README section; returns the table."""
+def render(where: Path, results: dict[str, Any], docs: bool) -> str:
+    """results.md, the plots and (full runs) the guide's section; returns the table."""
     table = markdown_table(results)
     images = plots(results, where)
     md = "# segflow benchmarks\n\n" + machine_line(results) + "\n\n" + table + "\n\n"
     md += NOTES.replace("`bench/results.json`", "`results.json`") + "\n"
     md += "".join(f"\n![{n}]({n})\n" for n in images)
     (where / "results.md").write_text(md)
-    if readme:
-        update_readme(readme_section(results, table, images))
+    if docs:
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        for name in images:
+            shutil.copyfile(where / name, DOCS_IMG / name)
+        update_docs(docs_section(results, table, images))
     return table
 
 
@@ -698,11 +706,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes; bench/out only")
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
     parser.add_argument(
-        "--render", action="store_true", help="only rewrite the table, plots and README"
+        "--render", action="store_true", help="only rewrite the table, plots and docs page"
     )
     args = parser.parse_args(argv)
     if args.render:
-        render(BENCH, json.loads((BENCH / "results.json").read_text()), readme=True)
+        render(BENCH, json.loads((BENCH / "results.json").read_text()), docs=True)
         return
     names = discover()
     if args.only:
@@ -741,7 +749,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     )
     results_path.write_text(json.dumps(results, indent=1) + "\n")
-    table = render(where, results, readme=not args.quick)
+    table = render(where, results, docs=not args.quick)
     print(table)
     print(f"\nwrote {results_path.relative_to(ROOT)} and results.md in {where.relative_to(ROOT)}")
     failed = [n for n in names if "result" not in results["benchmarks"][n]]
