@@ -22,7 +22,7 @@ from flows import core_logs_to_prefect, flat_parameters
 from flows.segment import SegmentOptions, SegmentVolumeParams, segment_volume
 from tasks.inbox import classify, output_for, read_manifest, record, scan_inbox, write_manifest
 from tasks.paths import volume_name
-from tasks.runstate import store_exists
+from tasks.outputs import store_exists
 from unet_core.runtime import configure
 
 

@@ -38,7 +38,7 @@ from tasks.report import (
     size_histogram,
     write_preview,
 )
-from tasks.runstate import Lease
+from tasks.lease import Lease
 from tasks.segment import (
     SegmentParams,
     SegmentPlan,

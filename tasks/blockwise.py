@@ -7,6 +7,9 @@ rest, the same way for all of them::
     Step(name, store, grid, key, process, plan, box)
       │
       ├─ skip      blocks whose marker in ``store/segflow-done/<name>`` equals this key's token
+      ├─ fence     the lease the driver holds on ``store`` travels with every block: a block
+      │              checks it before its work and before its marker, and a run whose
+      │              lease was taken over stops (:class:`tasks.lease.Fence`)
       ├─ submit    process(plan, index) on Dask (a distributed Client, or local threads)
       │              · transient storage errors (connection reset, throttling, timeouts)
       │                are retried with backoff; permanent ones never are
@@ -26,10 +29,12 @@ in C order; a region reads only its own markers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -41,8 +46,9 @@ import numpy as np
 import zarr
 
 from tasks.cluster import share
+from tasks.lease import Fence, held_fence
 from tasks.store import DONE_GROUP, is_transient, open_group
-from unet_core.errors import BlockError, ConfigError, SegflowError
+from unet_core.errors import BlockError, ConfigError, LeaseLostError, SegflowError
 from unet_core.geometry import Box
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,9 @@ class Step:
     plan: Any
     box: Callable[[Any, Index], Box] | None = None
     resumable: bool = True
+    #: groups of ``store`` whose completeness rests on this step's blocks: a block whose
+    #: write raced the loss of the lease takes their ``complete`` mark back
+    outputs: tuple[str, ...] = ()
 
     @property
     def n_blocks(self) -> int:
@@ -248,30 +257,75 @@ class StepResult:
 # ------------------------------------------------------------------------------- worker
 
 
-def run_block(step: Step, index: Index, retries: int, backoff_s: float) -> Any:
-    """Run one block with retries of transient errors, then mark it (worker side)."""
+_local = threading.local()
+
+
+def current_fence() -> Fence | None:
+    """The fence of the block this thread runs (None outside a fenced block): a step that
+    writes late in its block checks it once more right before the write."""
+    return getattr(_local, "fence", None)
+
+
+def _take_back(step: Step, index: Index) -> None:
+    """A block wrote after its run lost the lease: its marker and the completeness of the
+    step's outputs are withdrawn, so whatever the block's write mixed into another run's
+    outputs is never read as complete (a later run recomputes it)."""
+    from tasks.runstate import set_complete
+
+    markers = Markers.open(step.store, step.name, mode="r+")
+    if markers is not None and markers.grid == step.grid:
+        markers.array[tuple(index)] = 0
+    for path in step.outputs:
+        with contextlib.suppress(Exception):
+            set_complete(step.store, path, False)
+
+
+def run_block(
+    step: Step, index: Index, retries: int, backoff_s: float, fence: Fence | None = None
+) -> Any:
+    """Run one block with retries of transient errors, then mark it (worker side).
+
+    With a ``fence``: checked before the work (a superseded run writes nothing more) and
+    after it, before the marker; a block that finds the lease lost after its write takes
+    its marker and its outputs' completeness back (:func:`_take_back`)."""
     if step.resumable:
         injected_delay()
+    if fence is not None:
+        fence.check()
+    _local.fence = fence
     attempt = 0
-    while True:
+    try:
+        while True:
+            try:
+                result = step.process(step.plan, index)
+                break
+            except LeaseLostError:
+                if fence is not None:
+                    _take_back(step, index)
+                raise
+            except Exception as exc:
+                if is_transient(exc) and attempt < retries:
+                    delay = backoff_s * 2**attempt
+                    attempt += 1
+                    log.warning(
+                        "%s: transient error (%s), retry %d/%d in %.1f s",
+                        step.describe(index),
+                        exc,
+                        attempt,
+                        retries,
+                        delay,
+                    )
+                    time.sleep(delay)
+                    continue
+                raise BlockError.wrap(step.describe(index), exc) from exc
+    finally:
+        _local.fence = None
+    if fence is not None:
         try:
-            result = step.process(step.plan, index)
-            break
-        except Exception as exc:
-            if is_transient(exc) and attempt < retries:
-                delay = backoff_s * 2**attempt
-                attempt += 1
-                log.warning(
-                    "%s: transient error (%s), retry %d/%d in %.1f s",
-                    step.describe(index),
-                    exc,
-                    attempt,
-                    retries,
-                    delay,
-                )
-                time.sleep(delay)
-                continue
-            raise BlockError.wrap(step.describe(index), exc) from exc
+            fence.check()
+        except LeaseLostError:
+            _take_back(step, index)
+            raise
     if step.resumable:
         try:
             mark_done(step.store, step.name, index, step.token)
@@ -344,10 +398,13 @@ class Runner:
             self.progress(Progress(step.name, 0, len(todo), skipped, started))
         results: list[Any] = []
         if todo:
+            fence = held_fence(step.store)
+            if fence is not None:
+                fence.check()  # a run that lost its lease submits nothing
             if self.client is None:
-                results = self._run_threads(step, todo, skipped, started)
+                results = self._run_threads(step, todo, skipped, started, fence)
             else:
-                results = self._run_dask(step, todo, skipped, started)
+                results = self._run_dask(step, todo, skipped, started, fence)
         return StepResult(
             step.name, len(wanted), len(todo), skipped, time.perf_counter() - t0, results
         )
@@ -373,12 +430,14 @@ class Runner:
         )
 
     def _run_threads(
-        self, step: Step, todo: list[Index], skipped: int, started: float
+        self, step: Step, todo: list[Index], skipped: int, started: float, fence: Fence | None
     ) -> list[Any]:
         from concurrent.futures import as_completed
 
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"segflow-{step.name}")
-        futures = [pool.submit(run_block, step, i, self.retries, self.backoff_s) for i in todo]
+        futures = [
+            pool.submit(run_block, step, i, self.retries, self.backoff_s, fence) for i in todo
+        ]
         try:
             results = self._collect(
                 step,
@@ -394,7 +453,9 @@ class Runner:
         pool.shutdown(wait=True)
         return results
 
-    def _run_dask(self, step: Step, todo: list[Index], skipped: int, started: float) -> list[Any]:
+    def _run_dask(
+        self, step: Step, todo: list[Index], skipped: int, started: float, fence: Fence | None
+    ) -> list[Any]:
         from distributed import as_completed
 
         client = self.client
@@ -410,6 +471,7 @@ class Runner:
                 index,
                 self.retries,
                 self.backoff_s,
+                fence,
                 key=f"segflow-{step.name}-{run}-{'-'.join(map(str, index))}",
                 pure=False,
             )
@@ -435,6 +497,8 @@ class Runner:
             for fut in completed:
                 try:
                     res = fut.result()
+                except LeaseLostError:
+                    raise  # the run was superseded: nothing more is submitted or waited for
                 except Exception as exc:
                     errors.append(exc)
                     continue

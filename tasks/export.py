@@ -15,8 +15,9 @@ import zarr
 
 from tasks.blockwise import injected_delay
 from tasks.ngff import label_names, read_multiscale
+from tasks.outputs import owned_by_segflow
 from tasks.reads import StrictArray
-from tasks.runstate import owned_by_segflow, require_complete, set_complete
+from tasks.runstate import require_complete, set_complete
 from tasks.store import LABELS_GROUP, filesystem, get_array, is_remote, open_group
 from unet_core.errors import InvalidVolumeError
 

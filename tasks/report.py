@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tasks.outputs import write_file
 from tasks.paths import beside_store
 from tasks.reads import StrictArray
-from tasks.runstate import require_complete, write_beside
+from tasks.runstate import require_complete
 from tasks.store import (
     LABELS_GROUP,
     filesystem,
@@ -57,7 +58,7 @@ def write_preview(
     if picture is None:
         picture = preview_picture(image_url, out_url, labels, max_side)
     target = path or preview_path(out_url)
-    write_beside(target, lambda f: picture.save(f, format="PNG"), binary=True)
+    write_file(target, lambda f: picture.save(f, format="PNG"), binary=True, owner=out_url)
     return target
 
 

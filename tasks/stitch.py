@@ -36,10 +36,12 @@ from scipy import ndimage, sparse
 
 from tasks.blockwise import ProgressFn, Runner, Step
 from tasks.cluster import ClusterSpec
+from tasks.lease import Lease
 from tasks.ngff import Multiscale, add_label, compressors, is_image, label_ome, label_source
+from tasks.outputs import RunInputs, check_files, owns_file, write_file
 from tasks.paths import table_paths
 from tasks.reads import StrictArray
-from tasks.runstate import Lease, require_complete, set_complete, write_beside
+from tasks.runstate import require_complete, set_complete
 from tasks.store import (
     LABELS_GROUP,
     attributes,
@@ -106,6 +108,7 @@ class StitchPlan:
             plan=plan,
             box=_pass_box,
             resumable=name == "relabel",
+            outputs=(f"{LABELS_GROUP}/{self.out_name}",),
         )
 
 
@@ -433,6 +436,12 @@ def stitch(
         reused = _reuse(plan, write_table)
         if reused is not None:
             return reused
+    if write_table:  # the table files beside the store: absent or the store's own
+        check_files(
+            ((path, "beside") for path in table_paths(plan.store, plan.out_name)),
+            RunInputs(),
+            owner=plan.store,
+        )
     with Lease(plan.store, "stitch", wait_s=lease_wait_s) as lease:
         root = open_group(plan.store, "r+")
         if f"{LABELS_GROUP}/{plan.out_name}" in root:
@@ -522,9 +531,9 @@ def _reuse(plan: StitchPlan, write_table: bool) -> StitchResult | None:
     csv_path, parquet_path = table_paths(plan.store, plan.out_name)
     table = pd.DataFrame()
     if write_table:
+        if not (owns_file(plan.store, parquet_path) and owns_file(plan.store, csv_path)):
+            return None  # the table went missing or was changed: stitch again
         fs = filesystem(parquet_path)
-        if not fs.exists(parquet_path):
-            return None  # the table went missing: stitch again
         with fs.open(parquet_path, "rb") as f:
             table = pd.read_parquet(f)
     arr = get_array(root, plan.out_path, plan.store)
@@ -676,6 +685,8 @@ def _finish_instances(plan: StitchPlan, provisional_final: int, objects: int) ->
 def write_object_table(plan: StitchPlan, table: pd.DataFrame) -> tuple[str, str]:
     """CSV and Parquet beside the store, each written under a temporary name and renamed."""
     csv_path, parquet_path = table_paths(plan.store, plan.out_name)
-    write_beside(csv_path, lambda f: table.to_csv(f, index=False))
-    write_beside(parquet_path, lambda f: table.to_parquet(f, index=False), binary=True)
+    write_file(csv_path, lambda f: table.to_csv(f, index=False), owner=plan.store)
+    write_file(
+        parquet_path, lambda f: table.to_parquet(f, index=False), binary=True, owner=plan.store
+    )
     return csv_path, parquet_path

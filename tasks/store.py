@@ -19,6 +19,7 @@ come from the usual ``AWS_*`` environment variables (``AWS_ENDPOINT_URL`` includ
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import json
 import os
@@ -42,6 +43,9 @@ from unet_core.errors import (
 )
 from unet_core.normalize import IntensityStats
 
+#: What segflow writes into the ``segflow.created_by`` attribute of the stores it makes
+#: (and the Software tag of its TIFFs): the mark of :mod:`tasks.outputs`' ownership rules.
+OWNER = "segflow"
 SPACE_AXES = ("z", "y", "x")
 DONE_GROUP = "segflow-done"
 LABELS_GROUP = "labels"
@@ -547,6 +551,14 @@ def open_level(info: ImageInfo, level: str = "0", mode: str = "r") -> zarr.Array
     return get_array(open_group(info.url, mode), level, info.url)
 
 
+def data_digest(data: np.ndarray) -> str:
+    """Identity of an in-memory image (written by :func:`tasks.store.write_image`)."""
+    h = hashlib.sha256()
+    h.update(f"{data.shape}|{data.dtype.str}".encode())
+    h.update(np.ascontiguousarray(data).data)
+    return "data-" + h.hexdigest()[:32]
+
+
 def write_image(
     url: str,
     data: np.ndarray,
@@ -580,9 +592,13 @@ def write_image(
     )[...] = data
     full_scale = list(scale) if scale else [1.0] * len(axes)
     attrs: dict[str, Any] = {"ome": image_ome(Multiscale.build(axes, full_scale, unit=unit))}
-    from tasks.runstate import OWNER, data_digest
+    from tasks.runstate import listing_digest
 
-    attrs["segflow"] = {"created_by": OWNER, "image_digest": data_digest(data)}
+    attrs["segflow"] = {
+        "created_by": OWNER,
+        "image_digest": data_digest(data),
+        "image_listing": listing_digest(url),
+    }
     if with_stats:
         attrs["segflow"]["stats"] = compute_stats(data).model_dump()
     root.attrs.update(attrs)

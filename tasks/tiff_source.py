@@ -102,7 +102,8 @@ _CACHE_FILES = 4
 
 @dataclass(frozen=True)
 class FileId:
-    """One source file: its URL, size and version (mtime in ns, or the S3 ETag)."""
+    """One source file: its URL, size and version (local: modification time, inode-change
+    time and inode, in ns; S3: the ETag)."""
 
     url: str
     size: int
@@ -202,7 +203,9 @@ def _stat(url: str) -> FileId:
         st = os.stat(url)
     except OSError as exc:
         raise _os_error(url, exc) from None
-    return FileId(url, int(st.st_size), str(st.st_mtime_ns))
+    # mtime can be set back (rsync -t, touch -r, coarse timestamps); the inode-change time
+    # and the inode cannot: an edited or replaced file has a new version even at equal size
+    return FileId(url, int(st.st_size), f"{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
 
 
 def _os_error(url: str, exc: OSError) -> SegflowError:

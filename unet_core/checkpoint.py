@@ -81,6 +81,16 @@ class CheckpointMeta(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict, description="steps, metrics, seed")
     digest: str = Field("", description="content digest, filled in on save and load")
 
+    @property
+    def identity(self) -> str:
+        """What the checkpoint makes of an image: the content digest (config and weights)
+        together with every metadata field that changes outputs (normalisation, classes,
+        foreground class, link IoU, object sizes, anything unknown) — all but the training
+        record. A checkpoint re-saved with another normalisation is another model."""
+        fields = self.model_dump(mode="json", exclude={"training", "digest"})
+        blob = json.dumps({"digest": self.digest, "meta": fields}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def names_for(self, n_classes: int) -> list[str]:
         if len(self.class_names) == n_classes:
             return list(self.class_names)

@@ -94,6 +94,13 @@ class LeaseHeldError(StoreConflictError):
     """Another run holds the lease on the outputs (the message names the holder)."""
 
 
+class LeaseLostError(SegflowError, RuntimeError):
+    """This run's lease was taken over by another run (it was suspended past the lease's
+    time to live, or could not renew it): it stops writing and exits non-zero."""
+
+    exit_code = ExitCode.CONFLICT
+
+
 class IncompleteError(SegflowError, ValueError):
     """An input that a run has not finished writing (not marked complete)."""
 

@@ -68,10 +68,12 @@ from tasks.ingest.store import (
     check_sizes,
 )
 from tasks.ingest.write import ingest_unit
+from tasks.lease import Lease
 from tasks.ngff import Multiscale, image_ome
+from tasks.outputs import FILES_KEY, RunInputs, check_store_target
 from tasks.paths import volume_name
-from tasks.runstate import Lease, check_output
-from tasks.store import DONE_GROUP, ImageInfo, open_group, read_image_info
+from tasks.runstate import listing_digest
+from tasks.store import DONE_GROUP, ImageInfo, attributes, open_group, read_image_info
 from tasks.tiff_source import open_source, release_files
 from unet_core.errors import ConfigError, InvalidVolumeError
 from unet_core.normalize import IntensityStats
@@ -165,7 +167,8 @@ def ingest_volume(
         raise ConfigError(f"levels must be 0 or more, got {levels}")
     source = open_source(str(src), axes, voxel_size)
     plan = make_plan(source, str(dst), chunks, compression, unit_mib)
-    check_output(plan.dst, lease_wait_s)  # reachable, writable, ours, not leased
+    # reachable, writable, ours, not an input, not leased
+    check_store_target(plan.dst, RunInputs.of(src), lease_wait_s=lease_wait_s)
     check_sizes(plan, levels, allow_sparse)
     with Lease(plan.dst, "ingest", wait_s=lease_wait_s) as lease:
         _prepare_store(plan, overwrite, refresh)
@@ -203,13 +206,19 @@ def _finalize(
         + crcs.astype("<u8").tobytes()
     ).hexdigest()[:32]
     root = open_group(plan.dst, "r+")
+    owned = attributes(root).get("segflow", {}).get(FILES_KEY)  # files beside the store
     name = volume_name(plan.source.url) or "image"
     root.attrs.update(
         {
             "ome": image_ome(
                 Multiscale.build(plan.axes, plan.source.scale, factors, plan.source.unit, name)
             ),
-            "segflow": _segflow_attrs(plan, "complete", levels, stats, "crc-" + identity),
+            "segflow": {
+                **_segflow_attrs(plan, "complete", levels, stats, "crc-" + identity),
+                # what level 0 looks like on storage now: a later in-place edit shows
+                "image_listing": listing_digest(plan.dst),
+                **({FILES_KEY: owned} if owned else {}),
+            },
         }
     )
 

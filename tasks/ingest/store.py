@@ -12,12 +12,7 @@ import zarr
 
 from tasks.ingest.plan import FORMAT_VERSION, SPARSE_MIN_BYTES, SPARSE_RATIO, IngestPlan
 from tasks.ngff import compressors
-from tasks.runstate import (
-    OWNER,
-    delete_owned_store,
-    owned_by_segflow,
-    store_exists,
-)
+from tasks.outputs import FILES_KEY, OWNER, delete_owned_store, owned_by_segflow, store_exists
 from tasks.store import (
     DONE_GROUP,
     attributes,
@@ -140,7 +135,11 @@ def _restart_in_place(plan: IngestPlan) -> None:
     root = open_group(plan.dst, "r+")
     attrs = attributes(root)
     attrs.pop("ome", None)  # not an image again until the new ingest has finished
-    attrs["segflow"] = _segflow_attrs(plan, "incomplete", 0)
+    owned = attrs.get("segflow", {}).get(FILES_KEY)  # the files beside it stay the store's
+    attrs["segflow"] = {
+        **_segflow_attrs(plan, "incomplete", 0),
+        **({FILES_KEY: owned} if owned else {}),
+    }
     root.attrs.put(attrs)
     arr = root.get("0")
     if not (

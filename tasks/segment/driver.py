@@ -18,6 +18,7 @@ import zarr
 
 from tasks.blockwise import Markers, ProgressFn, Runner
 from tasks.cluster import ClusterSpec, dask_client
+from tasks.lease import Lease
 from tasks.ngff import (
     Multiscale,
     add_label,
@@ -27,13 +28,13 @@ from tasks.ngff import (
     label_ome,
     remove_label,
 )
-from tasks.runstate import Lease, claim_store, refuse_foreign, set_complete
+from tasks.outputs import claim_store, refuse_foreign, remove_owned_file
+from tasks.runstate import set_complete
 from tasks.segment.plan import SegmentParams, SegmentPlan, SegmentResult, plan_segmentation
 from tasks.store import (
     LABELS_GROUP,
     PROBABILITIES_GROUP,
     attributes,
-    filesystem,
     open_group,
 )
 from unet_core.predict import label_dtype
@@ -145,9 +146,7 @@ def remove_stale_outputs(plan: SegmentPlan, root: zarr.Group) -> list[str]:
                 remove_label(labels_group, child)
                 removed.append(f"{LABELS_GROUP}/{child}")
                 for path in table_paths(plan.out_url, child):
-                    fs = filesystem(path)
-                    if fs.exists(path):
-                        fs.rm(path)
+                    remove_owned_file(plan.out_url, path)  # a user's file there stays
         if name in labels_group:
             set_complete(plan.out_url, f"{LABELS_GROUP}/{name}", False, key=plan.key)
     probs = root.get(PROBABILITIES_GROUP)

@@ -22,10 +22,12 @@ import zarr
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.blockwise import Step
-from tasks.runstate import check_output, image_digest
+from tasks.outputs import RunInputs, check_store_target
+from tasks.runstate import image_digest
 from tasks.segment.worker import segment_block
 from tasks.store import (
     LABELS_GROUP,
+    PROBABILITIES_GROUP,
     ImageInfo,
     open_level,
     read_image_info,
@@ -229,6 +231,7 @@ class SegmentPlan:
             process=segment_block,
             plan=self,
             box=SegmentPlan.write_box,
+            outputs=(self.labels_path, *((PROBABILITIES_GROUP,) * self.params.probabilities)),
         )
 
 
@@ -391,10 +394,16 @@ def check_segment_inputs(
     check_model_fits(info, config, str(model_path), params.channel)
     fit_shapes(config, info, params)
     target = out or ingest_to or src
-    hint = None if out or ingest_to else "pass --out to write the labels to a new store"
-    check_output(str(target), lease_wait_s, hint)
+    hint = (
+        "choose a new or empty location"
+        if out or ingest_to
+        else "pass --out to write the labels to a new store"
+    )
+    image = ingest_to or src
+    inputs = RunInputs.of(src, model_path)
+    check_store_target(str(target), inputs, image=str(image), lease_wait_s=lease_wait_s, hint=hint)
     if ingest_to and out and str(ingest_to).rstrip("/") != str(out).rstrip("/"):
-        check_output(str(ingest_to), lease_wait_s)
+        check_store_target(str(ingest_to), inputs, image=str(ingest_to), lease_wait_s=lease_wait_s)
 
 
 def plan_segmentation(
@@ -471,7 +480,7 @@ def plan_segmentation(
     return SegmentPlan(
         image=info,
         model_path=str(model_path),
-        model_digest=meta.digest,
+        model_digest=meta.identity,
         config=config,
         out_url=out_url,
         params=params,
@@ -480,7 +489,7 @@ def plan_segmentation(
         tile=tile,
         offset=offset,
         scale=scale,
-        key=segment_key(digest, meta.digest, effective, stats),
+        key=segment_key(digest, meta.identity, effective, stats),
         class_names=tuple(meta.names_for(config.n_classes)),
         image_digest=digest,
         foreground_class=min(meta.foreground_class, config.n_classes - 1),

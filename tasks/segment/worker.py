@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
+from tasks.blockwise import current_fence
+from tasks.lease import Fence
 from tasks.reads import ChunkCache, StrictArray
 from tasks.store import PROBABILITIES_GROUP, every_chunk, get_array, is_remote, open_group
 from unet_core.checkpoint import load_checkpoint
@@ -60,7 +62,7 @@ def get_predictor(plan: SegmentPlan) -> Predictor:
         if predictor is None:
             model, meta = load_checkpoint(plan.model_path)
             model_loads += 1
-            if meta.digest != plan.model_digest:
+            if meta.identity != plan.model_digest:
                 raise ConfigError(
                     f"{plan.model_path}: the checkpoint changed while the run was going on"
                 )
@@ -154,8 +156,10 @@ def _compute_block(
     tiles: Sequence[Tile],
     block: Block,
     lock: threading.Lock | None = None,
+    fence: Fence | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read, predict and write one block; ``lock`` guards only the forward passes."""
+    """Read, predict and write one block; ``lock`` guards only the forward passes; the
+    ``fence`` (the run's lease) is checked right before the writes."""
     t0 = time.perf_counter()
     data = read_block_input(plan, read)
     t1 = time.perf_counter()
@@ -164,6 +168,8 @@ def _compute_block(
     t2 = time.perf_counter()
     del data
     labels, counts = class_labels(logits)
+    if fence is not None:
+        fence.check()  # the forward passes took long: is this still the run that writes?
     labels_arr = run_array(plan, plan.out_url, f"{plan.labels_path}/0", write=True)
     labels_arr[block.write.to_slices()] = labels
     if plan.params.probabilities:
@@ -182,6 +188,7 @@ def segment_block(plan: SegmentPlan, index: Sequence[int]) -> dict[str, Any]:
         _fault_hook(plan, block)
     predictor = get_predictor(plan)
     read, tiles = plan.tiles(block.write)
+    fence = current_fence()
     if read != block.read:
         raise ConfigError(f"block {block.index}: planned read box {block.read} != {read}")
     if predictor.device.type == "cpu":
@@ -190,13 +197,15 @@ def segment_block(plan: SegmentPlan, index: Sequence[int]) -> dict[str, Any]:
         # different OpenMP team: measured 10-25% slower than one block at a time on one
         # thread. So CPU blocks run whole (read -> compute -> write) on one thread per process.
         counts, (t0, t1, t2) = (
-            _cpu_thread().submit(_compute_block, plan, predictor, read, tiles, block).result()
+            _cpu_thread()
+            .submit(_compute_block, plan, predictor, read, tiles, block, None, fence)
+            .result()
         )
     else:
         # On a GPU only the compute holds the device; reads and writes of the next blocks
         # overlap it.
         counts, (t0, t1, t2) = _compute_block(
-            plan, predictor, read, tiles, block, _device_locks[str(predictor.device)]
+            plan, predictor, read, tiles, block, _device_locks[str(predictor.device)], fence
         )
     t3 = time.perf_counter()
     return {

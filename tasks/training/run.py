@@ -27,7 +27,7 @@ def run_training(
     Checked before any data is read: the device, the checkpoint to resume, and that
     ``out`` can be written; then, unless ``trust_labels``, that the labels look like an
     annotation and the images like images (:func:`tasks.training.inputs.check_pair_kinds`)."""
-    from tasks.runstate import check_writable
+    from tasks.outputs import check_writable
     from unet_core.checkpoint import read_checkpoint_header
     from unet_core.predict import check_device
 

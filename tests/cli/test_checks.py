@@ -53,12 +53,14 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     now = time.time()
     lease = {
         "holder": "another-run",
+        "generation": 1,
+        "beat": 0,
         "host": socket.gethostname(),
         "pid": os.getpid(),  # alive: the lease is held
         "what": "segment",
         "started": now,
         "heartbeat": now,
-        "expires": now + 600,
+        "ttl_s": 600,
     }
     (leased / "segflow-lease.json").write_text(json.dumps(lease))
     return root

@@ -20,7 +20,8 @@ import zarr
 from tasks.blockwise import DELAY_ENV, Markers, Runner, Step
 from tasks.ingest import ingest_volume
 from tasks.reads import ChunkCache, StrictArray
-from tasks.runstate import LEASE_FILE, Lease, write_beside
+from tasks.lease import LEASE_FILE, Lease
+from tasks.outputs import write_file
 from tasks.segment import SegmentParams, segment_image
 from tasks.stitch import stitch
 from tasks.store import every_chunk, write_image
@@ -115,7 +116,7 @@ def test_a_second_run_on_the_same_outputs_refuses_naming_the_holder(tmp_path, vo
     reference = tmp_path / "ref.zarr"
     assert cli("segment", src, "-m", a, "--out", reference, *args).returncode == 0
     assert np.array_equal(labels(out), labels(reference))
-    assert not (out / "segflow-lease.json").exists()
+    assert Lease(str(out)).read().released  # released by its holder, generations kept
 
 
 def test_the_lease_of_a_killed_run_is_taken_over_and_the_work_resumes(tmp_path, volume):
@@ -156,7 +157,7 @@ def test_the_lease_of_a_killed_run_is_taken_over_and_the_work_resumes(tmp_path, 
 
 def test_lease_is_exclusive_between_processes_and_expires(tmp_path, s3_bucket):
     take = (
-        "import sys; from tasks.runstate import Lease; from unet_core.errors import SegflowError\n"
+        "import sys; from tasks.lease import Lease; from unet_core.errors import SegflowError\n"
         "try:\n    Lease(sys.argv[1], 'second').acquire()\n"
         "except SegflowError as e:\n    print(e); sys.exit(3)\n"
     )
@@ -175,14 +176,17 @@ def test_lease_is_exclusive_between_processes_and_expires(tmp_path, s3_bucket):
             assert other.returncode == 3, other.stderr
             assert f"first run {lease.holder[:8]}" in other.stdout
             assert f"pid {os.getpid()}" in other.stdout
-        assert Lease(store).read() is None  # released
-        # an expired lease (no heartbeat for longer than its ttl) is taken over
+        released = Lease(store).read()
+        assert released.released and released.generation == 1
+        # a lease whose heartbeat stopped (unchanged for its ttl, as this process watches
+        # it) is taken over, one generation up
         stale = Lease(store, "stale", ttl_s=0.5)
         stale.holder = "dead-run"
-        stale._write()
+        stale._put(stale._info(7, 0))
         time.sleep(0.7)
         with Lease(store, "taker", ttl_s=5.0) as taker:
             assert taker.read().holder == taker.holder
+            assert taker.read().generation == 8
 
 
 def test_runs_racing_for_a_new_lease_get_exactly_one_holder(tmp_path):
@@ -193,13 +197,13 @@ def test_runs_racing_for_a_new_lease_get_exactly_one_holder(tmp_path):
     # the create step itself never replaces a lease that is there
     first, second = Lease(store, "first"), Lease(store, "second")
     second.holder = "another-run"
-    assert first._create() is True
-    assert second._create() is False
+    assert first._create(first._info(1, 0)) is True
+    assert second._create(second._info(1, 0)) is False
     assert Lease(store).read().holder == first.holder
     os.unlink(os.path.join(store, LEASE_FILE))
     release = tmp_path / "release"
     race = (
-        "import os, sys, time; from tasks.runstate import Lease\n"
+        "import os, sys, time; from tasks.lease import Lease\n"
         "from unet_core.errors import SegflowError\n"
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
         "try:\n    lease = Lease(sys.argv[1], 'racer').acquire()\n"
@@ -228,11 +232,7 @@ def test_runs_racing_for_a_new_lease_get_exactly_one_holder(tmp_path):
     release.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert sorted(out.strip() for out, _ in outs) == ["refused"] * 3 + ["won"], outs
-    assert Lease(store).read() is None
-    with open(os.path.join(store, LEASE_FILE), "w") as f:
-        f.write('{"holder": "torn')
-    with Lease(store, "after a torn file") as lease:
-        assert lease.read().holder == lease.holder
+    assert Lease(store).read().released
 
 
 # -------------------------------------------------------------------------- run identity
@@ -386,7 +386,7 @@ def test_files_beside_a_store_are_never_left_truncated(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space"):
-        write_beside(str(target), dies_halfway)
+        write_file(str(target), dies_halfway)
     assert target.read_text() == "old,complete\n1,2\n"
     assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
 
