@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -95,6 +96,10 @@ _RESUNIT_UM = {3: 1e4, 4: 1e3, 5: 1.0}
 _BAND_BYTES = 1 << 20
 #: Number of files a thread keeps open between boxes.
 _CACHE_FILES = 4
+#: What a voxel size from the metadata that is not finite and positive becomes.
+FALLBACK_VOXEL_SIZE = 1.0
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------ descriptors
@@ -203,9 +208,47 @@ def _stat(url: str) -> FileId:
         st = os.stat(url)
     except OSError as exc:
         raise _os_error(url, exc) from None
+    _refuse_special(url, st.st_mode)
     # mtime can be set back (rsync -t, touch -r, coarse timestamps); the inode-change time
     # and the inode cannot: an edited or replaced file has a new version even at equal size
     return FileId(url, int(st.st_size), f"{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
+
+
+#: Kinds of file that are neither regular files nor folders, by their ``stat`` test.
+_SPECIAL = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def special_file(path: str) -> str | None:
+    """What a local PATH is when it is neither a regular file nor a folder (``"a FIFO
+    (named pipe)"``, ``"a character device"``, ...), or None (also when it does not exist).
+    Looks at ``os.stat`` only, so it never blocks on a pipe or reads a device."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), None)
+
+
+def check_regular_file(path: str) -> None:
+    """Refuse a local PATH that is a FIFO, a device or a socket, in one sentence naming
+    it, before anything opens it (opening a pipe blocks; reading a device never ends)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return  # the caller names a missing or unreadable file
+    _refuse_special(path, mode)
+
+
+def _refuse_special(url: str, mode: int) -> None:
+    for test, what in _SPECIAL:
+        if test(mode):
+            link = f" (a link to {os.path.realpath(url)})" if os.path.islink(url) else ""
+            raise InvalidVolumeError(f"{url}: is {what}{link}, not a regular file")
 
 
 def _os_error(url: str, exc: OSError) -> SegflowError:
@@ -234,7 +277,8 @@ def list_tiff_files(src: str) -> list[str]:
             names = [f"{scheme}://{e['name']}" for e in entries if e.get("type") == "file"]
         else:
             names = [os.path.join(src, n) for n in os.listdir(src)]
-            names = [n for n in names if os.path.isfile(n)]
+            # FIFOs and devices stay in, to be refused by name (_stat), not skipped
+            names = [n for n in names if os.path.isfile(n) or special_file(n) is not None]
         names = [n for n in names if is_tiff_name(n)]
     return sorted(names, key=natural_key)
 
@@ -420,6 +464,7 @@ def _describe_file(src: str, fid: FileId, axes: str | None) -> TiffSource:
         handle = _OpenTiff(fid)
         try:
             series = handle.series
+            check_one_image(fid.url, handle.tif)
             kf = series.keyframe
             dtype = _check_dtype(fid.url, series.dtype)
             norm = _norm(kf)
@@ -451,7 +496,7 @@ def _describe_file(src: str, fid: FileId, axes: str | None) -> TiffSource:
             letters, out_axes, from_ = _map_axes(
                 fid.url, saxes, page_shape, kf, norm, axes, meta_kind
             )
-            sizes = _physical_sizes(handle.tif, series, kf)
+            sizes = _physical_sizes(fid.url, handle.tif, series, kf)
         except Exception as exc:
             handle.close()
             raise _tiff_error(fid.url, exc) from None
@@ -501,7 +546,7 @@ def _describe_slices(src: str, names: list[str], axes: str | None) -> TiffSource
                     first = (fid, tuple(kf.shape), dtype, norm)
                     kf_axes = str(kf.axes)
                     kf0 = kf
-                    sizes = _physical_sizes(handle.tif, series, kf)
+                    sizes = _physical_sizes(fid.url, handle.tif, series, kf)
                 elif tuple(kf.shape) != first[1]:
                     raise InvalidVolumeError(
                         f"{name}: slice shape {tuple(kf.shape)} differs from "
@@ -585,14 +630,67 @@ def _finish(
 def _with_voxel_size(source: TiffSource, voxel_size: Sequence[float]) -> TiffSource:
     spatial = [a for a in source.axes if a != "c"]
     values = [float(v) for v in voxel_size]
-    if len(values) != len(spatial) or any(not v > 0 for v in values):
+    given = ",".join(f"{v:g}" for v in values)
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
         raise ConfigError(
-            f"voxel size {tuple(values)} must give {len(spatial)} positive values "
+            f"--voxel-size {given}: {bad[0]:g} is not a voxel size (each value must be "
+            "finite and > 0, in micrometres)"
+        )
+    if len(values) != len(spatial):
+        raise ConfigError(
+            f"--voxel-size {given} must give {len(spatial)} positive values "
             f"({','.join(spatial)}) in micrometres"
         )
-    given = dict(zip(spatial, values, strict=True))
-    scale = tuple(1.0 if a == "c" else given[a] for a in source.axes)
+    per_axis = dict(zip(spatial, values, strict=True))
+    scale = tuple(1.0 if a == "c" else per_axis[a] for a in source.axes)
     return dataclasses.replace(source, scale=scale, unit="micrometer")
+
+
+def check_one_image(url: str, tif: Any) -> None:
+    """Refuse a file that holds more than one image: tifffile's first series would be read
+    and the rest left out. Series of reduced-resolution copies (LSM thumbnails) do not
+    count; pyramid levels are not series. The sentence says what differs: a page of another
+    shape or type than page 0, else why the equal pages are several series."""
+    main = [s for s in tif.series if not _is_reduced(s)]
+    if len(main) <= 1:
+        return
+    first = main[0].keyframe
+    for series in main[1:]:
+        kf = series.keyframe
+        if tuple(kf.shape) != tuple(first.shape) or kf.dtype != first.dtype:
+            raise InvalidVolumeError(
+                f"{url}: page {_page_index(kf)} is {_page_text(kf)} but page "
+                f"{_page_index(first)} is {_page_text(first)}; segflow reads one image of "
+                "equal pages per file"
+            )
+    kinds = {str(s.kind) for s in main}
+    fix = "write the stack with one write() call, or as a folder of 2D slices"
+    if kinds == {"ome"}:
+        why, fix = "its OME metadata describes that many images", "save one image per file"
+    elif kinds <= {"shaped", "uniform"}:
+        why = "tifffile wrote each write() call as its own series"
+    else:
+        why = "its pages differ in how they are stored, e.g. compression or tiles"
+    raise InvalidVolumeError(
+        f"{url}: holds {len(main)} series ({why}) of {_page_text(first)} pages, and segflow "
+        f"reads one image per file; {fix}"
+    )
+
+
+def _is_reduced(series: Any) -> bool:
+    with contextlib.suppress(Exception):
+        return bool(series.keyframe.is_reduced)
+    return False
+
+
+def _page_index(kf: Any) -> str:
+    index = getattr(kf, "index", "?")
+    return ".".join(map(str, index)) if isinstance(index, tuple) else str(index)
+
+
+def _page_text(kf: Any) -> str:
+    return f"{'×'.join(map(str, kf.shape))} {np.dtype(kf.dtype) if kf.dtype else '?'}"
 
 
 def _check_dtype(url: str, dtype: Any) -> str:
@@ -708,9 +806,32 @@ def _map_axes(
     return letters, out_axes, from_
 
 
-def _physical_sizes(tif: Any, series: Any, kf: Any) -> dict[str, float]:
-    """Voxel size in micrometres per axis letter z/y/x, where the metadata states it."""
+def _physical_sizes(url: str, tif: Any, series: Any, kf: Any) -> dict[str, float]:
+    """Voxel size in micrometres per axis letter z/y/x, where the metadata states it.
+
+    A stated size that is not a finite positive number (OME ``PhysicalSizeX="INF"``, 0, a
+    negative or NaN size, a resolution tag of 0) is left out, so the axis gets
+    :data:`FALLBACK_VOXEL_SIZE`, with one warning naming the file, the axis and the value."""
     sizes: dict[str, float] = {}
+
+    def take(axis: str, value: Any, factor: float, where: str) -> None:
+        try:
+            size = float(value) * factor
+        except (TypeError, ValueError, OverflowError):
+            size = math.nan
+        if math.isfinite(size) and size > 0:
+            sizes[axis] = size
+        else:
+            log.warning(
+                "%s: the metadata gives voxel size %s for axis %s (%s), which is not a "
+                "finite positive number; using %s µm",
+                url,
+                value,
+                axis,
+                where,
+                FALLBACK_VOXEL_SIZE,
+            )
+
     with contextlib.suppress(Exception):
         if tif.is_ome and tif.ome_metadata:
             ome = tifffile.xml2dict(tif.ome_metadata).get("OME", {})
@@ -720,8 +841,8 @@ def _physical_sizes(tif: Any, series: Any, kf: Any) -> dict[str, float]:
             for axis in "XYZ":
                 value = pixels.get(f"PhysicalSize{axis}")
                 unit = str(pixels.get(f"PhysicalSize{axis}Unit", "µm")).lower()
-                if value is not None and unit in _UNIT_UM and float(value) > 0:
-                    sizes[axis.lower()] = float(value) * _UNIT_UM[unit]
+                if value is not None and unit in _UNIT_UM:
+                    take(axis.lower(), value, _UNIT_UM[unit], f"OME PhysicalSize{axis}")
             return sizes
     with contextlib.suppress(Exception):
         if tif.is_imagej and tif.imagej_metadata is not None:
@@ -730,32 +851,29 @@ def _physical_sizes(tif: Any, series: Any, kf: Any) -> dict[str, float]:
             factor = _UNIT_UM.get(unit)
             if factor is not None:
                 for axis, tag in (("x", "XResolution"), ("y", "YResolution")):
-                    value = _resolution(kf, tag)
-                    if value:
-                        sizes[axis] = factor / value
-                if meta.get("spacing"):
-                    sizes["z"] = float(meta["spacing"]) * factor
+                    _take_resolution(take, axis, kf, tag, factor)
+                if "spacing" in meta:
+                    take("z", meta["spacing"], factor, "ImageJ spacing")
             return sizes
     with contextlib.suppress(Exception):
         resunit = int(kf.tags["ResolutionUnit"].value) if "ResolutionUnit" in kf.tags else 2
         factor = _RESUNIT_UM.get(resunit)
         if factor is not None:
             for axis, tag in (("x", "XResolution"), ("y", "YResolution")):
-                value = _resolution(kf, tag)
-                if value:
-                    sizes[axis] = factor / value
+                _take_resolution(take, axis, kf, tag, factor)
     return sizes
 
 
-def _resolution(kf: Any, tag: str) -> float | None:
+def _take_resolution(take: Any, axis: str, kf: Any, tag: str, factor: float) -> None:
+    """Voxel size from a resolution tag (pixels per unit): ``factor / resolution``."""
     if tag not in kf.tags:
-        return None
+        return
     value = kf.tags[tag].value
     num, den = (value if isinstance(value, tuple) else (value, 1))[:2]
-    if not num or not den:
-        return None
-    res = float(num) / float(den)
-    return res if res > 0 else None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        res = np.float64(num) / np.float64(den)
+        size = np.float64(factor) / res
+    take(axis, size, 1.0, f"{tag} {num}/{den}")
 
 
 # ----------------------------------------------------------------------- reading

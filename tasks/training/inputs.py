@@ -10,7 +10,13 @@ import numpy as np
 
 from tasks.paths import TIFF_SUFFIXES
 from tasks.store import is_remote, open_level, read_image_info
-from unet_core.errors import ConfigError, InvalidVolumeError, VolumeNotFoundError
+from tasks.tiff_source import check_one_image, check_regular_file
+from unet_core.errors import (
+    ConfigError,
+    InvalidVolumeError,
+    SegflowError,
+    VolumeNotFoundError,
+)
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -41,12 +47,15 @@ def read_array(path: str | os.PathLike[str]) -> np.ndarray:
     p = Path(url)
     if not p.exists():
         raise VolumeNotFoundError(f"{p}: no such file")
+    check_regular_file(url)  # a FIFO or a device: named, never opened
     suffix = p.suffix.lower()
     try:
         if suffix in TIFF_SUFFIXES:
             import tifffile
 
-            return np.squeeze(tifffile.imread(p))
+            with tifffile.TiffFile(p) as tif:
+                check_one_image(url, tif)  # not the first of several images
+                return np.squeeze(tif.asarray())
         if suffix == ".npy":
             return np.load(p, allow_pickle=False)
         if suffix in PICTURE_SUFFIXES:
@@ -54,6 +63,8 @@ def read_array(path: str | os.PathLike[str]) -> np.ndarray:
 
             with Image.open(p) as im:
                 return np.asarray(im)
+    except SegflowError:
+        raise
     except (OSError, ValueError) as exc:
         raise InvalidVolumeError(
             f"{p}: cannot read the image ({type(exc).__name__}: {exc})"

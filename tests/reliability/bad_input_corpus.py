@@ -40,6 +40,10 @@ class Case:
     subprocess: bool = False  # run as a real ``python -m segflow`` process
     s3: str = ""  # "" or "auth" (moto checking credentials) or "down" (no server)
     env: dict[str, str] = field(default_factory=dict)
+    #: a refusal that must write nothing at all: this path ({root}, {id}) must not exist
+    writes_nothing: str = ""
+    #: seconds the subprocess may take (a FIFO opened by mistake blocks for ever)
+    timeout: float = 300
 
 
 class Evil:
@@ -61,6 +65,15 @@ def _sparse_tiff(path: Path, side: int, dtype: str, tile: int) -> None:
 
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         tif.write(tiles(), shape=(side, side), dtype=dtype, tile=(tile, tile), compression="zlib")
+
+
+def several_series(path: Path, pages: list[np.ndarray]) -> None:
+    """A TIFF written page by page with one ``TiffWriter.write()`` call each: tifffile
+    records each call as its own series (its default), so reading the first series of the
+    file reads one page of it."""
+    with tifffile.TiffWriter(path) as tif:
+        for page in pages:
+            tif.write(page, contiguous=False)
 
 
 def _checkpoint(path: Path, config: UNetConfig, state: dict[str, torch.Tensor]) -> None:
@@ -110,6 +123,20 @@ def build(root: Path) -> None:
     os.symlink("loop", root / "loop")
     _sparse_tiff(root / "sparse.tif", SPARSE_SIDE, "uint8", 4096)
     _sparse_tiff(root / "huge.tif", HUGE_SIDE, "float64", 8192)
+    # several images in one file: tifffile would hand over the first one only
+    page = rng.integers(0, 1000, (64, 64), dtype=np.uint16)
+    several_series(root / "series.tif", [page, page + 1, page + 2])
+    several_series(root / "mixed_shape.tif", [page] * 5 + [np.zeros((64, 80), np.uint8)])
+    several_series(root / "mixed_dtype.tif", [page] * 3 + [page.astype(np.int16)])
+    # special files with a TIFF name: opening the pipe blocks, the device never ends
+    os.mkfifo(root / "fifo.tif")
+    os.symlink("/dev/zero", root / "devzero.tif")
+    # training pairs (2D): an image and labels with one object
+    picture = rng.integers(0, 255, (48, 48), dtype=np.uint8)
+    tifffile.imwrite(root / "pic.tif", picture)
+    one_object = np.zeros((48, 48), np.uint8)
+    one_object[10:30, 12:28] = 1
+    tifffile.imwrite(root / "one_object.tif", one_object)
 
     # destinations that hold other data
     (root / "other.d").mkdir()
@@ -189,6 +216,68 @@ CASES: list[Case] = [
             ("no-free-space", "huge.tif", " --allow-sparse --compression none", STORAGE, "free"),
             ("all-nan", "nan.tif", "", BAD, "nan.tif"),
             ("all-inf", "inf.tif", "", BAD, "inf.tif"),
+        ]
+    ],
+    # ----------------------------- ingest: refused before anything is written at DST
+    *[
+        _c(
+            id,
+            f"ingest {{root}}/{src} {{root}}/out/{{id}}.zarr -q{extra}",
+            code,
+            names,
+            writes_nothing="{root}/out/{id}.zarr",
+            **kw,
+        )
+        for id, src, extra, code, names, kw in [
+            (
+                "several-series",
+                "series.tif",
+                "",
+                BAD,
+                "series.tif: holds 3 series (tifffile wrote each write() call as its own series)",
+                {},
+            ),
+            (
+                "mixed-page-shapes",
+                "mixed_shape.tif",
+                "",
+                BAD,
+                "mixed_shape.tif: page 5 is 64×80 uint8 but page 0 is 64×64 uint16",
+                {},
+            ),
+            (
+                "mixed-page-dtypes",
+                "mixed_dtype.tif",
+                "",
+                BAD,
+                "mixed_dtype.tif: page 3 is 64×64 int16 but page 0 is 64×64 uint16",
+                {},
+            ),
+            *[
+                (f"voxel-size-{name}", "good.tif", f" --voxel-size {v},1,1", USAGE, what, {})
+                for name, v, what in [
+                    ("inf", "inf", "--voxel-size inf,1,1: inf is not a voxel size"),
+                    ("zero", "0", "--voxel-size 0,1,1: 0 is not a voxel size"),
+                    ("negative", "-0.5", "--voxel-size -0.5,1,1: -0.5 is not a voxel size"),
+                    ("nan", "nan", "--voxel-size nan,1,1: nan is not a voxel size"),
+                ]
+            ],
+            (
+                "fifo",
+                "fifo.tif",
+                "",
+                BAD,
+                "fifo.tif: is a FIFO (named pipe), not a regular file",
+                {"subprocess": True, "timeout": 60},
+            ),
+            (
+                "char-device",
+                "devzero.tif",
+                "",
+                BAD,
+                "devzero.tif: is a character device (a link to /dev/zero), not a regular file",
+                {},
+            ),
         ]
     ],
     _c(
@@ -275,6 +364,46 @@ CASES: list[Case] = [
     ),
     _c("segment-3d-model-on-2d", SEG + " -m {root}/tiny3d.ckpt", BAD, "img.ome.zarr"),
     _c("segment-bad-channel", SEG + " -m {root}/tiny.ckpt --channel 3", BAD, "channel 3"),
+    _c(
+        "segment-fifo",
+        "segment {root}/fifo.tif -q -m {root}/tiny.ckpt --out {root}/out/{id}.zarr",
+        BAD,
+        "fifo.tif: is a FIFO (named pipe), not a regular file",
+        subprocess=True,
+        timeout=60,
+        writes_nothing="{root}/out/{id}.zarr",
+    ),
+    _c(
+        "segment-char-device",
+        "segment {root}/devzero.tif -q -m {root}/tiny.ckpt --out {root}/out/{id}.zarr",
+        BAD,
+        "devzero.tif: is a character device",
+        writes_nothing="{root}/out/{id}.zarr",
+    ),
+    # ------------------------------------------------------------------- training
+    *[
+        _c(id, f"train {pairs} --out {{root}}/out/{{id}}.ckpt -q", BAD, names, **kw)
+        for id, pairs, names, kw in [
+            (
+                "train-fifo-image",
+                "--image {root}/fifo.tif --labels {root}/one_object.tif",
+                "fifo.tif: is a FIFO (named pipe), not a regular file",
+                {"subprocess": True, "timeout": 60},
+            ),
+            (
+                "train-char-device-labels",
+                "--image {root}/pic.tif --labels {root}/devzero.tif",
+                "devzero.tif: is a character device",
+                {},
+            ),
+            (
+                "train-several-series",
+                "--image {root}/series.tif --labels {root}/one_object.tif",
+                "series.tif: holds 3 series",
+                {},
+            ),
+        ]
+    ],
     # ---------------------------------------------------------------- checkpoints
     _c(
         "model-info-hostile",

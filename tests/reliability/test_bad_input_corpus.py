@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every regular file under ``root`` (symlinks by their target text)."""
+    """sha256 of every regular file under ``root`` (symlinks by their target text, special
+    files such as the FIFO by their kind: never opened)."""
     out: dict[str, str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
@@ -45,6 +47,8 @@ def snapshot(root: Path) -> dict[str, str]:
             rel = os.path.relpath(path, root)
             if os.path.islink(path):
                 out[rel] = "link:" + os.readlink(path)
+            elif not stat.S_ISREG(os.lstat(path).st_mode):
+                out[rel] = f"special:{stat.S_IFMT(os.lstat(path).st_mode):o}"
             else:
                 out[rel] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return out
@@ -86,7 +90,7 @@ def run_case(case: Case, root: Path) -> tuple[int, str]:
             [sys.executable, "-m", "segflow", *argv],
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=case.timeout,
             env={**os.environ, **env},
         )
         return done.returncode, done.stderr
@@ -124,6 +128,9 @@ def test_bad_input(case: Case, corpus: Path, request: pytest.FixtureRequest) -> 
     new = [corpus / p for p in set(after) - set(before)]
     assert not [p for p in new if marked_complete(p)], f"{case.id} marked outputs complete"
     assert not [p for p in new if p.name.endswith(".partial")]
+    if case.writes_nothing:
+        dst = Path(case.writes_nothing.format(root=corpus, id=case.id))
+        assert not dst.exists(), f"{case.id} wrote {dst} before refusing"
 
 
 def test_debug_shows_the_traceback(corpus: Path) -> None:

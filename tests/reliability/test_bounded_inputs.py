@@ -1,0 +1,127 @@
+"""Inputs taken as they are, within bounds, and refusals that need a closer look than the
+bad-input corpus (``bad_input_corpus.py``, one sentence, the exit status, nothing written)
+gives them: the warning a run prints, the labels it computes, the memory a refusal takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from bad_input_corpus import several_series
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*argv: object) -> tuple[int, str, str]:
+    """``segflow ARGV`` in this process (the CLI's own error boundary and log handler)."""
+    from segflow.cli import _register, app
+
+    _register()
+    result = CliRunner().invoke(app, [str(a) for a in argv])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"escaped the error boundary: {result.exception!r}")
+    return result.exit_code, result.stdout, result.stderr
+
+
+# -------------------------------------------------------- voxel sizes from metadata
+
+
+def _ome(path: Path, size_x: str) -> None:
+    """An OME-TIFF whose PhysicalSizeX attribute reads ``size_x`` (3 characters)."""
+    stack = np.zeros((3, 16, 16), np.uint16)
+    stack[:, 4:8, 4:8] = 100
+    sizes = {"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0}
+    tifffile.imwrite(path, stack, ome=True, metadata={"axes": "ZYX", **sizes})
+    data = path.read_bytes()
+    assert data.count(b'PhysicalSizeX="0.5"') == 1
+    path.write_bytes(data.replace(b'PhysicalSizeX="0.5"', f'PhysicalSizeX="{size_x}"'.encode()))
+
+
+def _imagej(path: Path, spacing: float) -> None:
+    stack = np.zeros((3, 16, 16), np.uint16)
+    stack[:, 4:8, 4:8] = 100
+    tifffile.imwrite(
+        path, stack, imagej=True, resolution=(2, 2), metadata={"spacing": spacing, "unit": "um"}
+    )
+
+
+def _resolution(path: Path, x: tuple[int, int]) -> None:
+    plane = np.zeros((16, 16), np.uint16)
+    plane[4:8, 4:8] = 100
+    tifffile.imwrite(path, plane, resolution=(x, (4, 1)), resolutionunit="MICROMETER")
+
+
+@pytest.mark.parametrize(
+    ("make", "axis", "value", "scale"),
+    [
+        (lambda p: _ome(p, "INF"), "x", "inf", [2.0, 0.5, 1.0]),
+        (lambda p: _ome(p, "0.0"), "x", "0.0", [2.0, 0.5, 1.0]),
+        (lambda p: _ome(p, "-1."), "x", "-1.0", [2.0, 0.5, 1.0]),
+        (lambda p: _ome(p, "NaN"), "x", "nan", [2.0, 0.5, 1.0]),
+        (lambda p: _imagej(p, 0.0), "z", "0.0", [1.0, 0.5, 0.5]),
+        (lambda p: _imagej(p, -3.0), "z", "-3.0", [1.0, 0.5, 0.5]),
+        (lambda p: _imagej(p, float("nan")), "z", "nan", [1.0, 0.5, 0.5]),
+        (lambda p: _resolution(p, (0, 1)), "x", "inf", [0.25, 1.0]),
+    ],
+    ids=[
+        "ome-inf",
+        "ome-zero",
+        "ome-negative",
+        "ome-nan",
+        "imagej-zero",
+        "imagej-negative",
+        "imagej-nan",
+        "resolution-zero",
+    ],
+)
+def test_a_voxel_size_in_the_metadata_that_is_not_finite_and_positive_warns(
+    tmp_path, make, axis, value, scale
+):
+    src = tmp_path / "v.tif"
+    make(src)
+    code, out, err = run("ingest", src, tmp_path / "v.zarr", "--json")
+    assert code == 0, err
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("segflow: warning: ")]
+    assert len(warnings) == 1, err
+    assert f"{src}: the metadata gives voxel size {value} for axis {axis}" in warnings[0]
+    assert "using 1.0 µm" in warnings[0]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["scale"] == scale
+    ome = zarr.open_group(tmp_path / "v.zarr", mode="r").attrs["ome"]["multiscales"][0]
+    assert ome["datasets"][0]["coordinateTransformations"][0]["scale"] == scale
+
+
+def test_sound_voxel_sizes_in_the_metadata_warn_nothing(tmp_path):
+    _ome(tmp_path / "v.tif", "0.5")
+    code, out, err = run("ingest", tmp_path / "v.tif", tmp_path / "v.zarr", "--json")
+    assert code == 0, err
+    assert "warning" not in err
+    assert json.loads(out.strip().splitlines()[-1])["scale"] == [2.0, 0.5, 0.5]
+
+
+# --------------------------------------------------------------- one series or none
+
+
+def test_equal_pages_that_tifffile_shapes_as_one_series_ingest(tmp_path):
+    pages = [np.full((16, 20), i, np.uint16) for i in range(4)]
+    with tifffile.TiffWriter(tmp_path / "one.tif") as tif:
+        for page in pages:
+            tif.write(page, contiguous=True)  # appended to the series of the first page
+    assert len(tifffile.TiffFile(tmp_path / "one.tif").series) == 1
+    code, _, err = run("ingest", tmp_path / "one.tif", tmp_path / "one.zarr", "-q", "--axes", "zyx")
+    assert code == 0, err
+    stored = zarr.open_group(tmp_path / "one.zarr", mode="r")["0"][...]
+    assert np.array_equal(stored, np.stack(pages))
+    # the same pages as four series: refused, naming the file
+    several_series(tmp_path / "four.tif", pages)
+    code, _, err = run("ingest", tmp_path / "four.tif", tmp_path / "four.zarr", "-q")
+    assert code == 3, err
+    assert f"{tmp_path / 'four.tif'}: holds 4 series" in err
+    assert not (tmp_path / "four.zarr").exists()
