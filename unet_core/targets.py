@@ -132,6 +132,19 @@ def label_problem(label: np.ndarray, background: bool = True) -> str | None:
     return None
 
 
+def empty_problem(label: np.ndarray) -> str | None:
+    """Why ``label`` gives the network nothing to learn, or None: it holds no object (every
+    voxel is 0, the background), so the network would learn to answer background everywhere
+    and validate perfectly on it."""
+    a = np.asarray(label)
+    if a.size and not np.any(a):
+        return (
+            "holds no object: every voxel is 0 (background), so there is nothing to learn; "
+            "annotate at least one object, or leave this pair out"
+        )
+    return None
+
+
 def image_problem(image: np.ndarray) -> str | None:
     """Why ``image`` looks like an annotation rather than an intensity image, or None:
     integers with at most two values (a mask), or constant over 98% of neighbouring voxels

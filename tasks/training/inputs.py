@@ -89,9 +89,15 @@ def check_pair_kinds(image: str, labels: str, img: np.ndarray, lab: np.ndarray) 
 
 
 def load_pair(image: str, labels: str, trust: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Read one training pair and check that image and labels belong together (and, unless
-    ``trust``, that each looks like what it is said to be)."""
+    """Read one training pair and check that image and labels belong together, that the
+    labels hold at least one object (:func:`unet_core.targets.empty_problem`), and, unless
+    ``trust``, that each looks like what it is said to be."""
+    from unet_core.targets import empty_problem
+
     img, lab = read_array(image), read_array(labels)
+    problem = empty_problem(lab)  # even with trust: all background teaches nothing
+    if problem is not None:
+        raise InvalidVolumeError(f"{labels}: {problem}")
     if not trust:
         check_pair_kinds(image, labels, img, lab)
     if lab.ndim == 3 and lab.shape[-1] in (3, 4) and img.shape[:2] == lab.shape[:2]:

@@ -131,12 +131,13 @@ def build(root: Path) -> None:
     # special files with a TIFF name: opening the pipe blocks, the device never ends
     os.mkfifo(root / "fifo.tif")
     os.symlink("/dev/zero", root / "devzero.tif")
-    # training pairs (2D): an image and labels with one object
+    # training pairs (2D): an image, labels with one object, labels without any
     picture = rng.integers(0, 255, (48, 48), dtype=np.uint8)
     tifffile.imwrite(root / "pic.tif", picture)
     one_object = np.zeros((48, 48), np.uint8)
     one_object[10:30, 12:28] = 1
     tifffile.imwrite(root / "one_object.tif", one_object)
+    tifffile.imwrite(root / "no_object.tif", np.zeros((48, 48), np.uint8))
 
     # destinations that hold other data
     (root / "other.d").mkdir()
@@ -384,6 +385,19 @@ CASES: list[Case] = [
     *[
         _c(id, f"train {pairs} --out {{root}}/out/{{id}}.ckpt -q", BAD, names, **kw)
         for id, pairs, names, kw in [
+            (
+                "train-labels-without-objects",
+                "--image {root}/pic.tif --labels {root}/no_object.tif",
+                "no_object.tif: holds no object: every voxel is 0",
+                {"writes_nothing": "{root}/out/{id}.ckpt"},
+            ),
+            (
+                "train-second-pair-without-objects",
+                "--image {root}/pic.tif --labels {root}/one_object.tif "
+                "--image {root}/pic.tif --labels {root}/no_object.tif",
+                "no_object.tif: holds no object: every voxel is 0",
+                {"writes_nothing": "{root}/out/{id}.ckpt"},
+            ),
             (
                 "train-fifo-image",
                 "--image {root}/fifo.tif --labels {root}/one_object.tif",

@@ -15,6 +15,8 @@ import zarr
 from bad_input_corpus import several_series
 from typer.testing import CliRunner
 
+from unet_core.synthetic import blobs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -125,3 +127,24 @@ def test_equal_pages_that_tifffile_shapes_as_one_series_ingest(tmp_path):
     assert code == 3, err
     assert f"{tmp_path / 'four.tif'}: holds 4 series" in err
     assert not (tmp_path / "four.zarr").exists()
+
+
+# ----------------------------------------------------------------- training pairs
+
+
+def test_training_takes_pairs_that_each_hold_an_object(tmp_path):
+    """Every pair has foreground somewhere (one only in a corner): training runs."""
+    args = []
+    for i, (y, x) in enumerate(((20, 20), (2, 50))):
+        image, _ = blobs((64, 64), i)
+        labels = np.zeros((64, 64), np.uint8)
+        labels[y : y + 10, x : x + 10] = 1
+        tifffile.imwrite(tmp_path / f"img{i}.tif", image)
+        tifffile.imwrite(tmp_path / f"lab{i}.tif", labels)
+        args += ["--image", tmp_path / f"img{i}.tif", "--labels", tmp_path / f"lab{i}.tif"]
+    code, _, err = run(
+        "train", *args, "--out", tmp_path / "m.ckpt", "--depth", "1", "--base-channels", "2",
+        "--steps", "2", "--patch", "28,28", "--batch-size", "1", "--json", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "m.ckpt").is_file()
