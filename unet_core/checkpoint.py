@@ -230,12 +230,37 @@ def _not_torch(raw: bytes) -> str | None:
         return "it is a text file, not a PyTorch file"
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            names = archive.namelist()
+            infos = archive.infolist()
     except (zipfile.BadZipFile, ValueError):
         return None  # damaged: torch.load says so
-    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+    if not any(i.filename == "data.pkl" or i.filename.endswith("/data.pkl") for i in infos):
         return "it is a zip archive, not a PyTorch file"
-    return None
+    return _inflated_problem(infos, len(raw))
+
+
+def _inflated_problem(infos: list[zipfile.ZipInfo], size: int) -> str | None:
+    """Why the archive's entries cannot be inflated safely, or None.
+
+    ``torch.save`` stores every entry uncompressed, so the entries of a real checkpoint
+    declare at most the file's own size. PyTorch allocates what an entry declares before
+    inflating it: a few hundred KB of deflated zeros declaring a GB would take a GB. Only
+    the central directory is read here; nothing is inflated or unpickled."""
+    declared = sum(int(i.file_size) for i in infos)
+    if declared <= size:
+        return None
+    packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    biggest = max(packed or infos, key=lambda i: int(i.file_size))
+    ratio = int(biggest.file_size) / max(int(biggest.compress_size), 1)
+    return (
+        f"its zip entries declare {_bytes(declared)} uncompressed but the file holds "
+        f"{_bytes(size)} ('{biggest.filename}' is packed {ratio:,.0f}:1); torch.save "
+        "writes entries uncompressed, so nothing of it is inflated"
+    )
+
+
+def _bytes(n: int) -> str:
+    """A byte count as people read it: '973,277 bytes' or '953.7 MiB'."""
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _pickle_reason(exc: BaseException) -> str:

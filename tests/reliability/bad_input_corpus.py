@@ -7,9 +7,11 @@ and the name the error sentence must contain. Nothing here is committed as a bin
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +76,39 @@ def several_series(path: Path, pages: list[np.ndarray]) -> None:
     with tifffile.TiffWriter(path) as tif:
         for page in pages:
             tif.write(page, contiguous=False)
+
+
+def bomb_checkpoint(path: Path, floats: int) -> None:
+    """A checkpoint whose weight entry declares ``floats`` float32 zeros, deflated (about
+    1/1000 of that on disk): a decompression bomb. Otherwise a well-formed torch.save
+    archive (torch.save itself stores every entry uncompressed)."""
+    buf = io.BytesIO()
+    config = UNetConfig(ndim=2, depth=1, base_channels=2)
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": config.model_dump_json(),
+            "meta": "{}",
+            "digest": "",
+            "state_dict": {"w": torch.zeros(16)},
+        },
+        buf,
+    )
+    zeros = bytes(1 << 22)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w") as out:
+        for info in src.infolist():
+            if not info.filename.endswith("/data/0"):
+                out.writestr(info, src.read(info.filename))
+                continue
+            entry = zipfile.ZipInfo(info.filename)
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            with out.open(entry, "w", force_zip64=True) as f:
+                left = floats * 4
+                while left:
+                    n = min(left, len(zeros))
+                    f.write(zeros[:n])
+                    left -= n
 
 
 def _checkpoint(path: Path, config: UNetConfig, state: dict[str, torch.Tensor]) -> None:
@@ -178,6 +213,7 @@ def build(root: Path) -> None:
     _checkpoint(root / "mismatch.ckpt", tiny.model_copy(update={"depth": 2}), state)
     torch.save({"format": FORMAT, "version": VERSION, "payload": Evil()}, root / "pickled.ckpt")
     (root / "model.txt").write_text("weights? no\n")
+    bomb_checkpoint(root / "bomb.ckpt", 16_000_000)  # 64 MB declared in 63 KB
     (root / "zero.ckpt").write_bytes(b"")
 
 
@@ -430,6 +466,14 @@ CASES: list[Case] = [
     _c("model-info-pickled-code", "model info {root}/pickled.ckpt", BAD, "pickled.ckpt"),
     _c("model-info-zero-byte", "model info {root}/zero.ckpt", BAD, "zero.ckpt"),
     _c("model-info-missing", "model info {root}/nope.ckpt", BAD, "nope.ckpt"),
+    _c(
+        "model-info-decompression-bomb",
+        "model info {root}/bomb.ckpt",
+        BAD,
+        "bomb.ckpt is not a segflow checkpoint (its zip entries declare 61.0 MiB uncompressed "
+        "but the file holds",
+        subprocess=True,
+    ),
     # ------------------------------------------------------------- export, stitch
     _c(
         "export-missing-labels",

@@ -6,13 +6,16 @@ gives them: the warning a run prints, the labels it computes, the memory a refus
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import zarr
-from bad_input_corpus import several_series
+from bad_input_corpus import bomb_checkpoint, several_series
 from typer.testing import CliRunner
 
 from unet_core.synthetic import blobs
@@ -148,3 +151,39 @@ def test_training_takes_pairs_that_each_hold_an_object(tmp_path):
     )  # fmt: skip
     assert code == 0, err
     assert (tmp_path / "m.ckpt").is_file()
+
+
+# ------------------------------------------------------------- decompression bomb
+
+
+def test_a_decompression_bomb_is_refused_before_anything_is_inflated(tmp_path):
+    """958 KB declaring 250 M float32 zeros: PyTorch would allocate the GB first."""
+    bomb = tmp_path / "bomb.ckpt"
+    bomb_checkpoint(bomb, 250_000_000)
+    size = bomb.stat().st_size
+    assert size < 2**20
+    script = (
+        "import resource, sys\n"
+        "from unet_core.checkpoint import read_checkpoint_header\n"
+        "from unet_core.errors import CheckpointError\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    read_checkpoint_header(sys.argv[1])\n"
+        "    print('accepted')\n"
+        "except CheckpointError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(bomb)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr
+    verdict, grown_kib = done.stdout.strip().splitlines()
+    assert verdict.startswith(f"refused: {bomb} is not a segflow checkpoint"), verdict
+    assert "declare 953.7 MiB uncompressed" in verdict, verdict
+    assert int(grown_kib) * 1024 <= 2 * size + 100 * 2**20, f"peak RSS grew {grown_kib} KiB"
