@@ -16,8 +16,10 @@ import pytest
 import tifffile
 import zarr
 from bad_input_corpus import bomb_checkpoint, several_series
+from harness import cli
 from typer.testing import CliRunner
 
+from unet_core.normalize import CLIP, NORMALIZE_REVISION, apply_affine
 from unet_core.synthetic import blobs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,3 +189,80 @@ def test_a_decompression_bomb_is_refused_before_anything_is_inflated(tmp_path):
     assert verdict.startswith(f"refused: {bomb} is not a segflow checkpoint"), verdict
     assert "declare 953.7 MiB uncompressed" in verdict, verdict
     assert int(grown_kib) * 1024 <= 2 * size + 100 * 2**20, f"peak RSS grew {grown_kib} KiB"
+
+
+# ------------------------------------------------------------------ one hot voxel
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2D U-Net trained for a few seconds on synthetic nuclei (percentile-normalised):
+    decisive enough that a change of its labels means something."""
+    root = tmp_path_factory.mktemp("trained")
+    image, labels = blobs((128, 128), 11)
+    tifffile.imwrite(root / "img.tif", image)
+    tifffile.imwrite(root / "lab.tif", labels)
+    done = cli("train", "--image", root / "img.tif", "--labels", root / "lab.tif",
+               "--out", root / "m.ckpt", "--depth", "2", "--base-channels", "8",
+               "--steps", "100", "--patch", "60,60", "--lr", "3e-3", "--device", "cpu",
+               "-q")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return root / "m.ckpt"
+
+
+#: Where the hot voxel goes: places of the test volume beside objects, where it flipped
+#: 167 to 440 labels before it was clipped (and 25 to 42 since).
+HOT = ((1, 32, 64), (2, 64, 64), (1, 96, 64))
+
+
+def test_one_hot_voxel_changes_at_most_a_thousandth_of_the_labels(tmp_path, trained_model):
+    """One float32 voxel of 3e38 used to reach the network as ~1e38 and flip the labels of
+    its receptive field (up to 0.7% of this volume); clipped to ±CLIP, it is a bright voxel."""
+    image, _ = blobs((4, 128, 128), 4)
+    clean = image.astype(np.float32) / np.float32(1200)  # normalised, 3e38 stays finite
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(
+        tmp_path / "in" / "clean.tif", clean, photometric="minisblack", metadata={"axes": "ZYX"}
+    )
+    for i, place in enumerate(HOT):
+        hot = clean.copy()
+        hot[place] = np.float32(3e38)
+        tifffile.imwrite(
+            tmp_path / "in" / f"hot{i}.tif", hot, photometric="minisblack", metadata={"axes": "ZYX"}
+        )
+    done = cli("predict", tmp_path / "in", "--model", trained_model,
+               "--out", tmp_path / "out", "--no-preview", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    a = tifffile.imread(tmp_path / "out" / "clean.tif.labels.ome.tif")
+    assert a.shape == clean.shape
+    assert 0.05 < float(np.mean(a == 1)) < 0.5, "one class only: the comparison proves little"
+    changed = []
+    for i, place in enumerate(HOT):
+        b = tifffile.imread(tmp_path / "out" / f"hot{i}.tif.labels.ome.tif")
+        changed.append(int(np.count_nonzero(a != b)))
+        assert not np.any(np.delete(a != b, place[0], axis=0)), "a 2D model changed other slices"
+    assert max(changed) <= 0.001 * a.size, f"one hot voxel changed {changed} of {a.size} labels"
+
+
+def test_the_normalised_intensity_is_bounded_and_the_same_in_any_chunks():
+    rng = np.random.default_rng(0)
+    x = rng.normal(100, 20, (6, 40, 40)).astype(np.float32)
+    x[1, 2, 3], x[2, 3, 4], x[3, 4, 5], x[4, 5, 6] = 3e38, -3e38, np.inf, np.nan
+    whole = apply_affine(x, 90.0, 0.05)
+    assert np.abs(whole).max() == CLIP
+    assert whole[1, 2, 3] == CLIP
+    assert whole[2, 3, 4] == -CLIP
+    assert whole[3, 4, 5] == 0.0  # Inf and NaN: 0, as before
+    assert whole[4, 5, 6] == 0.0
+    parts = np.concatenate(
+        [apply_affine(x[:, :, i : i + 7], 90.0, 0.05) for i in range(0, 40, 7)], 2
+    )
+    assert parts.tobytes() == whole.tobytes()
+    # integers whose range maps inside the bounds are not clipped; others are
+    assert apply_affine(np.array([0, 255], np.uint8), 10.0, 1 / 240).max() < CLIP
+    assert apply_affine(np.array([0, 65535], np.uint16), 10.0, 1 / 240).tolist() == [
+        pytest.approx(-10 / 240),
+        CLIP,
+    ]
+    assert isinstance(NORMALIZE_REVISION, int)
+    assert NORMALIZE_REVISION >= 2

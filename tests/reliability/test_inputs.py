@@ -22,6 +22,7 @@ from unet_core.config import UNetConfig
 from unet_core.errors import CheckpointError, InvalidVolumeError
 from unet_core.model import UNet
 from unet_core.normalize import (
+    CLIP,
     RECORDED_PERCENTILES,
     Normalization,
     apply_affine,
@@ -75,13 +76,15 @@ def test_nonfinite_voxels_are_counted_and_normalised_to_zero():
     assert np.isfinite(out).all()
     assert out[[3, 4, 5]].tolist() == [0.0, 0.0, 0.0]
     assert out[0] == pytest.approx(-1.0)
-    big = apply_affine(np.float32([3e38, 1.0]), -3e38, 1.0)  # 6e38 overflows float32
-    assert big.tolist() == [0.0, float(np.float32(3e38))]
-    # Integer images skip the check only where their whole range maps to finite values.
+    # A finite extreme, even one that overflows float32 (6e38), ends at the bound.
+    big = apply_affine(np.float32([3e38, 1.0, -3e38]), -3e38, 1.0)
+    assert big.tolist() == [CLIP, CLIP, 0.0]
+    # Integer images skip the clip only where their whole range maps inside the bounds.
     ints = np.array([0, 65535], dtype=np.uint16)
-    assert apply_affine(ints, 0.0, 1e35).tolist() == [0.0, 0.0]  # 65535e35 overflows
-    assert apply_affine(ints.astype(np.float32), 0, 1e35, source_dtype=np.uint16)[1] == 0.0
-    assert apply_affine(ints, 1.0, 2.0).tolist() == [-2.0, 131068.0]
+    assert apply_affine(ints, 0.0, 1e35).tolist() == [0.0, CLIP]  # 65535e35 overflows
+    assert apply_affine(ints.astype(np.float32), 0, 1e35, source_dtype=np.uint16)[1] == CLIP
+    assert apply_affine(ints, 1.0, 2.0).tolist() == [-2.0, CLIP]
+    assert apply_affine(ints, 0.0, 1 / 65535).tolist() == [0.0, 1.0]
     mine = ints.astype(np.float32)
     assert apply_affine(mine, 1.0, 2.0, in_place=True) is mine
 
