@@ -266,3 +266,18 @@ def test_the_normalised_intensity_is_bounded_and_the_same_in_any_chunks():
     ]
     assert isinstance(NORMALIZE_REVISION, int)
     assert NORMALIZE_REVISION >= 2
+
+
+# ------------------------------------------------------------------------- chunks
+
+
+def test_ingest_chunks_larger_than_the_volume_are_capped_at_it(tmp_path):
+    stack = np.arange(6 * 32 * 40, dtype=np.uint16).reshape(6, 32, 40)
+    tifffile.imwrite(tmp_path / "v.tif", stack, metadata={"axes": "ZYX"})
+    done = cli("ingest", tmp_path / "v.tif", tmp_path / "v.zarr", "--chunks", "9999,9999,9999",
+               "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["chunks"] == [6, 32, 40]
+    level = zarr.open_group(tmp_path / "v.zarr", mode="r")["0"]
+    assert level.chunks == (6, 32, 40)
+    assert np.array_equal(level[...], stack)
