@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -122,6 +123,8 @@ def test_bad_input(case: Case, corpus: Path, request: pytest.FixtureRequest) -> 
     assert code == case.code, stderr
     sentence = one_sentence(stderr)
     assert case.names in sentence, sentence
+    if case.value:
+        assert re.search(rf"(?<![\w.-]){re.escape(case.value)}(?![\w.])", sentence), sentence
     after = snapshot(corpus)
     changed = [p for p, digest in before.items() if after.get(p) != digest]
     assert not changed, f"{case.id} changed existing files: {changed}"
