@@ -17,9 +17,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.cluster import ClusterSpec
+from tasks.inbox import DEFAULT_SETTLE_S, SettleSeconds
+from tasks.outputs import check_disjoint
 from unet_core.errors import ConfigError
 
 NIGHTLY = "nightly"
@@ -36,7 +38,7 @@ class ServeSettings(BaseModel):
     model: str | None = Field(None, description="Checkpoint used by the nightly run.")
     cron: str = Field("0 2 * * *", description="When the nightly run starts.")
     timezone: str = Field("UTC", description="Time zone of the cron schedule (IANA name).")
-    settle_s: float = Field(600.0, ge=0, description="Leave volumes younger than this.")
+    settle_s: SettleSeconds = DEFAULT_SETTLE_S
     paused: bool = Field(False, description="Create the nightly schedule paused.")
     heartbeat_s: int = Field(
         30, ge=30, le=3600, description="Seconds between heartbeats of each served flow run."
@@ -51,6 +53,12 @@ class ServeSettings(BaseModel):
     cluster: ClusterSpec | None = Field(
         None, description="Where the nightly run's Dask workers run (default: local)."
     )
+
+    @model_validator(mode="after")
+    def _apart(self) -> ServeSettings:
+        if self.inbox and self.output:
+            check_disjoint(self.inbox, self.output, "inbox", "output location")
+        return self
 
 
 def build_deployments(settings: ServeSettings) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import re
@@ -116,6 +117,20 @@ def flat_parameters(
         return flat
 
     return wrap
+
+
+def in_form_words(exc: BaseException, name: Callable[[str], str]) -> BaseException:
+    """A segflow error whose option fields (:func:`unet_core.errors.opt`) are named as the
+    run form names them (``name``), for the flow run's state message; others unchanged."""
+    from unet_core.errors import SegflowError
+
+    if not isinstance(exc, SegflowError):
+        return exc
+    text = exc.render(name)
+    shown = copy.copy(exc)
+    shown.template = text
+    shown.args = (text, *exc.args[1:])
+    return shown
 
 
 # ------------------------------------------------------------------ run identity helpers

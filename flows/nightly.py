@@ -16,13 +16,22 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.exceptions import MissingResult
 from prefect.states import Failed
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from flows import core_logs_to_prefect, flat_parameters
 from flows.segment import SegmentOptions, SegmentVolumeParams, segment_volume
-from tasks.inbox import classify, output_for, read_manifest, record, scan_inbox, write_manifest
+from tasks.inbox import (
+    DEFAULT_SETTLE_S,
+    SettleSeconds,
+    classify,
+    output_for,
+    read_manifest,
+    record,
+    scan_inbox,
+    write_manifest,
+)
+from tasks.outputs import check_disjoint, store_exists
 from tasks.paths import volume_name
-from tasks.outputs import store_exists
 from unet_core.runtime import configure
 
 
@@ -41,16 +50,15 @@ class NightlyParams(SegmentOptions):
         description="Folder or s3:// prefix for results and the manifest.",
     )
     model: str = Field(..., min_length=1, title="Model", description="Checkpoint file (.ckpt).")
-    settle_s: float = Field(
-        600.0,
-        ge=0,
-        le=7 * 24 * 3600,
-        title="Settle time (s)",
-        description="Volumes modified more recently than this are left for a later run.",
-    )
+    settle_s: SettleSeconds = DEFAULT_SETTLE_S
     max_volumes: int = Field(
         100, ge=1, le=10_000, title="Max volumes", description="At most this many per night."
     )
+
+    @model_validator(mode="after")
+    def _apart(self) -> NightlyParams:
+        check_disjoint(self.inbox, self.output, "inbox", "output location")
+        return self
 
     def options(self) -> dict[str, Any]:
         """How each volume is segmented (the :class:`SegmentOptions` fields)."""

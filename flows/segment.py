@@ -1,9 +1,12 @@
-"""The ``segment-volume`` flow: ingest (TIFF) -> segment regions -> stitch -> report.
+"""The ``segment-volume`` flow: a door over :mod:`tasks.pipeline` (ingest (TIFF) -> segment
+regions -> stitch -> report), its steps wrapped as Prefect tasks.
 
 Prefect sees regions (groups of blocks), Dask computes the blocks inside a region: each
 region task is a Dask client that submits its blocks to the run's cluster (a local cluster
-the flow starts, or ``dask_address``). Done markers in the output store make every run,
-retried run and retried task skip finished work.
+the flow starts, or the scheduler address given as the cluster). The pipeline's one
+segmentation sequence (lease, prepare, run, finalize) runs the regions as its blocks
+(:class:`RegionRun`). Done markers in the output store make every run, retried run and
+retried task skip finished work.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import re
 import time
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
@@ -26,10 +29,20 @@ from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 from pydantic import ConfigDict, Field
 
-from flows import add_run_tags, core_logs_to_prefect, flat_parameters, publish_markdown
-from tasks.blockwise import Regions, Runner, blocks_per_region
-from tasks.cluster import ClusterSpec
-from tasks.paths import is_tiff_source, store_beside, volume_name
+from flows import (
+    add_run_tags,
+    core_logs_to_prefect,
+    field_title,
+    flat_parameters,
+    in_form_words,
+    publish_markdown,
+)
+from tasks import pipeline
+from tasks.blockwise import Regions, Runner, Step, StepResult, blocks_per_region
+from tasks.cluster import ClusterSpec, client_for, dask_client
+from tasks.options import PipelineOptions
+from tasks.paths import volume_name
+from tasks.pipeline import INSTANCES, Request
 from tasks.regions import forget_regions, run_region
 from tasks.report import (
     markdown_report,
@@ -38,52 +51,30 @@ from tasks.report import (
     size_histogram,
     write_preview,
 )
-from tasks.lease import Lease
-from tasks.segment import (
-    SegmentParams,
-    SegmentPlan,
-    check_segment_inputs,
-    dask_client,
-    finalize_outputs,
-    plan_segmentation,
-    prepare_outputs,
-)
+from tasks.segment import SegmentPlan
 from tasks.store import attributes, open_group, retry_transient
 from unet_core.errors import (
     CheckpointError,
     ConfigError,
     IncompleteError,
     InvalidVolumeError,
+    LeaseLostError,
     SegflowError,
 )
 from unet_core.runtime import configure
 
 
-class SegmentOptions(SegmentParams):
-    """How to segment: the engine's parameters (:class:`SegmentParams`, shared with the CLI)
-    plus what only a flow run decides (instances, where Dask runs, regions, retries)."""
+class SegmentOptions(PipelineOptions):
+    """How to segment: the pipeline's options (:class:`tasks.options.PipelineOptions`, the
+    same fields the CLI has) plus what only a flow run decides (where Dask runs, regions,
+    retries)."""
 
     model_config = ConfigDict(extra="forbid", frozen=False)
 
-    instances: bool = Field(True, description="Label objects across chunks (stitch).")
-    min_size: int | None = Field(
-        None, ge=0, description="Drop smaller objects (voxels; default: from the model)."
-    )
-    connectivity: int = Field(1, ge=1, le=3, description="1 faces, 2 +edges, 3 +corners.")
-    instance_method: Literal["auto", "components", "slices"] = Field(
-        "auto",
-        description="Objects: 3D connected components, or 2D objects linked across slices by "
-        "overlap (auto: slices for a 2D model on a stack).",
-    )
-    link_iou: float | None = Field(
-        None, ge=0.0, le=1.0, description="Slices: IoU that links slices (default: the model's)."
-    )
-    dask_address: str | None = Field(
-        None, description="Dask scheduler address (default: a local cluster for this run)."
-    )
     cluster: ClusterSpec = Field(
         default_factory=ClusterSpec,
-        description="Where the Dask workers run: local, slurm/pbs/sge/lsf jobs, or an address.",
+        description="Where the Dask workers run: local, slurm/pbs/sge/lsf jobs, or the "
+        "address of a running scheduler (tcp://host:8786).",
     )
     max_regions: int = Field(
         2000, ge=1, le=100_000, description="At most this many region tasks per volume."
@@ -99,17 +90,11 @@ class SegmentOptions(SegmentParams):
         3600.0, gt=0, le=7 * 24 * 3600, description="A region taking longer fails (hung worker)."
     )
     ingest_levels: int = Field(0, ge=0, le=10, description="Pyramid levels made at ingest.")
-    lease_wait_s: float = Field(
-        0.0,
-        ge=0,
-        le=24 * 3600,
-        description="Wait this long for another run writing the same outputs, then refuse.",
-    )
 
-    def engine(self) -> SegmentParams:
-        """The engine's parameters (every field of :class:`SegmentParams`, nothing else)."""
-        return SegmentParams.model_validate(
-            self.model_dump(include=set(SegmentParams.model_fields))
+    def pipeline_options(self) -> PipelineOptions:
+        """The pipeline's options (every field of :class:`PipelineOptions`, nothing else)."""
+        return PipelineOptions.model_validate(
+            self.model_dump(include=set(PipelineOptions.model_fields))
         )
 
 
@@ -142,11 +127,29 @@ class SegmentVolumeParams(SegmentOptions):
         description="Recompute only these region ids (from a failed run's report).",
         examples=[[0, 3]],
     )
-    force: bool = Field(False, title="Force", description="Recompute everything.")
 
     def flow_parameters(self) -> dict[str, Any]:
         """The flow's keyword parameters: ``segment_volume(**p.flow_parameters())``."""
         return self.model_dump()
+
+    def request(self) -> Request:
+        """The pipeline request of this run."""
+        return Request(self.source, self.model, self.output, self.pipeline_options())
+
+
+#: Fields of the pipeline's messages that the form calls otherwise.
+FORM_FIELDS = {"out": "output"}
+
+
+def form_words(field: str) -> str:
+    """How the run form names a field: its title (a cluster field as "Cluster: Workers")."""
+    name = FORM_FIELDS.get(field, field)
+    fields = SegmentVolumeParams.model_fields
+    if name in fields:
+        return f'"{field_title(name, fields[name])}"'
+    if name in ClusterSpec.model_fields:
+        return f'"Cluster: {field_title(name, ClusterSpec.model_fields[name])}"'
+    return f"'{field}'"
 
 
 #: Prefect's own run names (two random words), replaced by volume + time.
@@ -176,7 +179,10 @@ def _permanent(exc: BaseException) -> bool:
     """A bad input (corrupt chunk, unreadable file, wrong parameter): retrying won't help."""
     cause = getattr(exc, "cause", None) or exc.__cause__
     return any(
-        isinstance(e, (InvalidVolumeError, ConfigError, CheckpointError, IncompleteError))
+        isinstance(
+            e,
+            (InvalidVolumeError, ConfigError, CheckpointError, IncompleteError, LeaseLostError),
+        )
         for e in (exc, cause)
         if e is not None
     )
@@ -196,19 +202,14 @@ class RegionsFailedError(SegflowError, RuntimeError):
 
 
 @task(name="ingest", retries=1, retry_condition_fn=retry_transient)
-def ingest_step(source: str, dst: str, levels: int, dask_address: str) -> str:
-    from tasks.ingest import ingest_volume
-
+def ingest_step(request: Request, address: str, levels: int) -> str:
     # A store this flow made from the same source is ingested again if the source changed.
-    info = ingest_volume(
-        source, dst, levels=levels, dask_client_or_scheduler=dask_address, refresh=True
-    )
-    return info.url
+    return pipeline.ingest(request, scheduler=address, levels=levels)
 
 
 @task(name="plan")
-def plan_step(image: str, model: str, output: str | None, options: SegmentOptions) -> SegmentPlan:
-    return plan_segmentation(image, model, output, options.engine())
+def plan_step(request: Request, image: str) -> SegmentPlan:
+    return pipeline.plan(request, image)
 
 
 @task(name="segment-region", task_run_name="region-{region}", cache_policy=NO_CACHE)
@@ -223,41 +224,30 @@ def segment_region(
 
 
 @task(name="stitch")
-def stitch_step(
-    out: str, labels: str, options: SegmentOptions, dask_address: str
-) -> dict[str, Any]:
-    from tasks.stitch import stitch
-
-    res = stitch(
+def stitch_step(out: str, labels: str, options: PipelineOptions, address: str) -> dict[str, Any]:
+    found = pipeline.instances(
         out,
-        labels=labels,
-        min_size=options.min_size,
-        connectivity=options.connectivity,
-        dask_address=dask_address,
-        method=None if options.instance_method == "auto" else options.instance_method,
-        link_iou=options.link_iou,
+        labels,
+        options,
+        client=client_for(address),
+        lease_wait_s=options.lease_wait_s,
     )
-    return {
-        "instances": f"{res.store}/{res.labels_path}",
-        "method": res.method,
-        "objects": res.objects,
-        "table_csv": res.table_csv,
-        "table_parquet": res.table_parquet,
-        "seconds": res.seconds,
-        "reused": res.reused,
-        "top": res.table.nlargest(10, "voxels").to_dict(orient="records") if len(res.table) else [],
-        "size_histogram": size_histogram(res.table["voxels"].to_numpy()) if len(res.table) else [],
-    }
+    table = found.pop("table")
+    found["top"] = table.nlargest(10, "voxels").to_dict(orient="records") if len(table) else []
+    found["size_histogram"] = size_histogram(table["voxels"].to_numpy()) if len(table) else []
+    return found
 
 
 @task(name="report")
 def report_step(
-    summary: dict[str, Any], image: str, out: str, labels: str | None
+    summary: dict[str, Any], request: Request, image: str, complete: bool
 ) -> dict[str, Any]:
     """Publish the run's report (one per volume key; a retried run replaces its own)."""
     slug = re.sub(r"[^a-z0-9-]+", "-", summary["volume"].lower()).strip("-")[:40] or "volume"
-    if labels is not None:
-        try:
+    labels = INSTANCES if summary.get("instances") else request.options.labels_name
+    if complete and request.options.preview:
+        try:  # the picture is the pipeline's preview, embedded in the report too
+            out = request.out_store
             picture = preview_picture(image, out, labels)
             summary["preview"] = write_preview(image, out, labels, picture=picture)
             summary["preview_uri"] = png_data_uri(picture)
@@ -291,175 +281,200 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     configure()
     core_logs_to_prefect()
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    try:
+        return _segment_volume(params)
+    except SegflowError as exc:
+        raise in_form_words(exc, form_words) from exc
+
+
+def _segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     logger = get_run_logger()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     name = volume_name(params.source)
     add_run_tags("segflow", name)
-    complete = False
-    tiff = is_tiff_source(params.source)
-    check_segment_inputs(  # every input, before the cluster starts or anything is written
-        params.source,
-        params.model,
-        params.output,
-        params.engine(),
-        params.lease_wait_s,
-        (params.output or store_beside(params.source)) if tiff else None,
-        local=params.dask_address is None and params.cluster.kind == "local",
-    )
-    with dask_client(
-        address=params.dask_address, cluster=params.cluster, device=params.device
-    ) as client:
-        address = params.dask_address or client.scheduler.address
-        image = params.source
-        output = params.output
-        if tiff:
-            dst = params.output or store_beside(params.source)
-            image = ingest_step(params.source, dst, params.ingest_levels, address)
-            output = None  # labels go into the ingested image store
+    request = params.request()
+    # every input and target, before the cluster starts or anything is written
+    pipeline.check(request, local=params.cluster.kind == "local")
+    with dask_client(cluster=params.cluster, device=params.device) as client:
+        address = client.scheduler.address
+        image = request.image_store
+        if request.tiff:
+            image = ingest_step(request, address, params.ingest_levels)
             timings["ingest"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        plan = plan_step(image, params.model, output, params)
+        plan = plan_step(request, image)
         add_run_tags(f"model-{plan.model_digest[:8]}")
-        with Lease(plan.out_url, "segment-volume", wait_s=params.lease_wait_s) as lease:
-            summary, failed = _segment_regions(plan, params, address, name, logger)
-            timings["segment"] = time.perf_counter() - t1
-            lease.check()
-            complete = finalize_outputs(plan, Runner(client))
-            summary["complete"] = complete
-            if complete and params.instances:
-                t2 = time.perf_counter()
-                st = stitch_step(plan.out_url, params.labels_name, params, address)
-                timings["stitch"] = time.perf_counter() - t2
-                summary.update(
-                    instances=st["instances"],
-                    objects=st["objects"],
-                    instance_method=st["method"],
-                    objects_table=st["table_csv"],
-                    top_objects=st["top"],
-                    size_histogram=st["size_histogram"],
-                    stitch_reused=st["reused"],
-                )
+        if params.regions and _labels_key(plan) not in (None, plan.key):
+            raise ConfigError(
+                f"{plan.out_url}: regions {params.regions} belong to labels made with other "
+                "parameters, model or image; re-running only those regions with these "
+                "parameters would mix two results (run without regions to recompute "
+                "everything)"
+            )
+        regions = RegionRun(plan, params, address, name, logger)
+        result = pipeline.segment(
+            plan,
+            regions.run,
+            force=params.force,
+            lease_wait_s=params.lease_wait_s,
+            runner=Runner(client),
+            what="segment-volume",
+        )
+        timings["segment"] = time.perf_counter() - t1
+        summary = regions.summary
+        summary["complete"] = result.complete
+        if result.complete and params.instances:
+            t2 = time.perf_counter()
+            st = stitch_step(plan.out_url, params.labels_name, params.pipeline_options(), address)
+            timings["stitch"] = time.perf_counter() - t2
+            summary.update(
+                instances=st["instances"],
+                objects=st["objects"],
+                instance_method=st["method"],
+                objects_table=st["table_csv"],
+                top_objects=st["top"],
+                size_histogram=st["size_histogram"],
+                stitch_reused=st["reused"],
+            )
     summary["seconds"] = time.perf_counter() - t0
     summary["voxels_per_second"] = plan.voxels / max(timings.get("segment", 0.0), 1e-9)
     summary["timings"] = timings
-    shown = "instances" if summary.get("instances") else params.labels_name
-    summary = report_step(summary, plan.image.url, plan.out_url, shown if complete else None)
-    if failed:
+    summary = report_step(summary, request, plan.image.url, result.complete)
+    if regions.failed:
         first = summary["failed_regions"][0]
         raise RegionsFailedError(
-            f"{name}: regions {sorted(failed)} failed (first: region {first['region']}, voxels "
-            f"{first['voxel_box']}: {first['error']}); the run report lists each one and the "
-            "parameters to re-run exactly those; retrying this run recomputes only them"
+            f"{name}: regions {sorted(regions.failed)} failed (first: region {first['region']}, "
+            f"voxels {first['voxel_box']}: {first['error']}); the run report lists each one "
+            "and the parameters to re-run exactly those; retrying this run recomputes only them"
         )
+    pipeline.require_complete(result)  # never Completed with incomplete labels
     return summary
 
 
-def _segment_regions(
-    plan: SegmentPlan,
-    params: SegmentVolumeParams,
-    address: str,
-    name: str,
-    logger: Any,
-) -> tuple[dict[str, Any], list[int]]:
-    """Run the unfinished regions, at most ``regions_in_flight`` Prefect tasks at a time."""
-    previous_key = _labels_key(plan)
-    if params.regions and previous_key not in (None, plan.key):
-        raise ConfigError(
-            f"{plan.out_url}: regions {params.regions} belong to labels made with other "
-            "parameters, model or image; re-running only those regions with these parameters "
-            "would mix two results (run without regions to recompute everything)"
+class RegionRun:
+    """How the flow runs a segmentation's blocks: as region tasks (groups of blocks in C
+    order), at most ``regions_in_flight`` at a time, each a Dask client of the run's
+    cluster; a failed region is recorded (the others go on) for the report."""
+
+    def __init__(
+        self, plan: SegmentPlan, params: SegmentVolumeParams, address: str, name: str, logger: Any
+    ) -> None:
+        self.plan, self.params, self.address, self.name, self.logger = (
+            plan,
+            params,
+            address,
+            name,
+            logger,
         )
-    prepare_outputs(plan, force=params.force)
-    regions = Regions(plan.grid, blocks_per_region(plan.n_blocks, params.max_regions))
-    count = regions.count
-    step = plan.step()
-    if params.regions:
-        forget_regions(plan, regions, list(params.regions))
-    done = regions.done(step)
-    todo = [r for r in range(count) if not done[r]]
-    logger.info(
-        "%s: %d blocks in %d regions of %d; %d to compute, %d already done",
-        name,
-        plan.n_blocks,
-        count,
-        regions.per_region,
-        len(todo),
-        count - len(todo),
-    )
-    progress_id = cast(
-        UUID,
-        create_progress_artifact(
-            100.0 * (count - len(todo)) / count, description=f"regions of {name} done"
-        ),
-    )
-    region_task = segment_region.with_options(
-        retries=params.region_retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=params.retry_delay_s)
-        if params.retry_delay_s > 0
-        else 0,
-        retry_condition_fn=_retry_unless_permanent,
-    )
-    results: list[dict[str, Any]] = []
-    errors: dict[int, str] = {}
-    done_now = count - len(todo)
-    waiting = list(reversed(todo))
-    running: dict[Any, int] = {}
-    shown_at = time.monotonic()  # the progress artifact: at most one API call a second
-    # A bounded window of region tasks: a 2,000-region run must not start 2,000 threads.
-    while waiting or running:
-        while waiting and len(running) < params.regions_in_flight:
-            r = waiting.pop()
-            fut = region_task.submit(plan, r, regions.per_region, address, params.region_timeout_s)
-            running[fut] = r
-        for fut in as_completed(list(running)):
-            region = running.pop(fut)
-            try:
-                results.append(fut.result())
-                done_now += 1
-            except Exception as exc:  # logged with its traceback by the task run already
-                errors[region] = str(exc) or type(exc).__name__
-            break  # refill the window
-        if time.monotonic() - shown_at >= PROGRESS_EVERY_S or not (waiting or running):
-            update_progress_artifact(progress_id, 100.0 * done_now / count)
-            shown_at = time.monotonic()
-    failed = sorted(errors)
-    summary: dict[str, Any] = {
-        "volume": name,
-        "source": params.source,
-        "image": plan.image.url,
-        "model": params.model,
-        "model_digest": plan.model_digest[:16],
-        "run_key": plan.key,
-        "outputs": plan.out_url,
-        "labels": f"{plan.out_url}/{plan.labels_path}/0",
-        "regions": count,
-        "blocks_per_region": regions.per_region,
-        "regions_computed": len(results),
-        "regions_skipped": count - len(todo),
-        "regions_failed": failed or None,
-        "blocks": plan.n_blocks,
-        "blocks_computed": sum(r["computed"] for r in results),
-        "blocks_reused": plan.n_blocks
-        - sum(r["computed"] for r in results)
-        - sum(len(regions.blocks(r)) for r in failed),
-        "voxels": plan.voxels,
-        "region_seconds": sum(r["seconds"] for r in results),
-        "block_seconds": sum(r["block_seconds"] for r in results),
-        "class_voxels": _class_voxels(plan, results) if len(results) == count else None,
-        "parameters": params.model_dump(),
-    }
-    if failed:
-        summary["failed_regions"] = [_where_region(plan, regions, r, errors[r]) for r in failed]
-        rerun = params.model_dump(exclude_defaults=True, exclude={"force", "regions"})
-        summary["rerun_parameters"] = {**rerun, "regions": failed}
-    logger.info(
-        "%s: %d blocks computed, %d reused from earlier runs under the same key",
-        name,
-        summary["blocks_computed"],
-        summary["blocks_reused"],
-    )
-    return summary, failed
+        self.summary: dict[str, Any] = {}
+        self.failed: list[int] = []
+
+    def run(self, step: Step) -> StepResult:
+        """Run the unfinished regions of ``step`` (the outputs are prepared already)."""
+        plan, params, name, logger = self.plan, self.params, self.name, self.logger
+        t0 = time.perf_counter()
+        regions = Regions(plan.grid, blocks_per_region(plan.n_blocks, params.max_regions))
+        count = regions.count
+        if params.regions:
+            forget_regions(plan, regions, list(params.regions))
+        done = regions.done(step)
+        todo = [r for r in range(count) if not done[r]]
+        logger.info(
+            "%s: %d blocks in %d regions of %d; %d to compute, %d already done",
+            name,
+            plan.n_blocks,
+            count,
+            regions.per_region,
+            len(todo),
+            count - len(todo),
+        )
+        progress_id = cast(
+            UUID,
+            create_progress_artifact(
+                100.0 * (count - len(todo)) / count, description=f"regions of {name} done"
+            ),
+        )
+        region_task = segment_region.with_options(
+            retries=params.region_retries,
+            retry_delay_seconds=exponential_backoff(backoff_factor=params.retry_delay_s)
+            if params.retry_delay_s > 0
+            else 0,
+            retry_condition_fn=_retry_unless_permanent,
+        )
+        results: list[dict[str, Any]] = []
+        errors: dict[int, str] = {}
+        done_now = count - len(todo)
+        waiting = list(reversed(todo))
+        running: dict[Any, int] = {}
+        shown_at = time.monotonic()  # the progress artifact: at most one API call a second
+        # A bounded window of region tasks: a 2,000-region run must not start 2,000 threads.
+        while waiting or running:
+            while waiting and len(running) < params.regions_in_flight:
+                r = waiting.pop()
+                fut = region_task.submit(
+                    plan, r, regions.per_region, self.address, params.region_timeout_s
+                )
+                running[fut] = r
+            for fut in as_completed(list(running)):
+                region = running.pop(fut)
+                try:
+                    results.append(fut.result())
+                    done_now += 1
+                except LeaseLostError:
+                    raise  # superseded: this run writes nothing more
+                except Exception as exc:  # logged with its traceback by the task run already
+                    errors[region] = str(exc) or type(exc).__name__
+                break  # refill the window
+            if time.monotonic() - shown_at >= PROGRESS_EVERY_S or not (waiting or running):
+                update_progress_artifact(progress_id, 100.0 * done_now / count)
+                shown_at = time.monotonic()
+        self.failed = sorted(errors)
+        computed = sum(r["computed"] for r in results)
+        failed_blocks = sum(len(regions.blocks(r)) for r in self.failed)
+        self.summary = {
+            "volume": name,
+            "source": params.source,
+            "image": plan.image.url,
+            "model": params.model,
+            "model_digest": plan.model_digest[:16],
+            "run_key": plan.key,
+            "outputs": plan.out_url,
+            "labels": f"{plan.out_url}/{plan.labels_path}/0",
+            "regions": count,
+            "blocks_per_region": regions.per_region,
+            "regions_computed": len(results),
+            "regions_skipped": count - len(todo),
+            "regions_failed": self.failed or None,
+            "blocks": plan.n_blocks,
+            "blocks_computed": computed,
+            "blocks_reused": plan.n_blocks - computed - failed_blocks,
+            "voxels": plan.voxels,
+            "region_seconds": sum(r["seconds"] for r in results),
+            "block_seconds": sum(r["block_seconds"] for r in results),
+            "class_voxels": _class_voxels(plan, results) if len(results) == count else None,
+            "parameters": params.model_dump(),
+        }
+        if self.failed:
+            self.summary["failed_regions"] = [
+                _where_region(plan, regions, r, errors[r]) for r in self.failed
+            ]
+            rerun = params.model_dump(exclude_defaults=True, exclude={"force", "regions"})
+            self.summary["rerun_parameters"] = {**rerun, "regions": self.failed}
+        logger.info(
+            "%s: %d blocks computed, %d reused from earlier runs under the same key",
+            name,
+            self.summary["blocks_computed"],
+            self.summary["blocks_reused"],
+        )
+        return StepResult(
+            step.name,
+            plan.n_blocks,
+            computed,
+            plan.n_blocks - computed - failed_blocks,
+            time.perf_counter() - t0,
+            results,
+        )
 
 
 def _where_region(plan: SegmentPlan, regions: Regions, region: int, error: str) -> dict[str, Any]:

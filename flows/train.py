@@ -50,6 +50,10 @@ class TrainParams(BaseModel):
     resume: bool = Field(
         False, description="Continue the run whose checkpoint and state are at 'out'."
     )
+    overwrite: bool = Field(
+        False,
+        description="Replace a segflow checkpoint already at 'out' (never any other file).",
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> TrainParams:
@@ -84,7 +88,13 @@ def train_task(params: TrainParams) -> dict[str, Any]:
 
     resume = params.out if params.resume else None
     result, files = run_training(
-        params.images, params.labels, params.out, params.config, progress, resume
+        params.images,
+        params.labels,
+        params.out,
+        params.config,
+        progress,
+        resume,
+        overwrite=params.overwrite,
     )
     update_progress_artifact(bar, 100.0)
     return summary(result, files)

@@ -34,6 +34,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import click
 import typer
 import typer.exceptions
+import typer.main
 
 from unet_core.errors import ExitCode, SegflowError
 from unet_core.runtime import configure
@@ -92,20 +93,23 @@ def describe_error(exc: BaseException, where: str = "") -> tuple[str, ExitCode]:
 
     ``where`` names what the command works on (a store, a file); it is used only for a
     storage failure that does not name its own file or chunk."""
+    from segflow.options import describe_validation, name_field
+
     if isinstance(exc, SegflowError):
+        text = _one_line(exc.render(name_field))  # option fields named as this door's flags
         cause = getattr(exc, "cause", None)  # an error that wraps another (a failed block)
         if isinstance(cause, BaseException) and not isinstance(cause, SegflowError):
             from tasks.store import translate_storage_error
 
             err = translate_storage_error(cause, where or "storage")
-            return _one_line(str(exc)), err.exit_code if err is not None else exc.exit_code
+            return text, err.exit_code if err is not None else exc.exit_code
         if isinstance(cause, SegflowError):
-            return _one_line(str(exc)), cause.exit_code
-        return _one_line(str(exc)), exc.exit_code
-    if type(exc).__name__ == "ValidationError" and hasattr(exc, "errors"):  # pydantic
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ())) or "value"
-        return _one_line(f"invalid option {loc}: {first.get('msg', exc)}"), ExitCode.USAGE
+            return text, cause.exit_code
+        return text, exc.exit_code
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return _one_line(f"invalid option {describe_validation(exc)}"), ExitCode.USAGE
     from tasks.store import translate_storage_error
 
     err = translate_storage_error(exc, where or "storage")
@@ -210,17 +214,6 @@ def clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-#: ``--lease-wait``: shared by the commands that write a store.
-LeaseWait = Annotated[
-    float,
-    typer.Option(
-        "--lease-wait",
-        min=0,
-        help="Seconds to wait for another run writing the same store, then refuse.",
-    ),
-]
-
-
 def parse_shape(text: str | None, what: str = "shape") -> tuple[int, ...] | None:
     """'64,128,128' -> (64, 128, 128); None stays None."""
     if text is None or text == "":
@@ -234,71 +227,6 @@ def parse_shape(text: str | None, what: str = "shape") -> tuple[int, ...] | None
     if not values or any(v < 1 for v in values):
         raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
     return values
-
-
-CLUSTER_PANEL = "Cluster: where the Dask workers run"
-
-
-def _cluster_parameters() -> list[inspect.Parameter]:
-    def option(name: str, kind: Any, default: Any, *decls: str, **kw: Any) -> inspect.Parameter:
-        info = typer.Option(*decls, rich_help_panel=CLUSTER_PANEL, **kw)
-        return inspect.Parameter(
-            name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info]
-        )
-
-    return [
-        option(
-            "cluster_kind",
-            str,
-            "local",
-            "--cluster",
-            "--dask-address",
-            help="local (this machine; one worker per GPU with --device cuda), slurm, pbs, "
-            "sge or lsf (workers are batch jobs, set up by dask-jobqueue's jobqueue.<kind> "
-            "config), or a Dask scheduler address tcp://host:8786 (--dask-address is an "
-            "alias).",
-        ),
-        option(
-            "workers",
-            int | None,
-            None,
-            "--workers",
-            min=1,
-            help="Job clusters: the most worker jobs, scaled between 0 and N (default 4). "
-            "Local: worker processes (ingest: parallel tasks).",
-        ),
-        option("worker_cores", int | None, None, "--worker-cores", min=1, help="Cores per worker."),
-        option("worker_memory", str | None, None, "--worker-memory", help="E.g. 16GB per job."),
-        option("gpus_per_worker", int, 0, "--gpus-per-worker", min=0, help="GPUs per worker job."),
-        option("walltime", str | None, None, "--walltime", help="Job time limit, e.g. 04:00:00."),
-        option("queue", str | None, None, "--queue", "--partition", help="Queue / partition."),
-        option("account", str | None, None, "--account", help="Account (project) to charge."),
-        option(
-            "start_timeout_s",
-            float,
-            600.0,
-            "--start-timeout",
-            min=1.0,
-            help="Seconds to wait for the first worker job before failing.",
-        ),
-    ]
-
-
-def cluster_options(fn: Callable[..., R]) -> Callable[..., R]:
-    """Give a command the cluster options (``--cluster``, ``--workers``, ...) in place of
-    its ``cluster`` parameter, which receives the validated ``ClusterSpec``; a bad value
-    is one sentence naming the option (with :func:`clean_errors` outside)."""
-    options = _cluster_parameters()
-    names = [p.name for p in options]
-
-    def call(fn: Callable[..., R], args: Any, kwargs: dict[str, Any]) -> R:
-        from tasks.cluster import cluster_spec
-
-        values = {name: kwargs.pop(name) for name in names if name in kwargs}
-        values["kind"] = values.pop("cluster_kind", "local")
-        return fn(*args, cluster=cluster_spec(**values), **kwargs)
-
-    return _with_options(fn, options, call, replaces="cluster")
 
 
 def _with_options(
@@ -603,10 +531,36 @@ def _add_examples(group: typer.Typer, prefix: str) -> None:
             _add_examples(sub.typer_instance, f"{prefix}{sub.name} ")
 
 
-def main() -> None:
+def usage_line(exc: BaseException) -> str:
+    """A usage error (unknown option, bad value, missing argument) as one line."""
+    format_message = getattr(exc, "format_message", None)
+    text = format_message() if callable(format_message) else str(exc)
+    text = text.replace("Value error, ", "")
+    return _one_line(text[:1].lower() + text[1:]) if text else "bad command line"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``segflow`` command: usage errors are one line ``segflow: error: ...`` (exit 2),
+    like every other error; a command's own errors come through :func:`clean_errors`."""
+    from typer.exceptions import TyperException
+
     configure()  # before any command imports PyTorch
     _register()
-    app(prog_name="segflow")
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(
+            args=sys.argv[1:] if argv is None else argv,
+            prog_name="segflow",
+            standalone_mode=False,
+        )
+    except TyperException as exc:
+        if type(exc).__name__ != "NoArgsIsHelpError":  # the help was shown already
+            typer.echo(f"segflow: error: {usage_line(exc)}", err=True)
+        sys.exit(int(getattr(exc, "exit_code", ExitCode.USAGE)))
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        typer.echo("segflow: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(int(code or 0))
 
 
 if __name__ == "__main__":  # pragma: no cover

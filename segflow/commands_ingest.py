@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-from segflow.cli import (
-    LeaseWait,
-    app,
-    clean_errors,
-    cluster_options,
-    emit,
-    output_options,
-    parse_shape,
-    warn,
-)
+from segflow.cli import app, clean_errors, emit, output_options, warn
+from segflow.commands_segment import EXTRAS, PANELS
+from segflow.options import with_models
 from segflow.progress import BlockProgress
-
-if TYPE_CHECKING:
-    from tasks.cluster import ClusterSpec
-
-
-def _parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
-    if not text:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(
-            f"{what} must be numbers separated by commas, got {text!r}"
-        ) from None
-    return values
+from tasks.cluster import ClusterSpec
+from tasks.options import IngestParams, RunOptions
 
 
 @app.command()
 @clean_errors
 @output_options
-@cluster_options
+@with_models(
+    ("params", IngestParams),
+    ("run", RunOptions),
+    ("cluster", ClusterSpec),
+    exclude=("force", "preview"),
+    extras=EXTRAS,
+    panels=PANELS,
+)
 def ingest(
     src: Annotated[
         str,
@@ -47,42 +34,14 @@ def ingest(
         ),
     ],
     dst: Annotated[str, typer.Argument(help="The OME-Zarr image to write; local or s3://.")],
-    chunks: Annotated[
-        str | None,
-        typer.Option(help="Chunk shape Z,Y,X (or Y,X); default 64,128,128 (3D), 1024,1024 (2D)."),
-    ] = None,
-    axes: Annotated[
-        str | None,
-        typer.Option(
-            help="Axes of SRC as tifffile shapes it, e.g. zyx, zcyx, yxc; overrides the "
-            "metadata and is needed when it is ambiguous."
-        ),
-    ] = None,
-    compression: Annotated[str, typer.Option(help="zstd, blosc or none.")] = "zstd",
-    levels: Annotated[int, typer.Option(min=0, help="Downsampled pyramid levels to add.")] = 0,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a DST that holds other data.")
-    ] = False,
-    voxel_size: Annotated[
-        str | None,
-        typer.Option(help="Physical voxel size Z,Y,X (or Y,X) in micrometres; overrides metadata."),
-    ] = None,
     scheduler: Annotated[
         str,
         typer.Option(help="Where units run: threads, sync, or a Dask scheduler address."),
     ] = "threads",
-    unit_mib: Annotated[
-        float, typer.Option(help="Most MiB of the image one task holds at a time.")
-    ] = 8.0,
-    lease_wait: LeaseWait = 0.0,
-    allow_sparse: Annotated[
-        bool,
-        typer.Option(
-            "--allow-sparse",
-            help="Accept a TIFF that declares far more pixels than its file holds.",
-        ),
-    ] = False,
-    cluster: ClusterSpec | None = None,
+    *,
+    params: IngestParams,
+    run: RunOptions,
+    cluster: ClusterSpec,
 ) -> None:
     """Stream SRC into a chunked, compressed OME-Zarr image (zarr v3, NGFF 0.5) at DST.
 
@@ -91,25 +50,23 @@ def ingest(
     """
     from tasks.ingest import ingest_volume
 
-    local = cluster is None or cluster.kind == "local"  # then --scheduler says how
-    chunk_shape = parse_shape(chunks, "chunks")
-    voxels = _parse_floats(voxel_size, "voxel size")
+    local = cluster.kind == "local"  # then --scheduler says how
     with BlockProgress() as progress:
         info = ingest_volume(
             src,
             dst,
-            chunks=chunk_shape,
-            axes=axes,
-            compression=compression,
-            levels=levels,
-            overwrite=overwrite,
+            chunks=params.chunks,
+            axes=params.axes,
+            compression=params.compression,
+            levels=params.levels,
+            overwrite=run.overwrite,
             dask_client_or_scheduler=scheduler if local else cluster,
             progress=progress,
-            lease_wait_s=lease_wait,
-            voxel_size=voxels,
-            unit_mib=unit_mib,
-            workers=cluster.workers if cluster and local else None,
-            allow_sparse=allow_sparse,
+            lease_wait_s=run.lease_wait_s,
+            voxel_size=params.voxel_size,
+            unit_mib=params.unit_mib,
+            workers=cluster.workers if local else None,
+            allow_sparse=params.allow_sparse,
         )
     summary: dict[str, Any] = {
         "dst": info.url,

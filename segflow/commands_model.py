@@ -58,9 +58,20 @@ def create(
     padding: Annotated[str, typer.Option()] = "valid",
     norm: Annotated[str, typer.Option()] = "none",
     seed: Annotated[int, typer.Option()] = 0,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a segflow checkpoint already at OUT (never any other file).",
+        ),
+    ] = False,
 ) -> None:
     """Write an untrained (randomly initialised) model, e.g. for trying out the pipeline."""
     import torch
+
+    from tasks.outputs import check_file_target
+
+    check_file_target(str(out), "checkpoint", overwrite=overwrite, what="checkpoint")
 
     from unet_core import CheckpointMeta, UNet, UNetConfig, save_checkpoint
 

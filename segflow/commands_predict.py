@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -29,24 +29,21 @@ import typer
 from segflow.cli import (
     app,
     clean_errors,
-    cluster_options,
     describe_error,
     is_quiet,
     output_options,
-    parse_shape,
     wants_json,
+    warn,
 )
-from segflow.commands_segment import InstanceConnectivity, InstanceMinSize
-from segflow.commands_stitch import LINK_IOU_HELP, METHOD_HELP
+from segflow.commands_segment import EXTRAS, PANELS, RUN_MODELS
+from segflow.options import with_models
 from segflow.progress import BlockProgress, blocks_text
+from tasks.cluster import ClusterSpec
+from tasks.options import PipelineOptions
 from unet_core.errors import ExitCode
 
 if TYPE_CHECKING:
-    from tasks.cluster import ClusterSpec
-    from tasks.segment import SegmentParams
-
-#: What ``predict`` writes beside each store (see :func:`tasks.paths.beside_store`).
-LABELS_TIFF = "labels.ome.tif"
+    from tasks.pipeline import Request
 
 
 @dataclass
@@ -65,6 +62,7 @@ class Row:
     objects: int | None = None
     reused: bool = False
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[str], list[Row]]:
@@ -108,76 +106,28 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[Row]]:
     return files, bad
 
 
-def predict_one(
-    source: str,
-    out: str,
-    model: str,
-    params: SegmentParams,
-    client: Any,
-    cluster: ClusterSpec | None,
-    *,
-    instances: bool,
-    min_size: int | None,
-    connectivity: int,
-    instance_method: str | None,
-    link_iou: float | None,
-    preview: bool,
-    force: bool,
-    quiet: bool,
-) -> Row:
-    """Ingest, segment, (stitch,) export and preview one TIFF; never raises for a bad input."""
-    from segflow.commands_segment import _ensure_zarr, write_preview_or_warn
-    from segflow.commands_stitch import run_stitch
-    from tasks.export import export_labels_once
-    from tasks.paths import beside_store, nightly_store
-    from tasks.segment import check_segment_inputs, plan_segmentation, segment_image
+def predict_one(request: Request, client: Any, cluster: ClusterSpec, quiet: bool) -> Row:
+    """The pipeline for one TIFF (:func:`tasks.pipeline.run`); never raises for a bad input."""
+    from tasks import pipeline
 
-    local = cluster is None or not cluster.is_job_cluster
     t0 = time.perf_counter()
-    store = nightly_store(out, source)
-    row = Row(source, store=store)
+    row = Row(request.source, store=request.out_store)
     try:
         # every input checked before it is ingested (model fits, outputs ours and free)
-        check_segment_inputs(source, model, None, params, ingest_to=store, local=local)
-        image = _ensure_zarr(source, store)
-        plan = plan_segmentation(image, model, None, params)
+        pipeline.check(request, local=not cluster.is_job_cluster)
         with BlockProgress(quiet=quiet) as progress:
-            result = segment_image(
-                image,
-                model,
-                params=params,
-                client=client,
-                force=force,
-                progress=progress,
-                plan=plan,
+            result = pipeline.run(
+                request, client=client, cluster=cluster, progress=progress, checked=True
             )
-        row.blocks_computed, row.blocks_reused = result.blocks_computed, result.blocks_skipped
-        labels = params.labels_name
-        reused = result.blocks_computed == 0
-        if instances:
-            st = run_stitch(
-                result.out_url,
-                labels,
-                "instances",
-                min_size,
-                connectivity,
-                None,
-                cluster,
-                client=client,
-                method=instance_method,
-                link_iou=link_iou,
-            )
-            row.objects = st["objects"]
-            reused = reused and bool(st["reused"])
-            labels = "instances"
-        tiff = beside_store(store, LABELS_TIFF)
-        reused = export_labels_once(result.out_url, tiff, labels) and reused
-        row.labels_tiff = tiff
-        if preview:
-            row.preview = write_preview_or_warn(image, result.out_url, labels)
-        row.status, row.reused = "ok", reused
+        seg = result.segment
+        row.blocks_computed, row.blocks_reused = seg.blocks_computed, seg.blocks_skipped
+        if result.instances is not None:
+            row.objects = int(result.instances["objects"])
+        row.labels_tiff, row.preview = result.labels_tiff, result.preview
+        row.status, row.reused = "ok", result.reused
+        row.warnings = list(result.warnings)
     except Exception as exc:  # one input's failure is its row; the others go on
-        message, code = describe_error(exc, source)
+        message, code = describe_error(exc, request.source)
         row.error, row.exit_code = message, int(code)
     row.seconds = round(time.perf_counter() - t0, 2)
     return row
@@ -186,7 +136,7 @@ def predict_one(
 @app.command()
 @clean_errors
 @output_options
-@cluster_options
+@with_models(*RUN_MODELS, extras=EXTRAS, panels=PANELS)
 def predict(
     inputs: Annotated[
         list[str],
@@ -198,51 +148,33 @@ def predict(
     ],
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder.")],
-    instances: Annotated[
-        bool,
-        typer.Option("--instances", help="Label objects; the TIFF then holds instance ids."),
-    ] = False,
-    min_size: InstanceMinSize = None,
-    connectivity: InstanceConnectivity = 1,
-    instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
-    link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
-    tile: Annotated[
-        str | None, typer.Option(help="Largest tile input shape (default: per model).")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Tiles per forward pass.")] = 4,
-    preview: Annotated[
-        bool,
-        typer.Option(
-            "--preview/--no-preview",
-            help="Write <name>.preview.png per input: orthogonal middle slices with the "
-            "labels outlined.",
-        ),
-    ] = True,
-    force: Annotated[bool, typer.Option("--force", help="Recompute finished blocks.")] = False,
-    cluster: ClusterSpec | None = None,
+    *,
+    options: PipelineOptions,
+    cluster: ClusterSpec,
 ) -> None:
     """Label TIFFs for TIFFs: each input is ingested, segmented (with --instances also split
     into objects) and exported as OUT/<name>.labels.ome.tif beside its OUT/<name>.ome.zarr.
 
-    A failed input does not stop the others; the summary lists each input, and the exit
-    status is that of the first failure. Re-running skips inputs already complete.
+    The output folder may not hold, or be, an input (the next run would take the outputs
+    for inputs). A failed input does not stop the others; the summary lists each input,
+    and the exit status is that of the first failure. Re-running skips inputs already
+    complete.
     """
     from tasks.cluster import dask_client
+    from tasks.outputs import RunInputs, check_folder_target
     from tasks.paths import nightly_store
-    from tasks.segment import SegmentParams
+    from tasks.pipeline import Request
     from unet_core import read_checkpoint_header
     from unet_core.predict import check_device
 
     quiet, as_json = is_quiet(), wants_json()
-    check_device(device, indexed=False, here=cluster is None or not cluster.is_job_cluster)
+    check_device(options.device, indexed=False, here=not cluster.is_job_cluster)
     read_checkpoint_header(model)  # a missing or unusable model fails before any work
-    params = SegmentParams.model_validate(
-        {"tile": parse_shape(tile, "tile"), "device": device, "batch_size": batch_size}
-    )
+    # the output folder: never an input, inside one, or holding one
+    check_folder_target(out, RunInputs.of(*inputs, str(model)), hint="choose another --out")
     files, rows = expand_inputs(inputs)
     taken: dict[str, str] = {}
-    todo: list[str] = []
+    todo: list[Request] = []
     for f in files:  # two inputs named alike would share their outputs
         store = nightly_store(out, f)
         if store in taken:
@@ -256,33 +188,20 @@ def predict(
             )
         else:
             taken[store] = f
-            todo.append(f)
+            todo.append(Request(f, str(model), None, options, ingest_to=store, export_tiff=True))
     if todo and "://" not in out:
         os.makedirs(out, exist_ok=True)
     done: list[Row] = []
     if todo:
-        with dask_client(cluster=cluster, device=params.device) as client:
-            for i, f in enumerate(todo, 1):
+        with dask_client(cluster=cluster, device=options.device) as client:
+            for i, request in enumerate(todo, 1):
                 if not (quiet or as_json):
-                    typer.echo(f"[{i}/{len(todo)}] {f}")
-                row = predict_one(
-                    f,
-                    out,
-                    str(model),
-                    params,
-                    client,
-                    cluster,
-                    instances=instances,
-                    min_size=min_size,
-                    connectivity=connectivity,
-                    instance_method=instance_method,
-                    link_iou=link_iou,
-                    preview=preview,
-                    force=force,
-                    quiet=quiet or as_json,
-                )
+                    typer.echo(f"[{i}/{len(todo)}] {request.source}")
+                row = predict_one(request, client, cluster, quiet or as_json)
                 if row.status != "ok" and not as_json:
                     typer.echo(f"segflow: error: {row.error}", err=True)
+                for message in row.warnings:
+                    warn(message)
                 done.append(row)
     order = {f: i for i, f in enumerate(files)}
     rows = sorted(done, key=lambda r: order.get(r.input, -1)) + rows

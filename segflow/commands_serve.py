@@ -1,46 +1,49 @@
-"""``segflow serve``: serve the Prefect deployments (nightly inbox, on-demand runs)."""
+"""``segflow serve``: serve the Prefect deployments (nightly inbox, on-demand runs).
+
+Its options are the fields of :class:`deployments.serve.ServeSettings` (the nightly
+run's inbox, output, model, schedule and the same ``settle_s`` as the nightly flow's
+parameter) and of :class:`tasks.cluster.ClusterSpec`, generated like every run command's.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-from segflow.cli import app, clean_errors, cluster_options, output_options, warn
+from deployments.serve import ServeSettings
+from segflow.cli import app, clean_errors, output_options, warn
+from segflow.commands_segment import EXTRAS
+from segflow.options import Extra, with_models
+from tasks.cluster import ClusterSpec
 
-if TYPE_CHECKING:
-    from tasks.cluster import ClusterSpec
+SERVE_EXTRAS = {
+    **EXTRAS,
+    "inbox": Extra(envvar="SEGFLOW_INBOX"),
+    "output": Extra(envvar="SEGFLOW_OUTPUT"),
+    "model": Extra(envvar="SEGFLOW_MODEL"),
+    "cron": Extra(envvar="SEGFLOW_CRON"),
+    "timezone": Extra(envvar="SEGFLOW_TIMEZONE"),
+    "settle_s": Extra(aliases=("--settle",)),
+    "crash_after_s": Extra(aliases=("--crash-after",)),
+}
 
 
 @app.command()
 @clean_errors
 @output_options(summary=False)
-@cluster_options
+@with_models(
+    ("settings", ServeSettings),
+    ("cluster", ClusterSpec),
+    exclude=("cluster",),
+    extras=SERVE_EXTRAS,
+    panels={ClusterSpec: "Cluster of the nightly run: where its Dask workers run"},
+)
 def serve(
-    inbox: Annotated[
-        str | None, typer.Option(envvar="SEGFLOW_INBOX", help="Nightly inbox (folder or s3://).")
-    ] = None,
-    output: Annotated[
-        str | None, typer.Option(envvar="SEGFLOW_OUTPUT", help="Nightly output location.")
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(envvar="SEGFLOW_MODEL", help="Checkpoint for the nightly run.")
-    ] = None,
-    cron: Annotated[str, typer.Option(envvar="SEGFLOW_CRON", help="Nightly schedule.")] = (
-        "0 2 * * *"
-    ),
-    timezone: Annotated[
-        str, typer.Option(envvar="SEGFLOW_TIMEZONE", help="Time zone of the schedule.")
-    ] = "UTC",
-    settle: Annotated[
-        float, typer.Option(help="Seconds a volume must be unmodified before it is taken.")
-    ] = 600.0,
     limit: Annotated[int | None, typer.Option(help="At most this many flow runs at once.")] = None,
-    crash_after: Annotated[
-        float,
-        typer.Option(help="Seconds without a heartbeat after which a run is marked Crashed."),
-    ] = 120.0,
-    cluster: ClusterSpec | None = None,
+    *,
+    settings: ServeSettings,
+    cluster: ClusterSpec,
 ) -> None:
     """Register segflow's deployments with the Prefect API (PREFECT_API_URL) and run them.
 
@@ -48,19 +51,10 @@ def serve(
     SEGFLOW_INBOX, SEGFLOW_OUTPUT, SEGFLOW_MODEL); the cluster options set its default
     cluster (an on-demand run picks its own in the form). Stop with Ctrl-C.
     """
-    from deployments.serve import ServeSettings
     from deployments.serve import serve as run_serve
 
-    settings = ServeSettings(
-        inbox=inbox,
-        output=output,
-        model=model,
-        cron=cron,
-        timezone=timezone,
-        settle_s=settle,
-        crash_after_s=crash_after,
-        cluster=cluster,
-    )
-    if not (inbox and output and model):
+    if cluster != ClusterSpec():
+        settings = settings.model_copy(update={"cluster": cluster})
+    if not (settings.inbox and settings.output and settings.model):
         warn("no --inbox/--output/--model: serving the on-demand deployments only")
     run_serve(settings, limit=limit)

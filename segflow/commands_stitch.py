@@ -2,61 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors, cluster_options, emit, output_options
+from segflow.cli import app, clean_errors, emit, output_options
+from segflow.commands_segment import EXTRAS, PANELS
+from segflow.options import with_models
 from segflow.progress import BlockProgress
-
-if TYPE_CHECKING:
-    from tasks.cluster import ClusterSpec
-
-METHOD_HELP = (
-    "components (3D connected components) or slices (2D objects linked across slices by "
-    "overlap); default: slices for a stack segmented by a 2D model, else components."
-)
-LINK_IOU_HELP = "With slices: IoU that links objects of consecutive slices (default: the model's)."
-
-
-def run_stitch(
-    store: str,
-    labels: str,
-    name: str,
-    min_size: int | None,
-    connectivity: int,
-    foreground: int | None,
-    cluster: ClusterSpec | None,
-    client: Any = None,
-    method: str | None = None,
-    link_iou: float | None = None,
-    progress: Any = None,
-) -> dict[str, Any]:
-    from tasks.stitch import stitch
-
-    result = stitch(
-        store,
-        labels=labels,
-        out_name=name,
-        foreground=None if foreground is None else (foreground,),
-        connectivity=connectivity,
-        min_size=min_size,
-        cluster=cluster,
-        client=client,
-        method=method,
-        link_iou=link_iou,
-        progress=progress,
-    )
-    return {
-        "instances": f"{result.store}/{result.labels_path}",
-        "method": result.method,
-        "objects": result.objects,
-        "dtype": result.dtype,
-        "table_csv": result.table_csv,
-        "table_parquet": result.table_parquet,
-        "seconds": round(result.seconds, 3),
-        "reused": result.reused,
-    }
+from tasks import pipeline
+from tasks.cluster import ClusterSpec
+from tasks.options import InstanceOptions, RunOptions
+from tasks.pipeline import INSTANCES
 
 
 def stitch_text(summary: dict[str, Any]) -> str:
@@ -71,7 +28,13 @@ def stitch_text(summary: dict[str, Any]) -> str:
 @app.command()
 @clean_errors
 @output_options
-@cluster_options
+@with_models(
+    ("options", InstanceOptions),
+    ("cluster", ClusterSpec),
+    exclude=("instances",),
+    extras=EXTRAS,
+    panels=PANELS,
+)
 def stitch(
     store: Annotated[
         str,
@@ -83,20 +46,13 @@ def stitch(
     labels: Annotated[
         str | None, typer.Option(help="Semantic label image to read (default: semantic).")
     ] = None,
-    name: Annotated[str, typer.Option(help="Name of the instance label image.")] = "instances",
-    min_size: Annotated[
-        int | None,
-        typer.Option(help="Drop smaller objects (default: the model's suggestion, else 0)."),
-    ] = None,
-    connectivity: Annotated[
-        int, typer.Option(min=1, max=3, help="1 = faces, 2 = +edges, 3 = +corners.")
-    ] = 1,
+    name: Annotated[str, typer.Option(help="Name of the instance label image.")] = INSTANCES,
     foreground: Annotated[
         int | None, typer.Option(help="Class id to split into objects (default: the model's).")
     ] = None,
-    cluster: ClusterSpec | None = None,
-    instance_method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
-    link_iou: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=LINK_IOU_HELP)] = None,
+    *,
+    options: InstanceOptions,
+    cluster: ClusterSpec,
 ) -> None:
     """Objects of a semantic mask with global ids across chunks: connected components, or
     for a stack segmented slice by slice, slice objects linked by overlap."""
@@ -104,24 +60,23 @@ def stitch(
 
     store, named = split_labels_path(store, labels)
     with BlockProgress() as progress:
-        summary = run_stitch(
+        summary = pipeline.instances(
             store,
             named or "semantic",
-            name,
-            min_size,
-            connectivity,
-            foreground,
-            cluster,
-            method=instance_method,
-            link_iou=link_iou,
+            options,
+            cluster=cluster,
             progress=progress,
+            foreground=foreground,
+            name=name,
         )
+    summary.pop("table")
     emit(summary, stitch_text(summary))
 
 
 @app.command()
 @clean_errors
 @output_options
+@with_models(("run", RunOptions), exclude=("force", "lease_wait_s", "preview"))
 def export(
     store: Annotated[
         str,
@@ -134,8 +89,13 @@ def export(
     ] = None,
     image: Annotated[bool, typer.Option("--image", help="Export the image itself.")] = False,
     compression: Annotated[str, typer.Option(help="zlib, zstd, lzw or none.")] = "zlib",
+    *,
+    run: RunOptions,
 ) -> None:
-    """Stream a label image (or the image) into a BigTIFF / OME-TIFF with physical sizes."""
+    """Stream a label image (or the image) into a BigTIFF / OME-TIFF with physical sizes.
+
+    TO is never a file of the store or an input it came from, and a file there is replaced
+    only with --overwrite and only when segflow wrote it."""
     from tasks.export import export_tiff
     from tasks.paths import split_labels_path
 
@@ -147,5 +107,6 @@ def export(
         to,
         labels=None if image else named or "instances",
         compression=None if compression == "none" else compression,
+        overwrite=run.overwrite,
     )
     emit({"tiff": str(out)}, f"wrote {out}")

@@ -94,6 +94,13 @@ def train(
         typer.Option(help="Continue the run of this checkpoint (or fine-tune from it)."),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch.")] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a segflow checkpoint already at --out (never any other file).",
+        ),
+    ] = False,
     trust_labels: Annotated[
         bool,
         typer.Option(
@@ -148,7 +155,9 @@ def train(
     from tasks.training.run import run_training
 
     with TrainProgress(config.steps, config.epoch_steps) as shown:
-        result, files = run_training(image, labels, out, config, shown.update, resume, trust_labels)
+        result, files = run_training(
+            image, labels, out, config, shown.update, resume, trust_labels, overwrite
+        )
     report = summary(result, files)
     emit(report, train_text(report))
 

@@ -300,9 +300,7 @@ def run_block(
                 result = step.process(step.plan, index)
                 break
             except LeaseLostError:
-                if fence is not None:
-                    _take_back(step, index)
-                raise
+                raise  # the block checked the fence before writing: it wrote nothing
             except Exception as exc:
                 if is_transient(exc) and attempt < retries:
                     delay = backoff_s * 2**attempt

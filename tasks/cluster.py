@@ -47,7 +47,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from unet_core.errors import ClusterStartError, ConfigError
+from unet_core.errors import ClusterStartError, ConfigError, opt
 
 JOB_KINDS = ("slurm", "pbs", "sge", "lsf")
 
@@ -177,11 +177,10 @@ def cluster_spec(**fields: Any) -> ClusterSpec:
         value = fields.get(name)
         if name == "kind":
             raise ConfigError(
-                f"--cluster {value!r} is neither local, slurm, pbs, sge, lsf nor a scheduler "
+                f"{opt('kind')} {value!r} is neither local, slurm, pbs, sge, lsf nor a scheduler "
                 "address like tcp://host:8786"
             ) from None
-        option = "--" + name.replace("_", "-").removesuffix("-s")
-        raise ConfigError(f"{option} {value!r}: {err['msg']}") from None
+        raise ConfigError(f"{opt(name)} {value!r}: {err['msg']}") from None
 
 
 # ------------------------------------------------------------------------------ GPUs

@@ -15,10 +15,16 @@ import zarr
 
 from tasks.blockwise import injected_delay
 from tasks.ngff import label_names, read_multiscale
-from tasks.outputs import owned_by_segflow
+from tasks.outputs import (
+    RunInputs,
+    adopt_file,
+    check_file_target,
+    owned_by_segflow,
+    owns_file,
+)
 from tasks.reads import StrictArray
 from tasks.runstate import require_complete, set_complete
-from tasks.store import LABELS_GROUP, filesystem, get_array, is_remote, open_group
+from tasks.store import LABELS_GROUP, OWNER, filesystem, get_array, is_remote, open_group
 from unet_core.errors import InvalidVolumeError
 
 _UNITS = {"micrometer": "µm", "nanometer": "nm", "millimeter": "mm", "angstrom": "Å"}
@@ -30,12 +36,28 @@ def export_tiff(
     labels: str | None = "instances",
     compression: str | None = "zlib",
     progress: Callable[[int, int], None] | None = None,
+    *,
+    owner: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Write ``labels/<labels>/0`` (or the image itself when ``labels`` is None) to ``to``.
 
     Pages are written one z-slab of chunks at a time, so memory stays at one slab however
-    large the volume. The file is an OME-TIFF (BigTIFF) with the physical voxel sizes.
+    large the volume. The file is an OME-TIFF (BigTIFF) with the physical voxel sizes and
+    segflow's Software tag (:func:`tasks.outputs.made_by_segflow`), written under a
+    temporary name and renamed. ``owner``: the store the file belongs to (a file beside
+    it, recorded there, replaced with it); otherwise a file at ``to`` is replaced only
+    with ``overwrite`` and only when segflow wrote it. ``to`` is never the store's source
+    or inside a store (:func:`tasks.outputs.check_file_target`, before anything is read).
     """
+    check_file_target(
+        to,
+        "beside" if owner else "tiff",
+        RunInputs.of(store),
+        overwrite=overwrite,
+        owner=owner,
+        what="export",
+    )
     root = open_group(store, "r")
     path = f"{LABELS_GROUP}/{labels}" if labels else ""
     group = root.get(path) if path else root
@@ -87,6 +109,7 @@ def export_tiff(
                     dtype=arr.dtype,
                     metadata=ome,
                     compression=compression,
+                    software=OWNER,
                 )
         except BaseException:
             with contextlib.suppress(OSError):
@@ -98,6 +121,8 @@ def export_tiff(
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
+    if owner is not None:
+        adopt_file(owner, to)
     return to
 
 
@@ -122,9 +147,9 @@ def export_labels_once(
     local = not is_remote(to) and owned_by_segflow(store)
     if local and record["key"] is not None:
         done = meta.get("exports", {}).get(os.path.abspath(to))
-        if done is not None and done == {**record, **_file_id(to)}:
+        if done is not None and done == {**record, **_file_id(to)} and owns_file(store, to):
             return True
-    export_tiff(store, to, labels=labels, compression=compression, progress=progress)
+    export_tiff(store, to, labels=labels, compression=compression, progress=progress, owner=store)
     if local and record["key"] is not None:
         exports = {**meta.get("exports", {}), os.path.abspath(to): {**record, **_file_id(to)}}
         set_complete(store, path, True, exports=exports)

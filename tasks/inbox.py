@@ -15,12 +15,27 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from tasks.paths import is_tiff_name, is_zarr_name, nightly_store
 from tasks.store import filesystem, is_remote, join
 
 MANIFEST = "segflow-inbox-manifest.json"
+
+#: How long a volume must stay unmodified before a nightly run takes it: one definition for
+#: the nightly flow's parameter and ``segflow serve``'s option.
+SettleSeconds = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=7 * 24 * 3600,
+        title="Settle time (s)",
+        description="Volumes modified more recently than this are left for a later run.",
+    ),
+]
+DEFAULT_SETTLE_S = 600.0
 
 
 @dataclass(frozen=True)

@@ -197,7 +197,7 @@ class Lease:
     def __init__(
         self, store: str, what: str = "segflow", wait_s: float = 0.0, ttl_s: float | None = None
     ) -> None:
-        self.store = str(store).rstrip("/")
+        self.store = str(store).rstrip("/") or "/"
         self.what = what
         self.wait_s = max(float(wait_s), 0.0)
         self.ttl_s = float(ttl_s or default_ttl())
@@ -324,7 +324,9 @@ class Lease:
                 # by our clock) is watched for its ttl; the decision is the observation's
                 abandoned = info is None or time.time() - info.heartbeat > info.ttl_s
                 ttl = info.ttl_s if info is not None else self.ttl_s
-                until = max(deadline, seen_since + ttl + 0.1) if abandoned else deadline
+                # (watched once for its ttl from the first look: a beat that moves meanwhile
+                # is a live holder, however far its clock is from ours)
+                until = max(deadline, start + ttl + 0.1) if abandoned else deadline
                 if now >= until:
                     raise self.held_error(info, now - start)
                 if abandoned and now >= deadline and now - start < 0.05:

@@ -44,9 +44,9 @@ from tasks.store import (
     open_group,
 )
 from unet_core.errors import (
-    SegflowError,
     StorageAccessError,
     StoreConflictError,
+    opt,
 )
 
 #: The root attribute (under ``segflow``) that records the files beside a store.
@@ -138,11 +138,14 @@ class RunInputs:
 
 
 def _glob_folder(path: str) -> str:
-    """A path as given, or for a glob ('raw/*.tif') the folder its matches are in."""
-    if not any(ch in path for ch in "*?["):
-        return path
-    head = path[: min(i for i in (path.find(ch) for ch in "*?[") if i >= 0)]
-    return head if head.endswith("/") else (os.path.dirname(head) or ".")
+    """A path as given, or for a glob ('raw/*.tif') the nearest existing folder above its
+    matches (a folder named 'stack[2]' is a folder, not a pattern)."""
+    if not any(ch in path for ch in "*?[") or _exists(path):
+        return path  # a path that exists is itself, whatever its characters
+    folder = os.path.dirname(path.rstrip("/"))
+    while folder and not _exists(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    return folder or "."
 
 
 def _ingested_from(store: str) -> str | None:
@@ -212,7 +215,8 @@ def refuse_foreign(url: str, hint: str = "choose a new or empty location") -> No
         what = "a zarr store" if _is_zarr(url) else "other files"
         raise StoreConflictError(
             f"{url}: already holds {what} that segflow did not make; it is never replaced, "
-            f"not even with --overwrite, and segflow writes only into stores it made ({hint})"
+            f"not even with {opt('overwrite')}, and segflow writes only into stores it made "
+            f"({hint})"
         )
 
 
@@ -260,7 +264,7 @@ def check_store_target(
     image store the run segments, ``image``, whose labels it writes); absent, empty or
     segflow's; not the store of an image other than ``image``; not being written by another
     run (unless the run will wait for it). Writes nothing."""
-    url = str(url).rstrip("/")
+    url = str(url).rstrip("/") or "/"
     if is_remote(url):
         check_access(url)
     else:
@@ -283,9 +287,33 @@ def check_store_target(
         if belongs is not None and belongs != canonical(image):
             raise StoreConflictError(
                 f"{url}: holds the image or outputs of another image ({belongs}); outputs "
-                f"of {image} never go into it, not even with --overwrite ({hint})"
+                f"of {image} never go into it, not even with {opt('overwrite')} ({hint})"
             )
     lease_status(url, lease_wait_s)
+
+
+def check_folder_target(url: str, inputs: RunInputs = RunInputs(), hint: str = "") -> None:
+    """Before any work: may a run put its outputs (stores, files) into the folder ``url``?
+    Writable; never an input, inside one, or holding one (the next run would take the
+    outputs for inputs); never inside a zarr store. Other files in it stay untouched."""
+    url = str(url).rstrip("/") or "/"
+    if is_remote(url):
+        check_access(url)
+    else:
+        check_writable(url)
+    tail = f" ({hint})" if hint else ""
+    clash = inputs.collision(url)
+    if clash is not None:
+        raise StoreConflictError(
+            f"{url}: segflow does not put its outputs here: {clash}, and the next run would "
+            f"take the outputs for inputs{tail}"
+        )
+    ancestor = _zarr_ancestor(url)
+    if ancestor is not None:
+        raise StoreConflictError(
+            f"{url}: is inside the zarr store {ancestor}; outputs never go into another "
+            f"store's folders{tail}"
+        )
 
 
 def claim_store(url: str, role: str, **attrs: Any) -> zarr.Group:
@@ -307,7 +335,7 @@ def delete_owned_store(url: str) -> list[str]:
     if not owned_by_segflow(url):
         raise StoreConflictError(
             f"{url}: is not a store made by segflow, so it is not deleted even with "
-            "--overwrite; choose another destination"
+            f"{opt('overwrite')}; choose another destination"
         )
     removed = remove_owned_files(url)
     fs = filesystem(url)
@@ -459,17 +487,17 @@ def check_file_target(
             return
         raise StoreConflictError(
             f"{path}: already exists and segflow did not write it for {owner or 'this run'} "
-            f"(it is never replaced, not even with --{option}); move it away or choose "
+            f"(it is never replaced, not even with {opt(option)}); move it away or choose "
             "another output location"
         )
     if not made_by_segflow(path, kind):
         raise StoreConflictError(
             f"{path}: already exists and segflow did not make it (it is never replaced, not "
-            f"even with --{option}); choose another file name"
+            f"even with {opt(option)}); choose another file name"
         )
     if not overwrite:
         raise StoreConflictError(
-            f"{path}: already holds segflow's {what} from an earlier run; pass --{option} "
+            f"{path}: already holds segflow's {what} from an earlier run; pass {opt(option)} "
             "to replace it, or choose another file name"
         )
 
@@ -559,14 +587,15 @@ def check_files(
 
 
 __all__: Sequence[str] = [
+    "FILES_KEY",
     "OWNER",
     "RunInputs",
-    "SegflowError",
     "adopt_file",
     "canonical",
     "check_disjoint",
     "check_file_target",
     "check_files",
+    "check_folder_target",
     "check_store_target",
     "check_writable",
     "claim_store",

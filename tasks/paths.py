@@ -21,6 +21,8 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 STORE_SUFFIX = ".ome.zarr"
+#: A label image's name: one path element, never ``.`` or ``..`` (checked before any write).
+LABEL_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$"
 
 # Longest first, so that ".ome.tif" is stripped whole rather than as ".tif".
 _VOLUME_SUFFIXES = (*ZARR_SUFFIXES, *OME_TIFF_SUFFIXES, *TIFF_SUFFIXES)
@@ -98,7 +100,7 @@ def split_labels_path(path: str, name: str | None = None) -> tuple[str, str | No
         return text, name
     store, found = match.group(1), match.group(2)
     if name is not None and name != found:
-        from unet_core.errors import ConfigError
+        from unet_core.errors import ConfigError, opt
 
-        raise ConfigError(f"{path} names the labels '{found}' but --labels says '{name}'")
+        raise ConfigError(f"{path} names the labels '{found}' but {opt('labels')} says '{name}'")
     return store, found

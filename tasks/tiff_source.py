@@ -52,6 +52,7 @@ from unet_core.errors import (
     SegflowError,
     StorageAccessError,
     VolumeNotFoundError,
+    opt,
 )
 
 SUPPORTED_DTYPES = (
@@ -754,13 +755,13 @@ def _map_axes(
         ua = user_axes.strip().lower()
         if len(ua) != len(saxes):
             raise ConfigError(
-                f"{url}: --axes '{user_axes}' names {len(ua)} axes but the image has "
+                f"{url}: {opt('axes')} '{user_axes}' names {len(ua)} axes but the image has "
                 f"{len(saxes)} (tifffile reads it as '{saxes}' with shape "
                 f"{(*page_shape, *kf.shape)})"
             )
         if ua[npd:] != expected_page:
             raise ConfigError(
-                f"{url}: --axes '{user_axes}' must end with '{expected_page}' (the axes "
+                f"{url}: {opt('axes')} '{user_axes}' must end with '{expected_page}' (the axes "
                 f"within one TIFF page, '{page_level}')"
             )
         page_letters = list(ua[:npd])
@@ -773,11 +774,21 @@ def _map_axes(
                 letter = "z"
             if n == 1 and letter in (None, "t"):
                 letter = ""  # one page along an unknown axis or one time point: no axis
+            if letter is None and meta_kind == "none" and npd == 1 and expected_page == "yx":
+                # a stack of single-channel planes with no axis metadata at all (a plain
+                # tifffile.imwrite(path, volume)): the planes are z-slices
+                letter = "z"
+                logging.getLogger(__name__).warning(
+                    "%s: no axis metadata; its %d pages are read as z-slices (ZYX); name "
+                    "the axes to say otherwise",
+                    url,
+                    n,
+                )
             if letter is None:
                 raise InvalidVolumeError(
                     f"{url}: the axes are ambiguous ({n} pages along '{a}' could be z-slices, "
-                    f"channels or time points; the file reads as '{saxes}'), pass --axes, "
-                    f"e.g. --axes z{expected_page}"
+                    f"channels or time points; the file reads as '{saxes}'), pass {opt('axes')}, "
+                    f"e.g. {opt('axes')} z{expected_page}"
                 )
             page_letters.append(letter)
         from_ = meta_kind if npd else "page"
@@ -785,7 +796,7 @@ def _map_axes(
         if a not in "cz":
             what = "time series are not supported" if a == "t" else f"unknown axis '{a}'"
             raise InvalidVolumeError(
-                f"{url}: {what} (axes '{saxes}'); pass --axes to name each axis z or c"
+                f"{url}: {what} (axes '{saxes}'); pass {opt('axes')} to name each axis z or c"
             )
     s_sep, depth, _rows, _cols, s_contig = norm
     letters = (

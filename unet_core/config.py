@@ -23,6 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from unet_core.errors import InvalidShapeError
 
+#: How inference runs (see :mod:`unet_core.predict`); here, free of torch, so that option
+#: schemas can name them without importing it.
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Mode = Literal["invariant", "reference", "fast"]
+MODES: tuple[Mode, ...] = ("invariant", "reference", "fast")
+
+#: Tiles per forward pass by default (``segflow segment``'s default too): the default mode's
+#: bits depend on it for 2D networks, so the in-memory and the Dask paths share it.
+DEFAULT_BATCH_SIZE = 4
+
 #: Kernel size of every convolution and convolutions per level, as in the paper.
 KERNEL_SIZE = 3
 CONVS_PER_LEVEL = 2

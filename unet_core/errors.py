@@ -9,8 +9,10 @@ error's :attr:`SegflowError.exit_code` (the table is in the README).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from enum import IntEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class ExitCode(IntEnum):
@@ -29,10 +31,44 @@ class ExitCode(IntEnum):
     CONFLICT = 5
 
 
+_FIELD = re.compile("\u27e8([a-z_]+)\u27e9")
+
+
+def opt(field: str) -> str:
+    """A reference to the option (schema field) ``field`` in a message. The engine never
+    names a flag or a form title: each door renders the field in its own words (the CLI
+    ``--field-name``, the Prefect form its title), so no message suggests an option the
+    user does not have. Plain ``str(error)`` shows ``'field'``."""
+    return f"\u27e8{field}\u27e9"
+
+
+def render(text: str, name: Callable[[str], str] | None = None) -> str:
+    """``text`` with its option references (:func:`opt`) named by ``name`` (default: the
+    field in quotes)."""
+    return _FIELD.sub(lambda m: (name or _neutral)(m.group(1)), text)
+
+
+def _neutral(field: str) -> str:
+    return f"'{field}'"
+
+
 class SegflowError(Exception):
-    """Base class of every error segflow raises on purpose."""
+    """Base class of every error segflow raises on purpose.
+
+    The message may name options with :func:`opt`; :attr:`template` keeps them, ``str()``
+    shows them neutrally and :meth:`render` in a door's words."""
 
     exit_code: ClassVar[ExitCode] = ExitCode.OTHER
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        self.template = str(message)
+        super().__init__(render(self.template), *args)
+
+    def render(self, name: Callable[[str], str] | None = None) -> str:
+        return render(self.template, name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.template,))
 
 
 class InvalidShapeError(SegflowError, ValueError):
@@ -118,7 +154,7 @@ class BlockError(SegflowError, RuntimeError):
     decision) can still tell a bad input from a storage outage.
     """
 
-    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+    def __init__(self, message: object, cause: BaseException | None = None) -> None:
         super().__init__(message)
         self.cause = cause
         self.failed_blocks = 1
@@ -127,10 +163,11 @@ class BlockError(SegflowError, RuntimeError):
     def wrap(cls, where: str, exc: BaseException) -> BlockError:
         if isinstance(exc, BlockError):
             return exc
-        text = str(exc) or type(exc).__name__
-        if not isinstance(exc, SegflowError):
-            text = f"{type(exc).__name__}: {text}"
+        if isinstance(exc, SegflowError):
+            text = exc.template or type(exc).__name__
+        else:
+            text = f"{type(exc).__name__}: {str(exc) or type(exc).__name__}"
         return cls(f"{where} failed: {text}", exc)
 
-    def __reduce__(self) -> tuple[type, tuple[str, BaseException | None]]:
-        return (type(self), (str(self), self.cause))
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.template, self.cause))

@@ -26,7 +26,6 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
 
 import numpy as np
 import torch
@@ -34,7 +33,8 @@ import torch.nn.functional as F
 from numpy.typing import DTypeLike
 from torch import nn
 
-from unet_core.errors import ConfigError, InvalidVolumeError
+from unet_core.config import DEFAULT_BATCH_SIZE, MODES, Mode, Precision
+from unet_core.errors import ConfigError, InvalidVolumeError, opt
 from unet_core.geometry import Box, Tile, TileSpec, plan_tiles
 from unet_core.lattice import plan_lattice
 from unet_core.model import UNet
@@ -42,13 +42,6 @@ from unet_core.normalize import apply_affine
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-Mode = Literal["invariant", "reference", "fast"]
-MODES: tuple[Mode, ...] = ("invariant", "reference", "fast")
-
-#: Tiles per forward pass by default (``segflow segment``'s default too): the default mode's
-#: bits depend on it for 2D networks, so the in-memory and the Dask paths share it.
-DEFAULT_BATCH_SIZE = 4
 
 #: Reference mode: most bytes one convolution unfolds (im2col) at once.
 SLAB_BYTES = 64 * 2**20
@@ -181,18 +174,19 @@ def check_device(device: str | torch.device, indexed: bool = True, here: bool = 
     choices = "auto, cpu, cuda or cuda:N" if indexed else "auto, cpu or cuda"
     kind, _, index = name.partition(":")
     if kind not in DEVICE_CHOICES or (index and (not indexed or kind != "cuda")):
-        raise ConfigError(f"--device {device}: unknown device; use {choices}")
+        raise ConfigError(f"{opt('device')} {device}: unknown device; use {choices}")
     if index and not index.isdigit():
-        raise ConfigError(f"--device {device}: unknown device; use {choices}")
+        raise ConfigError(f"{opt('device')} {device}: unknown device; use {choices}")
     if kind == "cuda" and here:
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"--device {device}: no CUDA GPU is available on this machine "
-                "(use --device cpu, or auto to take a GPU when there is one)"
+                f"{opt('device')} {device}: no CUDA GPU is available on this machine "
+                f"(use {opt('device')} cpu, or auto to take a GPU when there is one)"
             )
         if index and int(index) >= torch.cuda.device_count():
             raise ConfigError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+                f"{opt('device')} {device}: this machine has "
+                f"{torch.cuda.device_count()} CUDA GPU(s)"
             )
     return name
 

@@ -66,6 +66,7 @@ from tasks.ingest.store import (
     _previous_ingest,
     _segflow_attrs,
     check_sizes,
+    destination,
 )
 from tasks.ingest.write import ingest_unit
 from tasks.lease import Lease
@@ -170,6 +171,7 @@ def ingest_volume(
     # reachable, writable, ours, not an input, not leased
     check_store_target(plan.dst, RunInputs.of(src), lease_wait_s=lease_wait_s)
     check_sizes(plan, levels, allow_sparse)
+    destination(plan, overwrite, refresh)  # a conflict is refused before the lease is taken
     with Lease(plan.dst, "ingest", wait_s=lease_wait_s) as lease:
         _prepare_store(plan, overwrite, refresh)
         grid = plan.level0

@@ -29,6 +29,7 @@ from unet_core.errors import (
     SegflowError,
     StorageError,
     StoreConflictError,
+    opt,
 )
 from unet_core.normalize import (
     IntensityStats,
@@ -66,52 +67,67 @@ def _previous_ingest(url: str) -> dict[str, Any] | None:
     return seg if isinstance(seg, dict) else None
 
 
-def _prepare_store(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> bool:
-    """Create DST, or check that it is a (partial) ingest of the same data. True = resume.
-
-    ``refresh``: DST is an ingest segflow made from this same source whose file changed
-    since: ingest it again in place (its labels stay; their run keys hold the image's
-    identity, so they are recomputed only if the content really changed).
-    """
+def destination(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> str:
+    """What an ingest does with DST, decided without writing (before the lease is taken,
+    and again under it): ``create`` (absent or empty), ``resume`` (an ingest of the same
+    data), ``restart`` (``refresh``: segflow's ingest of this same source, whose file
+    changed since: ingested again in place; its labels stay, and their run keys hold the
+    image's identity, so they are recomputed only if the content really changed) or
+    ``replace`` (``overwrite`` of a store segflow made). Anything else is refused."""
     dst = plan.dst
     check_access(dst)
-    if store_exists(dst):
-        previous = _previous_ingest(dst) if owned_by_segflow(dst) else None
-        same = previous is not None and previous.get("ingest", {}).get("data_key") == plan.data_key
-        if same and not overwrite:
-            group = open_group(dst, "r+")
-            arr = group.get("0")
-            if (
-                isinstance(arr, zarr.Array)
-                and tuple(arr.shape) == plan.level0.shape
-                and tuple(arr.chunks) == plan.level0.chunks
-            ):
-                return True
-        same_source = (
-            previous is not None
-            and previous.get("source", {}).get("url") == plan.source.url
-            and "ingest" in previous
+    if not store_exists(dst):
+        return "create"
+    previous = _previous_ingest(dst) if owned_by_segflow(dst) else None
+    same = previous is not None and previous.get("ingest", {}).get("data_key") == plan.data_key
+    if same and not overwrite:
+        group = open_group(dst, "r")
+        arr = group.get("0")
+        if (
+            isinstance(arr, zarr.Array)
+            and tuple(arr.shape) == plan.level0.shape
+            and tuple(arr.chunks) == plan.level0.chunks
+        ):
+            return "resume"
+    same_source = (
+        previous is not None
+        and previous.get("source", {}).get("url") == plan.source.url
+        and "ingest" in previous
+    )
+    if refresh and same_source and not overwrite:
+        return "restart"
+    if not owned_by_segflow(dst):
+        what = "a zarr store" if _is_zarr(dst) else "other files"
+        raise StoreConflictError(
+            f"{dst}: already holds {what} that segflow did not make; it is never "
+            f"replaced, not even with {opt('overwrite')}: choose another destination"
         )
-        if refresh and same_source and not overwrite:
-            _restart_in_place(plan)
-            return False
-        if not owned_by_segflow(dst):
-            what = "a zarr store" if _is_zarr(dst) else "other files"
-            raise StoreConflictError(
-                f"{dst}: already holds {what} that segflow did not make; it is never "
-                "replaced, not even with --overwrite: choose another destination"
-            )
-        if not overwrite:
-            what = "other segflow outputs"
-            if previous and previous.get("source", {}).get("url"):
-                what = f"an image ingested from {previous['source']['url']}"
-                if same:
-                    what = "a damaged ingest of this source"
-                elif same_source:
-                    what = "an ingest of this source with other settings or an older version"
-            raise StoreConflictError(f"{dst}: already holds {what}; pass --overwrite to replace it")
-        delete_owned_store(dst)
-    root = open_group(dst, "a")  # "w" would delete the lease beside it
+    if not overwrite:
+        what = "other segflow outputs"
+        if previous and previous.get("source", {}).get("url"):
+            what = f"an image ingested from {previous['source']['url']}"
+            if same:
+                what = "a damaged ingest of this source"
+            elif same_source:
+                what = "an ingest of this source with other settings or an older version"
+        raise StoreConflictError(
+            f"{dst}: already holds {what}; pass {opt('overwrite')} to replace it"
+        )
+    return "replace"
+
+
+def _prepare_store(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> bool:
+    """Create DST, resume it, ingest again in place or replace it (:func:`destination`).
+    True = resume."""
+    action = destination(plan, overwrite, refresh)
+    if action == "resume":
+        return True
+    if action == "restart":
+        _restart_in_place(plan)
+        return False
+    if action == "replace":
+        delete_owned_store(plan.dst)
+    root = open_group(plan.dst, "a")  # "w" would delete the lease beside it
     root.attrs.update({"segflow": _segflow_attrs(plan, "incomplete", 0)})
     _create_level0(root, plan)
     return False
@@ -228,7 +244,7 @@ def check_sizes(plan: IngestPlan, levels: int = 0, allow_sparse: bool = False) -
         raise InvalidVolumeError(
             f"{src.url}: declares {dims} {src.dtype} ({_size(declared)}) but its file"
             f"{'s hold' if len(src.files) > 1 else ' holds'} only {_size(held)}, "
-            f"more than {SPARSE_RATIO}:1; pass --allow-sparse if the image really is that "
+            f"more than {SPARSE_RATIO}:1; pass {opt('allow_sparse')} if the image really is that "
             "sparse"
         )
     if is_remote(plan.dst):

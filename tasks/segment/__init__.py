@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from tasks.cluster import dask_client
 from tasks.segment.driver import (
+    RunBlocks,
     finalize_outputs,
     prepare_outputs,
     remove_stale_outputs,
+    require_complete,
+    run_segmentation,
     segment_image,
 )
 from tasks.segment.plan import (
@@ -29,7 +32,6 @@ from tasks.segment.plan import (
     SegmentPlan,
     SegmentResult,
     check_model_fits,
-    check_segment_inputs,
     compute_image_stats,
     default_block_shape,
     fit_shapes,
@@ -40,11 +42,11 @@ from tasks.segment.plan import (
 from tasks.segment.worker import get_predictor, read_block_input, segment_block
 
 __all__ = [
+    "RunBlocks",
     "SegmentParams",
     "SegmentPlan",
     "SegmentResult",
     "check_model_fits",
-    "check_segment_inputs",
     "compute_image_stats",
     "dask_client",
     "default_block_shape",
@@ -55,6 +57,8 @@ __all__ = [
     "prepare_outputs",
     "read_block_input",
     "remove_stale_outputs",
+    "require_complete",
+    "run_segmentation",
     "segment_block",
     "segment_image",
     "segment_key",

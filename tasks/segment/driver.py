@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import zarr
 
-from tasks.blockwise import Markers, ProgressFn, Runner
+from tasks.blockwise import Markers, ProgressFn, Runner, Step, StepResult
 from tasks.cluster import ClusterSpec, dask_client
 from tasks.lease import Lease
 from tasks.ngff import (
@@ -37,6 +37,7 @@ from tasks.store import (
     attributes,
     open_group,
 )
+from unet_core.errors import IncompleteError, opt
 from unet_core.predict import label_dtype
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
     """
     same_store = plan.out_url == plan.image.url.rstrip("/")
     if same_store:
-        refuse_foreign(plan.out_url, "pass --out to write the labels to a new store")
+        refuse_foreign(plan.out_url, f"pass {opt('out')} to write the labels to a new store")
         root = open_group(plan.out_url, "r+")
     else:
         root = claim_store(plan.out_url, "segmentation outputs", source_image=plan.image.url)
@@ -206,6 +207,76 @@ def finalize_outputs(plan: SegmentPlan, runner: Runner | None = None) -> bool:
 
 # ------------------------------------------------------------------------ whole runs
 
+#: How a caller runs the blocks of a step: a :class:`Runner`'s ``run``, or the flow's region
+#: tasks. Returns a :class:`tasks.blockwise.StepResult` (results: the blocks' dicts).
+RunBlocks = Callable[[Step], StepResult]
+
+
+def run_segmentation(
+    plan: SegmentPlan,
+    run_blocks: RunBlocks,
+    *,
+    force: bool = False,
+    lease_wait_s: float = 0.0,
+    runner: Runner | None = None,
+    what: str = "segment",
+) -> SegmentResult:
+    """The one sequence that writes a segmentation, under the output store's fenced lease:
+    prepare the output arrays (resume, or clear stale ones), run the blocks not done under
+    the run key (``run_blocks``), check the lease is still this run's, then the label
+    pyramid and the completion marks. The result says whether the labels are complete; a
+    caller never reports success when they are not (:func:`require_complete`)."""
+    t0 = time.perf_counter()
+    with Lease(plan.out_url, what, wait_s=lease_wait_s) as lease:
+        prepare_outputs(plan, force=force)
+        done = run_blocks(plan.step())
+        lease.check()
+        complete = finalize_outputs(plan, runner)
+    log.info(
+        "%s: %d blocks (%d computed, %d already done), block %s, tile %s, chunks %s",
+        plan.image.url,
+        plan.n_blocks,
+        done.computed,
+        done.skipped,
+        plan.block_shape,
+        plan.tile,
+        plan.chunks,
+    )
+    return _result(plan, done, time.perf_counter() - t0, complete)
+
+
+def _result(plan: SegmentPlan, done: StepResult, seconds: float, complete: bool) -> SegmentResult:
+    counts = np.zeros(plan.config.n_classes, dtype=np.int64)
+    for r in done.results:
+        counts += np.asarray(r["counts"])
+    return SegmentResult(
+        out_url=plan.out_url,
+        labels_path=plan.labels_path,
+        probabilities_path=f"{PROBABILITIES_GROUP}/0" if plan.params.probabilities else None,
+        blocks_total=plan.n_blocks,
+        blocks_computed=done.computed,
+        blocks_skipped=done.skipped,
+        voxels=sum(int(r["voxels"]) for r in done.results),
+        seconds=seconds,
+        compute_seconds=done.seconds,
+        class_voxels=(
+            {n: int(c) for n, c in zip(plan.class_names, counts, strict=True)}
+            if done.computed == plan.n_blocks
+            else {}
+        ),
+        complete=complete,
+    )
+
+
+def require_complete(result: SegmentResult) -> None:
+    """A run whose labels are not complete never ends as a success."""
+    if not result.complete:
+        raise IncompleteError(
+            f"{result.out_url}: the labels at '{result.labels_path}' are not complete after "
+            "this run (some blocks failed, or were taken back after the run lost its "
+            "lease); run it again to finish them"
+        )
+
 
 def segment_image(
     src: str,
@@ -221,52 +292,22 @@ def segment_image(
     lease_wait_s: float = 0.0,
     cluster: ClusterSpec | None = None,
 ) -> SegmentResult:
-    """Segment ``src`` (an OME-Zarr image) with the checkpoint at ``model_path``.
+    """Segment ``src`` (an OME-Zarr image) with the checkpoint at ``model_path``: the
+    segmentation step alone (:func:`run_segmentation` on a :class:`Runner`), for callers
+    that compose steps themselves; the whole pipeline is :func:`tasks.pipeline.run`.
 
     Writes ``labels/<labels_name>/0`` (and ``probabilities/0`` when asked) into ``out``
     (default: into ``src``). Blocks already done under the same run key (image, model,
-    effective parameters) are skipped unless ``force``. The run holds the output store's
-    lease (waiting up to ``lease_wait_s`` for another run). Uses ``client``, else a client
-    of ``dask_address``, else the ``cluster`` (default: an in-process cluster; see
+    effective parameters) are skipped unless ``force``. Uses ``client``, else a client of
+    ``dask_address``, else the ``cluster`` (default: an in-process cluster; see
     :mod:`tasks.cluster`). ``progress`` receives a :class:`tasks.blockwise.Progress` per
-    block.
+    block. Raises :class:`IncompleteError` when the labels are not complete at the end.
     """
-    t0 = time.perf_counter()
     plan = plan or plan_segmentation(src, model_path, out, params, block_shape)
-    with Lease(plan.out_url, "segment", wait_s=lease_wait_s) as lease:
-        prepare_outputs(plan, force=force)
-        with dask_client(client, dask_address, cluster=cluster, device=plan.params.device) as c:
-            runner = Runner(c, progress=progress)
-            result = runner.run(plan.step())
-            lease.check()
-            complete = finalize_outputs(plan, runner)
-    log.info(
-        "%s: %d blocks (%d computed, %d already done), block %s, tile %s, chunks %s",
-        plan.image.url,
-        plan.n_blocks,
-        result.computed,
-        result.skipped,
-        plan.block_shape,
-        plan.tile,
-        plan.chunks,
-    )
-    counts = np.zeros(plan.config.n_classes, dtype=np.int64)
-    for r in result.results:
-        counts += np.asarray(r["counts"])
-    return SegmentResult(
-        out_url=plan.out_url,
-        labels_path=plan.labels_path,
-        probabilities_path=f"{PROBABILITIES_GROUP}/0" if plan.params.probabilities else None,
-        blocks_total=plan.n_blocks,
-        blocks_computed=result.computed,
-        blocks_skipped=result.skipped,
-        voxels=sum(int(r["voxels"]) for r in result.results),
-        seconds=time.perf_counter() - t0,
-        compute_seconds=result.seconds,
-        class_voxels=(
-            {n: int(c) for n, c in zip(plan.class_names, counts, strict=True)}
-            if result.computed == plan.n_blocks
-            else {}
-        ),
-        complete=complete,
-    )
+    with dask_client(client, dask_address, cluster=cluster, device=plan.params.device) as c:
+        runner = Runner(c, progress=progress)
+        result = run_segmentation(
+            plan, runner.run, force=force, lease_wait_s=lease_wait_s, runner=runner
+        )
+    require_complete(result)
+    return result

@@ -14,15 +14,14 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.blockwise import Step
-from tasks.outputs import RunInputs, check_store_target
+from tasks.options import SegmentParams
 from tasks.runstate import image_digest
 from tasks.segment.worker import segment_block
 from tasks.store import (
@@ -35,72 +34,17 @@ from tasks.store import (
 )
 from unet_core.checkpoint import read_checkpoint_header
 from unet_core.config import UNetConfig
-from unet_core.errors import ConfigError, InvalidVolumeError
+from unet_core.errors import ConfigError, InvalidVolumeError, opt
 from unet_core.geometry import Block, Box, Tile, TileSpec, plan_tiles
 from unet_core.lattice import TileLattice, plan_lattice
 from unet_core.normalize import NONFINITE_VALUE, IntensityStats, StatsAccumulator
 from unet_core.predict import (
-    DEFAULT_BATCH_SIZE,
     INVARIANT_REVISION,
-    Mode,
     effective_batch_size,
 )
 from unet_core.slicelink import DEFAULT_LINK_IOU
 
 log = logging.getLogger(__name__)
-
-
-class SegmentParams(BaseModel):
-    """How to segment: shared by the CLI and the Prefect flows (renders as a UI form)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    chunks: tuple[int, ...] | None = Field(
-        None, description="Output chunk shape per spatial axis (default: the image's chunks)."
-    )
-    tile: tuple[int, ...] | None = Field(
-        None,
-        description="Largest tile input shape per spatial axis (default: chosen from the model).",
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
-    batch_size: int = Field(
-        DEFAULT_BATCH_SIZE,
-        ge=1,
-        le=256,
-        description="Tiles per forward pass (a 3D network's default-mode tile fills one alone).",
-    )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU."
-    )
-    mode: Mode = Field(
-        "invariant",
-        description=(
-            "invariant: bitwise the same result for any chunks, workers or resumed runs, "
-            "fast kernels; reference: bitwise equal to one whole-volume pass (CPU, slow); "
-            "fast: tiles planned per block, equal up to float rounding."
-        ),
-    )
-    probabilities: bool = Field(False, description="Also write class probabilities.")
-    probabilities_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="Data type of the written probabilities."
-    )
-    channel: int | None = Field(
-        None, ge=0, description="Use only this channel of a multi-channel image."
-    )
-    labels_name: str = Field(
-        "semantic",
-        min_length=1,
-        max_length=64,
-        pattern=r"^[A-Za-z0-9_.-]+$",
-        description="Name of the labels image written under labels/ (letters, digits, _ . -).",
-    )
-
-    def output_fields(self) -> dict[str, Any]:
-        """The fields that change what is written (device and batch size do not)."""
-        fields = self.model_dump(exclude={"device", "batch_size"})
-        if not self.probabilities:
-            fields.pop("probabilities_dtype")
-        return fields
 
 
 def segment_key(
@@ -318,7 +262,7 @@ def check_model_fits(info: ImageInfo, config: UNetConfig, model: str, channel: i
     if n_in != config.in_channels:
         raise InvalidVolumeError(
             f"{info.url}: the image has {n_in} channel(s) but the model {model} expects "
-            f"{config.in_channels} (select one with --channel)"
+            f"{config.in_channels} (select one with {opt('channel')})"
         )
 
 
@@ -328,7 +272,9 @@ def fit_shapes(
     """Output chunks (given or the image's) and the tile bound per spatial axis of the image.
 
     For a 2D model on a stack the tile may be given in-plane (``Y,X``): it means
-    ``1,Y,X``, the slices the model sees."""
+    ``1,Y,X``, the slices the model sees. Chunks larger than the image are the image's
+    size along that axis, and a tile never asks for more than the image and the network's
+    context on both sides (a chunk of 9999³ must not allocate 931 GiB)."""
     spatial = info.spatial_shape
     n = len(spatial)
     chunks = tuple(params.chunks or info.chunks[-n:])
@@ -336,6 +282,7 @@ def fit_shapes(
         raise ConfigError(
             f"chunks {chunks} do not fit the image's {n} spatial axes ({info.spatial_axes})"
         )
+    chunks = tuple(min(c, s) for c, s in zip(chunks, spatial, strict=True))
     tile = params.tile
     if tile is not None and config.ndim == 2 and n == 3 and len(tile) == 2:
         tile = (1, *tile)
@@ -345,19 +292,28 @@ def fit_shapes(
             f"tile {tile} does not fit the image's {n} spatial axes: give "
             f"{','.join(info.spatial_axes.upper())}{plane}"
         )
+    if tile is not None:
+        reach = 2 * config.context + 2 * config.grid
+        tile = tuple(
+            min(t, s + reach) if a >= n - config.ndim else min(t, s)
+            for a, (t, s) in enumerate(zip(tile, spatial, strict=True))
+        )
     return chunks, tile
 
 
-def source_info(src: str) -> ImageInfo:
+def source_info(
+    src: str, axes: str | None = None, voxel_size: Sequence[float] | None = None
+) -> ImageInfo:
     """What the engine needs of SRC before anything is written: an OME-Zarr image's
-    metadata, or a TIFF source's axes and shape (its header only; not yet ingested)."""
+    metadata, or a TIFF source's axes and shape (its header only, read with ``axes`` and
+    ``voxel_size`` as an ingest would; not yet ingested)."""
     from tasks.paths import is_tiff_source
 
     if not is_tiff_source(src):
         return read_image_info(src)
     from tasks.tiff_source import open_source
 
-    source = open_source(src)
+    source = open_source(src, axes, voxel_size)
     return ImageInfo(
         url=src,
         axes=source.axes,
@@ -368,42 +324,6 @@ def source_info(src: str) -> ImageInfo:
         unit=source.unit,
         stats=None,
     )
-
-
-def check_segment_inputs(
-    src: str,
-    model_path: str,
-    out: str | None = None,
-    params: SegmentParams | None = None,
-    lease_wait_s: float = 0.0,
-    ingest_to: str | None = None,
-    local: bool = True,
-) -> None:
-    """Every input of a segmentation, checked before anything is ingested or written: the
-    device, the checkpoint, that the model fits the image (channels, dimensionality, tile
-    and chunk shapes), and that the outputs can be written (``out``, else SRC's store, else,
-    for a TIFF, ``ingest_to``): writable, made by segflow, no other run writing them.
-    ``local``: the model runs on this machine (else CUDA is not looked for here). Each
-    problem is one sentence (a :class:`SegflowError`)."""
-    from unet_core.predict import check_device
-
-    params = params or SegmentParams()
-    check_device(params.device, indexed=False, here=local)
-    config, _ = read_checkpoint_header(model_path)
-    info = source_info(src)
-    check_model_fits(info, config, str(model_path), params.channel)
-    fit_shapes(config, info, params)
-    target = out or ingest_to or src
-    hint = (
-        "choose a new or empty location"
-        if out or ingest_to
-        else "pass --out to write the labels to a new store"
-    )
-    image = ingest_to or src
-    inputs = RunInputs.of(src, model_path)
-    check_store_target(str(target), inputs, image=str(image), lease_wait_s=lease_wait_s, hint=hint)
-    if ingest_to and out and str(ingest_to).rstrip("/") != str(out).rstrip("/"):
-        check_store_target(str(ingest_to), inputs, image=str(ingest_to), lease_wait_s=lease_wait_s)
 
 
 def plan_segmentation(
@@ -467,7 +387,7 @@ def plan_segmentation(
             NONFINITE_VALUE,
         )
     offset, scale = meta.normalization.affine(stats)
-    out_url = str(out or src).rstrip("/")
+    out_url = str(out or src).rstrip("/") or "/"
     digest = image_digest(info.url)
     effective = {
         **params.output_fields(),

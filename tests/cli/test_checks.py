@@ -21,7 +21,16 @@ import pytest
 import tifffile
 import torch
 import zarr
-from reliability.harness import ROOT, blobs, cli, make_model, one_sentence, segflow_argv
+from reliability.harness import (
+    ROOT,
+    blobs,
+    cli,
+    command_flags,
+    make_model,
+    one_sentence,
+    segflow_argv,
+    suggested_flags,
+)
 from scipy import ndimage
 
 from unet_core import CheckpointMeta, Normalization, UNet, UNetConfig, save_checkpoint
@@ -85,7 +94,12 @@ EARLY = [
         ExitCode.BAD_INPUT,
         "gt.tif is not a segflow checkpoint (it is a TIFF image",
     ),
-    Case("unknown-device", SEG + " -m {r}/m2d.ckpt --device gpu", ExitCode.USAGE, "auto, cpu"),
+    Case(
+        "unknown-device",
+        SEG + " -m {r}/m2d.ckpt --device gpu",
+        ExitCode.USAGE,
+        "'--device': 'gpu' is not one of 'auto', 'cpu'",
+    ),
     Case(
         "cuda-without-cuda",
         SEG + " -m {r}/m2d.ckpt --device cuda",
@@ -145,7 +159,10 @@ def test_every_input_is_checked_before_anything_is_written(files: Path) -> None:
         code = started[case.id].returncode
         try:
             assert code == case.code
-            assert case.says in one_sentence(stderr)
+            sentence = one_sentence(stderr)
+            assert case.says in sentence
+            # every option the sentence suggests exists on the command that printed it
+            assert suggested_flags(sentence) <= command_flags(case.argv.split())
         except AssertionError:
             failures.append(f"{case.id}: exit {code}, stderr {stderr!r}")
     assert not failures, "\n".join(failures)

@@ -128,7 +128,7 @@ def test_predict_checks_the_device_and_each_input_before_writing(batch):
     gpu = segflow("predict", "in/a.tif", "--model", "m.ckpt", "--out", "out3", "--device", "gpu",
                   cwd=batch)  # fmt: skip
     assert gpu.returncode == ExitCode.USAGE, gpu.stderr
-    assert "--device gpu: unknown device" in gpu.stderr
+    assert "'--device': 'gpu' is not one of 'auto', 'cpu', 'cuda'" in gpu.stderr
     assert not (batch / "out3").exists()
     # an output store that segflow did not make is refused before its input is ingested
     foreign = batch / "out4" / "a.tif.ome.zarr"

@@ -67,7 +67,13 @@ def test_triggered_run_completes(served):
         chunks=(2, 32, 32),
     )
     dep = api_call("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
-    params = {"source": src, "model": served["model"], "tile": [1, 60, 60], "device": "cpu"}
+    params = {
+        "source": src,
+        "model": served["model"],
+        "tile": [1, 60, 60],
+        "device": "cpu",
+        "instances": True,
+    }
     r = api_call(
         "POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params}
     )

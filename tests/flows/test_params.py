@@ -1,47 +1,179 @@
-"""One parameter schema per concept: the engine's parameters reach the CLI and the flows."""
+"""One parameter schema per concept: the CLI's options and the flows' parameters are made
+from the same pydantic models, so every shared field has the same name (mechanically
+mapped, ``lease_wait_s`` <-> ``--lease-wait-s``), default, choices and bounds in both."""
 
 from __future__ import annotations
 
+from typing import Any, Literal, get_args, get_origin
+
+import pytest
 import typer.main
 
-from flows.nightly import nightly_inbox
+from deployments.serve import ServeSettings
+from flows.nightly import NightlyParams, nightly_inbox
 from flows.segment import SegmentOptions, SegmentVolumeParams, segment_volume
 from flows.train import train_model
 from segflow.cli import _register, app
-from tasks.segment import SegmentParams
+from segflow.options import choices, default_of, flag
+from tasks.cluster import ClusterSpec
+from tasks.options import PipelineOptions, SegmentParams
 
-#: Engine fields whose CLI option has another name (a flag that says the opposite).
-CLI_NAMES = {"mode": "fast"}  # --fast / --reference (default: invariant)
 
-
-def _cli_options(command: str) -> set[str]:
+def cli_command(path: str) -> Any:
     _register()
-    group = typer.main.get_command(app)
-    cmd = group.commands[command]  # type: ignore[attr-defined]
-    return {p.name for p in cmd.params}
+    group: Any = typer.main.get_command(app)
+    for part in path.split():
+        group = group.commands[part]
+    return group
 
 
-def test_flow_parameters_contain_every_engine_parameter():
-    engine = set(SegmentParams.model_fields)
-    assert engine <= set(SegmentOptions.model_fields)
-    assert engine <= set(SegmentVolumeParams.model_fields)
-    # each one is a top-level parameter of both flows (settable with --param NAME=VALUE)
-    for fl in (segment_volume, nightly_inbox):
-        props = fl.parameters.model_dump()["properties"]
-        assert engine <= set(props), sorted(engine - set(props))
-    # and the flow hands them to the engine unchanged
+def cli_options(path: str) -> dict[str, Any]:
+    """Every option of a command by each of its flags."""
+    found: dict[str, Any] = {}
+    for p in cli_command(path).params:
+        if getattr(p, "param_type_name", "") == "option":
+            for decl in (*p.opts, *p.secondary_opts):
+                found[decl] = p
+    return found
+
+
+def _schema_leaf(prop: dict[str, Any]) -> dict[str, Any]:
+    """The non-null branch of an optional property."""
+    for branch in prop.get("anyOf", []):
+        if branch.get("type") != "null":
+            return {**branch, **{k: v for k, v in prop.items() if k != "anyOf"}}
+    return prop
+
+
+def _cli_choices(option: Any) -> tuple[Any, ...]:
+    """The values a CLI option accepts (its ``Literal`` annotation), or ()."""
+    annotation = option.type_descriptor.annotation
+    for arg in (annotation, *get_args(annotation)):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return ()
+
+
+def _cli_default(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return value
+
+
+def _bounds(info: Any) -> tuple[Any, Any]:
+    low = high = None
+    for m in info.metadata:
+        low = getattr(m, "ge", getattr(m, "gt", low))
+        high = getattr(m, "le", getattr(m, "lt", high))
+    return low, high
+
+
+def compare_cli(path: str, model: type, exclude: set[str] = frozenset()) -> list[str]:
+    """Every field of ``model`` against the command's option of the same (mapped) name."""
+    options = cli_options(path)
+    problems = []
+    for name, info in model.model_fields.items():
+        if name in exclude:
+            continue
+        option = options.get(flag(name))
+        if option is None:
+            problems.append(f"{path}: no option {flag(name)} for the field {name}")
+            continue
+        if option.default != _cli_default(default_of(info)):
+            problems.append(
+                f"{path} {flag(name)}: default {option.default!r} != {default_of(info)!r}"
+            )
+        allowed = choices(info)
+        got = _cli_choices(option)
+        if allowed is not None and tuple(map(str, allowed)) != tuple(map(str, got)):
+            problems.append(f"{path} {flag(name)}: choices {got} != {allowed}")
+        low, high = _bounds(info)
+        if (low, high) != (option.min, option.max):
+            problems.append(
+                f"{path} {flag(name)}: bounds [{option.min}, {option.max}] != [{low}, {high}]"
+            )
+        if not option.help or (info.description or "")[:30].split("(")[0] not in option.help:
+            problems.append(f"{path} {flag(name)}: help is not the field's description")
+    return problems
+
+
+def compare_flow(flow: Any, model: type, nested: str | None = None) -> list[str]:
+    """Every field of ``model`` against the flow's parameter schema (``nested``: the
+    fields sit inside that parameter, e.g. the cluster)."""
+    schema = flow.parameters.model_dump()
+    props = schema["properties"]
+    if nested is not None:
+        ref = _schema_leaf(props[nested])["$ref"].rsplit("/", 1)[-1]
+        props = schema["definitions"][ref]["properties"]
+    problems = []
+    for name, info in model.model_fields.items():
+        prop = props.get(name)
+        if prop is None:
+            problems.append(f"{flow.name}: no parameter {name}")
+            continue
+        leaf = _schema_leaf(prop)
+        default = default_of(info)
+        if isinstance(default, tuple):
+            default = list(default)
+        if prop.get("default", default) != default:
+            problems.append(f"{flow.name} {name}: default {prop.get('default')!r} != {default!r}")
+        allowed = choices(info)
+        if allowed is not None and tuple(leaf.get("enum", ())) != allowed:
+            problems.append(f"{flow.name} {name}: choices {leaf.get('enum')} != {allowed}")
+        low, high = _bounds(info)
+        got_low = leaf.get("minimum", leaf.get("exclusiveMinimum"))
+        got_high = leaf.get("maximum", leaf.get("exclusiveMaximum"))
+        if (got_low, got_high) != (low, high):
+            problems.append(
+                f"{flow.name} {name}: bounds [{got_low}, {got_high}] != [{low}, {high}]"
+            )
+    return problems
+
+
+@pytest.mark.parametrize("command", ["segment", "predict"])
+def test_run_commands_have_every_pipeline_field_as_the_flows_do(command):
+    problems = compare_cli(command, PipelineOptions) + compare_cli(command, ClusterSpec)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("flow", [segment_volume, nightly_inbox])
+def test_flows_take_every_pipeline_field_with_the_same_default_and_bounds(flow):
+    problems = compare_flow(flow, PipelineOptions) + compare_flow(flow, ClusterSpec, "cluster")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_shared_field_is_the_same_in_the_cli_and_the_flows():
+    """The defaults the doors declare are the model's: e.g. instances (was True in the flow
+    and False in the CLI), lease_wait_s (was --lease-wait), settle_s (was --settle)."""
+    segment = cli_options("segment")
+    props = segment_volume.parameters.model_dump()["properties"]
+    for name in PipelineOptions.model_fields:
+        assert segment[flag(name)].default == _cli_default(props[name].get("default")), name
+    serve = cli_options("serve")
+    nightly = nightly_inbox.parameters.model_dump()["properties"]
+    shared = set(ServeSettings.model_fields) & set(NightlyParams.model_fields)
+    assert {"settle_s", "inbox", "output", "model"} <= shared
+    for name in shared - {"cluster"}:
+        assert flag(name) in serve, f"serve lacks {flag(name)}"
+        if name in ("inbox", "output", "model", "cluster"):
+            continue  # required by the flow, optional for serve; the cluster's fields above
+        assert serve[flag(name)].default == nightly[name].get("default"), name
+
+
+def test_engine_parameters_reach_the_flows_unchanged():
+    assert set(SegmentParams.model_fields) <= set(SegmentOptions.model_fields)
     options = SegmentOptions(channel=1, probabilities_dtype="float32", tile=(1, 64, 64))
-    assert options.engine() == SegmentParams(
+    assert options.pipeline_options().engine() == SegmentParams(
         channel=1, probabilities_dtype="float32", tile=(1, 64, 64)
     )
 
 
-def test_cli_segment_has_an_option_for_every_engine_parameter():
-    options = _cli_options("segment")
-    missing = {
-        name for name in SegmentParams.model_fields if CLI_NAMES.get(name, name) not in options
-    }
-    assert not missing, f"segflow segment lacks options for {sorted(missing)}"
+def test_where_dask_runs_is_one_field():
+    """One place says where Dask runs: the cluster (an address is a kind of cluster)."""
+    for model in (SegmentVolumeParams, NightlyParams):
+        assert "dask_address" not in model.model_fields
+    spec = SegmentVolumeParams(source="a.tif", model="m", cluster={"kind": "10.0.0.1:8786"})
+    assert spec.cluster.kind == "tcp://10.0.0.1:8786"
 
 
 def test_flow_forms_are_flat_ordered_titled_and_bounded():
@@ -68,7 +200,6 @@ def test_flow_forms_are_flat_ordered_titled_and_bounded():
 
 
 def test_flat_parameters_are_validated_like_the_model():
-    import pytest
     from prefect.exceptions import ParameterTypeError
 
     with pytest.raises(ParameterTypeError, match="batch_size"):

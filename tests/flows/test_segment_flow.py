@@ -42,7 +42,8 @@ def params(source, model, dask_client, **kw):
         "chunks": [2, 32, 32],
         "max_regions": 4,
         "retry_delay_s": 0,
-        "dask_address": dask_client.scheduler.address,
+        "cluster": {"kind": dask_client.scheduler.address},
+        "instances": True,
     }
     base.update(kw)
     return SegmentVolumeParams(**base).flow_parameters()
@@ -196,7 +197,8 @@ def test_nightly_inbox_with_a_corrupt_volume(tmp_path, model, dask_client):
         "max_regions": 2,
         "retry_delay_s": 0,
         "region_retries": 0,
-        "dask_address": dask_client.scheduler.address,
+        "cluster": {"kind": dask_client.scheduler.address},
+        "instances": True,
     }
     p = NightlyParams(inbox=str(inbox), output=str(out), model=model, settle_s=0, **options)
     state = nightly_inbox(**p.model_dump(), return_state=True)

@@ -139,7 +139,10 @@ def build(root: Path) -> None:
     tifffile.imwrite(root / "u64.tif", vol.astype(np.uint64), metadata={"axes": "ZYX"})
     tifffile.imwrite(root / "complex.tif", vol.astype(np.complex64), metadata={"axes": "ZYX"})
     tifffile.imwrite(root / "time.tif", vol[:5], metadata={"axes": "TYX"})
-    tifffile.imwrite(root / "ambiguous.tif", vol[:5], metadata=None)
+    # pages of three samples and no metadata: z-slices of RGB, or channels? (a plain stack
+    # of single-sample planes is read as ZYX)
+    rgb = np.repeat(vol[:5, :, :, None], 3, axis=3)
+    tifffile.imwrite(root / "ambiguous.tif", rgb, metadata=None, photometric="rgb")
     for name, values in (
         ("nan.tif", np.full((6, 8, 8), np.nan, np.float32)),
         ("inf.tif", np.tile(np.float32([np.inf, -np.inf, np.nan, np.inf]), (6, 8, 2))),
@@ -406,6 +409,18 @@ CASES: list[Case] = [
     _c("segment-3d-model-on-2d", SEG + " -m {root}/tiny3d.ckpt", BAD, "img.ome.zarr"),
     _c("segment-bad-channel", SEG + " -m {root}/tiny.ckpt --channel 3", BAD, "channel 3"),
     _c(
+        "segment-ambiguous-axes",
+        "segment {root}/ambiguous.tif -q -m {root}/tiny.ckpt --out {root}/out/{id}.zarr",
+        BAD,
+        "--axes",
+    ),
+    _c(
+        "predict-ambiguous-axes",
+        "predict {root}/ambiguous.tif -q -m {root}/tiny.ckpt --out {root}/out/{id}",
+        BAD,
+        "--axes",
+    ),
+    _c(
         "segment-fifo",
         "segment {root}/fifo.tif -q -m {root}/tiny.ckpt --out {root}/out/{id}.zarr",
         BAD,
@@ -488,9 +503,15 @@ CASES: list[Case] = [
     ),
     _c(
         "export-garbage-chunk",
-        "export {root}/export_garbage.ome.zarr --image --to {root}/previous.tif",
+        "export {root}/export_garbage.ome.zarr --image --to {root}/out/{id}.tif",
         BAD,
         "export_garbage.ome.zarr/0/c/0/1",
+    ),
+    _c(
+        "export-over-a-file-segflow-did-not-make",
+        "export {root}/img.ome.zarr --image --to {root}/previous.tif --overwrite",
+        CONFLICT,
+        "previous.tif",
     ),
     _c(
         "export-into-a-file",

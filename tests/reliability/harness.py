@@ -27,6 +27,16 @@ from unet_core import CheckpointMeta, Normalization, UNet, UNetConfig, save_chec
 ROOT = Path(__file__).resolve().parents[2]
 #: Groups of a store that hold run bookkeeping (markers, scratch), not outputs.
 BOOKKEEPING = ("segflow-done", "segflow-scratch")
+#: Root attributes that describe how the store sits on storage (its level-0 listing, the
+#: files beside it with their times and inodes), not what it holds.
+STORAGE_RECORDS = ("image_listing", "files")
+
+
+def _attrs(node: Any) -> str:
+    attrs = dict(node.attrs)
+    if isinstance(attrs.get("segflow"), dict):
+        attrs["segflow"] = {k: v for k, v in attrs["segflow"].items() if k not in STORAGE_RECORDS}
+    return json.dumps(attrs, sort_keys=True)
 
 
 def make_model(path: Path, seed: int = 0) -> str:
@@ -72,14 +82,14 @@ def store_contents(url: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def visit(group: zarr.Group, prefix: str) -> None:
-        out[f"{prefix}@attrs"] = json.dumps(dict(group.attrs), sort_keys=True)
+        out[f"{prefix}@attrs"] = _attrs(group)
         for name, node in group.members():
             if not prefix and name in BOOKKEEPING:
                 continue
             path = f"{prefix}{name}"
             if isinstance(node, zarr.Array):
                 out[path] = (str(node.dtype), node.shape, node.chunks, _digest(node[...]))
-                out[f"{path}@attrs"] = json.dumps(dict(node.attrs), sort_keys=True)
+                out[f"{path}@attrs"] = _attrs(node)
             else:
                 visit(node, f"{path}/")
 
@@ -120,3 +130,30 @@ def one_sentence(stderr: str) -> str:
     noise = [line for line in lines if not line.startswith(("segflow: error: ", "segflow: warn"))]
     assert not noise, stderr
     return errors[0]
+
+
+def command_flags(argv: Any) -> set[str]:
+    """Every ``--flag`` of the command an argv runs (``model info ...``: model info's)."""
+    import typer.main
+
+    from segflow.cli import _register, app
+
+    _register()
+    command: Any = typer.main.get_command(app)
+    for word in argv:
+        sub = getattr(command, "commands", {}).get(word)
+        if sub is None:
+            break
+        command = sub
+    flags = {"--help", "--debug", "--version"}
+    for p in command.params:
+        flags.update(getattr(p, "opts", ()) or ())
+        flags.update(getattr(p, "secondary_opts", ()) or ())
+    return {f for f in flags if f.startswith("--")}
+
+
+def suggested_flags(sentence: str) -> set[str]:
+    """The ``--flags`` an error sentence names."""
+    import re
+
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", sentence))

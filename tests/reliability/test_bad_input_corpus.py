@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from bad_input_corpus import CASES, HUGE_SIDE, Case, build
-from harness import one_sentence
+from harness import command_flags, one_sentence, suggested_flags
 
 from unet_core.errors import ExitCode
 
@@ -123,6 +123,8 @@ def test_bad_input(case: Case, corpus: Path, request: pytest.FixtureRequest) -> 
     assert code == case.code, stderr
     sentence = one_sentence(stderr)
     assert case.names in sentence, sentence
+    # every option the sentence suggests exists on the command that printed it
+    assert suggested_flags(sentence) <= command_flags(case.argv), sentence
     if case.value:
         assert re.search(rf"(?<![\w.-]){re.escape(case.value)}(?![\w.])", sentence), sentence
     after = snapshot(corpus)

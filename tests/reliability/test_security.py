@@ -74,7 +74,7 @@ def test_the_s3_secret_never_reaches_prefect(
         chunks=[2, 32, 32],
         max_regions=2,
         retry_delay_s=0,
-        dask_address=dask_client.scheduler.address,
+        cluster={"kind": dask_client.scheduler.address},
     ).flow_parameters()
     state = segment_volume(**params, return_state=True)
     assert state.is_completed(), state

@@ -19,9 +19,9 @@ import zarr
 
 from tasks.blockwise import DELAY_ENV, Markers, Runner, Step
 from tasks.ingest import ingest_volume
-from tasks.reads import ChunkCache, StrictArray
 from tasks.lease import LEASE_FILE, Lease
 from tasks.outputs import write_file
+from tasks.reads import ChunkCache, StrictArray
 from tasks.segment import SegmentParams, segment_image
 from tasks.stitch import stitch
 from tasks.store import every_chunk, write_image
@@ -177,7 +177,8 @@ def test_lease_is_exclusive_between_processes_and_expires(tmp_path, s3_bucket):
             assert f"first run {lease.holder[:8]}" in other.stdout
             assert f"pid {os.getpid()}" in other.stdout
         released = Lease(store).read()
-        assert released.released and released.generation == 1
+        assert released.released
+        assert released.generation == 1
         # a lease whose heartbeat stopped (unchanged for its ttl, as this process watches
         # it) is taken over, one generation up
         stale = Lease(store, "stale", ttl_s=0.5)

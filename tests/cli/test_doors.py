@@ -1,0 +1,95 @@
+"""One pipeline behind every front door: ``segment``, ``predict`` and the ``segment-volume``
+flow run the same steps (tasks.pipeline) with the same options, and each names an option
+in its own words."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from reliability.harness import blobs, cli, make_model
+
+from unet_core.errors import ConfigError, ExitCode, opt
+
+ARGS = ("--tile", "1,64,64", "--device", "cpu", "-q")
+
+
+def test_a_plain_3d_tiff_segments_through_segment_and_predict(tmp_path):
+    """A stack written by a plain ``tifffile.imwrite(path, volume)`` has no axis metadata:
+    it is read as ZYX (with a one-line note), by both doors, with the same labels."""
+    volume = blobs((6, 64, 64), 3)
+    tifffile.imwrite(tmp_path / "stack.tif", volume)  # no metadata at all
+    model = make_model(tmp_path / "m.ckpt", 3)
+    done = cli("segment", tmp_path / "stack.tif", "-m", model, *ARGS[:-1], "--json")
+    assert done.returncode == 0, done.stderr
+    assert "read as z-slices" in done.stderr
+    store = json.loads(done.stdout.strip().splitlines()[-1])["out"]
+    by_segment = zarr.open_group(store, mode="r")["labels/semantic/0"][...]
+    assert by_segment.shape == (6, 64, 64)
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    tifffile.imwrite(batch / "stack.tif", volume)
+    done = cli("predict", batch, "-m", model, "--out", tmp_path / "out", *ARGS)
+    assert done.returncode == 0, done.stderr
+    by_predict = tifffile.imread(tmp_path / "out" / "stack.tif.labels.ome.tif")
+    assert np.array_equal(by_predict, by_segment)
+    # --axes and --voxel-size exist on both doors, as on ingest
+    for command in ("segment", "predict", "ingest"):
+        shown = cli(command, "-h").stdout
+        assert "--axes" in shown
+        assert "--voxel-size" in shown
+    explicit = cli(
+        "segment",
+        tmp_path / "stack.tif",
+        "-m",
+        model,
+        *ARGS,
+        "--axes",
+        "zyx",
+        "--voxel-size",
+        "2,0.5,0.5",
+        "--out",
+        tmp_path / "explicit.ome.zarr",
+    )
+    assert explicit.returncode == 0, explicit.stderr
+    root = zarr.open_group(str(tmp_path / "explicit.ome.zarr"), mode="r")
+    scale = root.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
+    assert scale["scale"] == [2.0, 0.5, 0.5]
+
+
+def test_voxel_sizes_must_be_finite_and_positive(tmp_path):
+    tifffile.imwrite(tmp_path / "v.tif", blobs((4, 32, 32), 1), metadata={"axes": "ZYX"})
+    model = make_model(tmp_path / "m.ckpt", 1)
+    for bad in ("inf,1,1", "0,1,1", "-2,1,1", "nan,1,1"):
+        done = cli("segment", tmp_path / "v.tif", "-m", model, *ARGS, "--voxel-size", bad)
+        assert done.returncode == ExitCode.USAGE, (bad, done.stderr)
+        assert "--voxel-size" in done.stderr
+    assert not (tmp_path / "v.ome.zarr").exists()
+
+
+def test_each_door_names_an_option_in_its_own_words():
+    """The engine names a field; the CLI shows its flag, the run form its title."""
+    from flows import in_form_words
+    from flows.segment import form_words
+    from segflow.cli import describe_error
+
+    error = ConfigError(f"select one with {opt('channel')} or wait ({opt('lease_wait_s')})")
+    cli_text, code = describe_error(error)
+    assert cli_text == "select one with --channel or wait (--lease-wait-s)"
+    assert code == ExitCode.USAGE
+    shown = in_form_words(error, form_words)
+    assert str(shown) == 'select one with "Channel" or wait ("Lease wait (s)")'
+    assert isinstance(shown, ConfigError)
+    assert "--" not in str(in_form_words(ConfigError(f"{opt('kind')} x"), form_words))
+
+
+@pytest.mark.parametrize("command", ["segment", "predict", "ingest", "stitch", "serve"])
+def test_usage_errors_are_one_line(command):
+    done = cli(command, "--no-such-option")
+    assert done.returncode == ExitCode.USAGE
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("segflow: error: no such option: --no-such-option")
