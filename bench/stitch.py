@@ -7,7 +7,7 @@ written straight into an OME-Zarr store (``labels/semantic/0``, uint8, slab by s
 the whole volume in memory): many small balls (radius 1-3) and some rods, scattered so that
 plenty cross chunk faces. Then each path runs in its own subprocess:
 
-- ``segflow``: ``tasks.stitch.stitch(store, client=...)`` on an in-process LocalCluster
+- ``segflow``: ``tasks.instances.stitch(store, client=...)`` on an in-process LocalCluster
   (``tasks.segment.dask_client()``), writing ``labels/instances/0`` (object table computed,
   files not written);
 - ``inmemory``: read the whole mask, ``scipy.ndimage.label`` (same 6-connectivity), write
@@ -109,7 +109,7 @@ def write_mask_store(url: str, shape: tuple[int, ...], chunks: tuple[int, ...], 
 
 def child_segflow(url: str) -> dict:
     from tasks.cluster import dask_client
-    from tasks.stitch import stitch
+    from tasks.instances import stitch
     from unet_core.runtime import configure
 
     configure()  # as the segflow command does

@@ -6,9 +6,10 @@ from typing import Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors, emit, output_options, warn
-from segflow.commands_segment import EXTRAS, PANELS
-from segflow.options import with_models
+from segflow.app import app
+from segflow.errors import clean_errors
+from segflow.options import EXTRAS, PANELS, with_models
+from segflow.output import emit, output_options, warn
 from segflow.progress import BlockProgress
 from tasks.cluster import ClusterSpec
 from tasks.options import IngestParams, RunOptions

@@ -7,7 +7,10 @@ from typing import Annotated, Literal
 
 import typer
 
-from segflow.cli import app, clean_errors, emit, output_options, parse_shape
+from segflow.app import app
+from segflow.errors import clean_errors
+from segflow.options import parse_shape
+from segflow.output import emit, output_options
 
 model_app = typer.Typer(
     help="Create and inspect model checkpoints.",

@@ -26,21 +26,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import (
-    app,
-    clean_errors,
-    describe_error,
-    is_quiet,
-    output_options,
-    wants_json,
-    warn,
-)
-from segflow.commands_segment import EXTRAS, PANELS, RUN_MODELS
-from segflow.options import with_models
+from segflow.app import app
+from segflow.errors import ExitCode, clean_errors, describe_error
+from segflow.options import EXTRAS, PANELS, RUN_MODELS, with_models
+from segflow.output import is_quiet, output_options, wants_json, warn
 from segflow.progress import BlockProgress, blocks_text
 from tasks.cluster import ClusterSpec
 from tasks.options import PipelineOptions
-from unet_core.errors import ExitCode
 
 if TYPE_CHECKING:
     from tasks.pipeline import Request

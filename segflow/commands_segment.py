@@ -9,47 +9,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import BaseModel
 
-from segflow.cli import app, clean_errors, emit, output_options, warn
-from segflow.options import Extra, with_models
+from segflow.app import app
+from segflow.errors import clean_errors
+from segflow.options import EXTRAS, PANELS, RUN_MODELS, with_models
+from segflow.output import emit, output_options, warn
 from segflow.progress import BlockProgress
 from tasks.cluster import ClusterSpec
-from tasks.options import IngestOptions, InstanceOptions, PipelineOptions, RunOptions
-from tasks.segment.plan import SegmentParams
+from tasks.options import PipelineOptions
 
 if TYPE_CHECKING:
     from tasks.pipeline import Result
-
-#: Help panels of the generated options.
-PANELS: dict[type[BaseModel], str] = {
-    SegmentParams: "Network and tiles",
-    IngestOptions: "Reading a TIFF source",
-    InstanceOptions: "Objects (instances)",
-    RunOptions: "Resume, overwrite, leases, preview",
-    ClusterSpec: "Cluster: where the Dask workers run",
-}
-
-#: What the segment and predict commands add to the generated options: short flags and
-#: old spellings, and --fast/--reference as shorthands of --mode.
-EXTRAS = {
-    "mode": Extra(
-        sets={"--fast": "fast", "--reference": "reference"},
-        help_sets={
-            "--fast": "Same as --mode fast: tiles planned per block, fewest voxels; the last "
-            "bits of the result depend on the chunking.",
-            "--reference": "Same as --mode reference: bitwise equal to one pass over the "
-            "whole volume (PyTorch's own CPU kernels; several times slower).",
-        },
-    ),
-    "lease_wait_s": Extra(aliases=("--lease-wait",)),
-    "kind": Extra(aliases=("--dask-address",)),
-    "queue": Extra(aliases=("--partition",)),
-    "start_timeout_s": Extra(aliases=("--start-timeout",)),
-}
-
-#: The models a run's options come from, in the order ``-h`` lists them.
-RUN_MODELS = (("options", PipelineOptions), ("cluster", ClusterSpec))
 
 
 @app.command()

@@ -12,9 +12,10 @@ from typing import Annotated
 import typer
 
 from deployments.serve import ServeSettings
-from segflow.cli import app, clean_errors, output_options, warn
-from segflow.commands_segment import EXTRAS
-from segflow.options import Extra, with_models
+from segflow.app import app
+from segflow.errors import clean_errors
+from segflow.options import EXTRAS, Extra, with_models
+from segflow.output import output_options, warn
 from tasks.cluster import ClusterSpec
 
 SERVE_EXTRAS = {

@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from segflow.cli import app, clean_errors, emit, output_options, parse_shape
+from segflow.app import app
+from segflow.errors import clean_errors
+from segflow.options import parse_shape
+from segflow.output import emit, output_options
 
 if TYPE_CHECKING:
     from unet_core.training.config import TrainConfig

@@ -27,7 +27,8 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from segflow.cli import app, clean_errors
+from segflow.app import app
+from segflow.errors import clean_errors
 from unet_core.runtime import configure
 
 #: Voxel size of the synthetic stacks (z, y, x) in micrometres: nuclei span several slices.

@@ -12,6 +12,7 @@ A field may also have short aliases (``-m``) or extra flags that set it
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import types
@@ -24,6 +25,14 @@ import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from tasks.cluster import ClusterSpec
+from tasks.options import (
+    IngestOptions,
+    InstanceOptions,
+    PipelineOptions,
+    RunOptions,
+    SegmentParams,
+)
 from unet_core.errors import ConfigError, render
 
 R = TypeVar("R")
@@ -31,6 +40,52 @@ R = TypeVar("R")
 #: Fields whose flag is not the mechanical one (the field ``kind`` of a cluster is where
 #: the workers run: ``--cluster``).
 FLAG_NAMES = {"kind": "--cluster"}
+
+
+def parse_shape(text: str | None, what: str = "shape") -> tuple[int, ...] | None:
+    """'64,128,128' -> (64, 128, 128); None stays None."""
+    if text is None or text == "":
+        return None
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{what} must be integers separated by commas, got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def _with_options(
+    fn: Callable[..., R],
+    options: list[inspect.Parameter],
+    call: Callable[[Callable[..., R], Any, dict[str, Any]], R],
+    replaces: str | None = None,
+) -> Callable[..., R]:
+    """``fn`` with ``options`` added to the signature typer reads (in place of its
+    parameter ``replaces``); ``call(fn, args, kwargs)`` takes them out and calls ``fn``."""
+    own = [
+        p.replace(annotation=_evaluate(p.annotation, fn))
+        for p in inspect.signature(fn).parameters.values()
+        if p.name != replaces
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        return call(fn, args, kwargs)
+
+    params = [*own, *options]
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+def _evaluate(annotation: Any, fn: Callable[..., Any]) -> Any:
+    """A string annotation (``from __future__ import annotations``) as its object."""
+    if isinstance(annotation, str):
+        return eval(annotation, fn.__globals__)  # what inspect.signature(eval_str=True) does
+    return annotation
 
 
 def flag(name: str) -> str:
@@ -255,7 +310,6 @@ def with_models(
     default then applies)."""
 
     def decorate(fn: Callable[..., R]) -> Callable[..., R]:
-        from segflow.cli import _with_options
 
         all_models = [m for _, m in models]
         options = model_parameters(all_models, exclude, extras, panels)
@@ -277,6 +331,39 @@ def with_models(
         return wrapped
 
     return decorate
+
+
+# ------------------------------------------------- what the run commands share
+
+#: Help panels of the generated options.
+PANELS: dict[type[BaseModel], str] = {
+    SegmentParams: "Network and tiles",
+    IngestOptions: "Reading a TIFF source",
+    InstanceOptions: "Objects (instances)",
+    RunOptions: "Resume, overwrite, leases, preview",
+    ClusterSpec: "Cluster: where the Dask workers run",
+}
+
+#: What the segment and predict commands add to the generated options: short flags and
+#: old spellings, and --fast/--reference as shorthands of --mode.
+EXTRAS = {
+    "mode": Extra(
+        sets={"--fast": "fast", "--reference": "reference"},
+        help_sets={
+            "--fast": "Same as --mode fast: tiles planned per block, fewest voxels; the last "
+            "bits of the result depend on the chunking.",
+            "--reference": "Same as --mode reference: bitwise equal to one pass over the "
+            "whole volume (PyTorch's own CPU kernels; several times slower).",
+        },
+    ),
+    "lease_wait_s": Extra(aliases=("--lease-wait",)),
+    "kind": Extra(aliases=("--dask-address",)),
+    "queue": Extra(aliases=("--partition",)),
+    "start_timeout_s": Extra(aliases=("--start-timeout",)),
+}
+
+#: The models a run's options come from, in the order ``-h`` lists them.
+RUN_MODELS = (("options", PipelineOptions), ("cluster", ClusterSpec))
 
 
 __all__ = [

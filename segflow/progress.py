@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from segflow.cli import is_quiet
+from segflow.output import is_quiet
 from tasks.blockwise import Progress
 
 #: Seconds between plain-text progress lines when stderr is not a terminal.

@@ -116,18 +116,18 @@ class RunInputs:
         for p in paths:
             if p is None or str(p) == "":
                 continue
-            text = str(p)
-            found.append(text)
-            source = _ingested_from(text)
-            if source:
-                found.append(source)
+            for text in _expand(str(p)):
+                found.append(text)
+                source = _ingested_from(text)
+                if source:
+                    found.append(source)
         return cls(tuple(dict.fromkeys(found)))
 
     def collision(self, target: str) -> str | None:
         """How ``target`` collides with an input, in words (None: it does not)."""
         t = canonical(target)
         for p in self.paths:
-            c = canonical(_glob_folder(p))
+            c = canonical(p)
             if t == c or (_exists(target) and _same_file(target, p)):
                 return f"it is the input {p}"
             if _inside(t, c):
@@ -137,15 +137,14 @@ class RunInputs:
         return None
 
 
-def _glob_folder(path: str) -> str:
-    """A path as given, or for a glob ('raw/*.tif') the nearest existing folder above its
-    matches (a folder named 'stack[2]' is a folder, not a pattern)."""
-    if not any(ch in path for ch in "*?[") or _exists(path):
-        return path  # a path that exists is itself, whatever its characters
-    folder = os.path.dirname(path.rstrip("/"))
-    while folder and not _exists(folder) and folder != os.path.dirname(folder):
-        folder = os.path.dirname(folder)
-    return folder or "."
+def _expand(path: str) -> list[str]:
+    """A path as given, or for a local glob ('raw/*.tif') the files it matches (a path that
+    exists is itself, whatever its characters: a folder named 'stack[2]')."""
+    if is_remote(path) or not any(ch in path for ch in "*?[") or _exists(path):
+        return [path]
+    import glob
+
+    return sorted(glob.glob(path)) or [path]
 
 
 def _ingested_from(store: str) -> str | None:

@@ -54,18 +54,6 @@ def volume_name(source: str) -> str:
     return _strip(basename(source), _VOLUME_SUFFIXES)
 
 
-def is_tiff_source(source: str) -> bool:
-    """A TIFF file, slice folder or glob (to ingest first) rather than a zarr group."""
-    s = str(source).rstrip("/")
-    if is_zarr_name(s):
-        return False
-    if "*" in s or is_tiff_name(s):
-        return True
-    from tasks.store import filesystem
-
-    return not filesystem(s).exists(f"{s}/zarr.json")
-
-
 def store_beside(source: str) -> str:
     """Where a TIFF source is ingested: ``<its folder>/<volume name>.ome.zarr``."""
     s = str(source).rstrip("/")

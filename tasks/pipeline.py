@@ -15,7 +15,7 @@ steps, so the guarantees live here once::
       ├─ plan       blocks, tiles, normalisation and the run key (metadata only)
       ├─ segment    under the output store's fenced lease: prepare the arrays, run the
       │             blocks (run_blocks), finalize; not complete -> IncompleteError
-      ├─ instances  objects across chunks (tasks.stitch), when asked
+      ├─ instances  objects across chunks (tasks.instances), when asked
       └─ outputs    the labels TIFF beside the store (predict) and the preview
 
 Where the image and the outputs go:
@@ -41,7 +41,7 @@ from tasks.outputs import (
     check_store_target,
     special_file,
 )
-from tasks.paths import beside_store, is_tiff_source, store_beside, table_paths
+from tasks.paths import beside_store, store_beside, table_paths
 from tasks.segment.driver import require_complete, run_segmentation
 from tasks.segment.plan import (
     SegmentPlan,
@@ -51,6 +51,7 @@ from tasks.segment.plan import (
     plan_segmentation,
     source_info,
 )
+from tasks.store import is_tiff_source
 from unet_core.errors import ConfigError, VolumeNotFoundError, opt
 
 log = logging.getLogger(__name__)
@@ -238,8 +239,8 @@ def instances(
     name: str = INSTANCES,
     lease_wait_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Objects of ``labels`` across chunks (:func:`tasks.stitch.stitch`), as a summary."""
-    from tasks.stitch import stitch
+    """Objects of ``labels`` across chunks (:func:`tasks.instances.stitch`), as a summary."""
+    from tasks.instances import stitch
 
     result = stitch(
         store,

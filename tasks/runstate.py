@@ -22,16 +22,12 @@ Reading what a run wrote, with missing chunks as errors, is :mod:`tasks.reads`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from typing import Any
 
 from tasks.store import (
     attributes,
-    filesystem,
-    is_remote,
-    join,
+    listing_digest,
     open_group,
 )
 from unet_core.errors import (
@@ -42,45 +38,6 @@ from unet_core.errors import (
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------- image identity
-
-
-def listing_digest(url: str, path: str = "0") -> str:
-    """Identity of an array as it is stored now: its chunk names and sizes with their
-    modification and inode-change times and inodes (local) or ETags (S3)."""
-    base = join(url, path)
-    h = hashlib.sha256()
-    if is_remote(url):
-        fs = filesystem(url)
-        try:
-            entries = fs.find(base, detail=True)
-        except FileNotFoundError:
-            entries = {}
-        for name in sorted(entries):
-            e = entries[name]
-            rel = name[len(base.split("://", 1)[-1]) :]
-            stamp = e.get("ETag") or e.get("etag") or e.get("LastModified") or ""
-            h.update(f"{rel}\t{e.get('size')}\t{stamp}\n".encode())
-    else:
-        for rel, st in sorted(_walk(base)):
-            h.update(
-                f"{rel}\t{st.st_size}\t{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n".encode()
-            )
-    return "list-" + h.hexdigest()[:32]
-
-
-def _walk(base: str, rel: str = "") -> list[tuple[str, os.stat_result]]:
-    out: list[tuple[str, os.stat_result]] = []
-    try:
-        entries = list(os.scandir(os.path.join(base, rel) if rel else base))
-    except (FileNotFoundError, NotADirectoryError):
-        return out
-    for entry in entries:
-        name = f"{rel}/{entry.name}" if rel else entry.name
-        if entry.is_dir(follow_symlinks=False):
-            out += _walk(base, name)
-        else:
-            out.append((name, entry.stat(follow_symlinks=False)))
-    return out
 
 
 def image_digest(url: str, attrs: dict[str, Any] | None = None) -> str:

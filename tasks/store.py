@@ -32,7 +32,7 @@ import zarr
 import zarr.errors
 
 from tasks.ngff import Multiscale, compressors, image_ome, is_image
-from tasks.paths import volume_name
+from tasks.paths import is_tiff_name, is_zarr_name, volume_name
 from unet_core.errors import (
     InvalidVolumeError,
     SegflowError,
@@ -551,6 +551,55 @@ def open_level(info: ImageInfo, level: str = "0", mode: str = "r") -> zarr.Array
     return get_array(open_group(info.url, mode), level, info.url)
 
 
+def listing_digest(url: str, path: str = "0") -> str:
+    """Identity of an array as it is stored now: its chunk names and sizes with their
+    modification and inode-change times and inodes (local) or ETags (S3)."""
+    base = join(url, path)
+    h = hashlib.sha256()
+    if is_remote(url):
+        fs = filesystem(url)
+        try:
+            entries = fs.find(base, detail=True)
+        except FileNotFoundError:
+            entries = {}
+        for name in sorted(entries):
+            e = entries[name]
+            rel = name[len(base.split("://", 1)[-1]) :]
+            stamp = e.get("ETag") or e.get("etag") or e.get("LastModified") or ""
+            h.update(f"{rel}\t{e.get('size')}\t{stamp}\n".encode())
+    else:
+        for rel, st in sorted(_walk(base)):
+            h.update(
+                f"{rel}\t{st.st_size}\t{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}\n".encode()
+            )
+    return "list-" + h.hexdigest()[:32]
+
+
+def _walk(base: str, rel: str = "") -> list[tuple[str, os.stat_result]]:
+    out: list[tuple[str, os.stat_result]] = []
+    try:
+        entries = list(os.scandir(os.path.join(base, rel) if rel else base))
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for entry in entries:
+        name = f"{rel}/{entry.name}" if rel else entry.name
+        if entry.is_dir(follow_symlinks=False):
+            out += _walk(base, name)
+        else:
+            out.append((name, entry.stat(follow_symlinks=False)))
+    return out
+
+
+def is_tiff_source(source: str) -> bool:
+    """A TIFF file, slice folder or glob (to ingest first) rather than a zarr group."""
+    s = str(source).rstrip("/")
+    if is_zarr_name(s):
+        return False
+    if "*" in s or is_tiff_name(s):
+        return True
+    return not filesystem(s).exists(f"{s}/zarr.json")
+
+
 def data_digest(data: np.ndarray) -> str:
     """Identity of an in-memory image (written by :func:`tasks.store.write_image`)."""
     h = hashlib.sha256()
@@ -592,8 +641,6 @@ def write_image(
     )[...] = data
     full_scale = list(scale) if scale else [1.0] * len(axes)
     attrs: dict[str, Any] = {"ome": image_ome(Multiscale.build(axes, full_scale, unit=unit))}
-    from tasks.runstate import listing_digest
-
     attrs["segflow"] = {
         "created_by": OWNER,
         "image_digest": data_digest(data),

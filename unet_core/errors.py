@@ -1,35 +1,18 @@
-"""The one small error hierarchy of segflow, and the exit status of each kind of error.
+"""The one small error hierarchy of segflow.
 
 Every error subclasses :class:`SegflowError` *and* the builtin it refines, so callers may
 catch either ``SegflowError`` (anything segflow refused) or the builtin they already expect
 (``ValueError``, ``FileNotFoundError``, ...). Messages are one sentence that names the file
-or the value and the problem; the CLI prints exactly that sentence and exits with the
-error's :attr:`SegflowError.exit_code` (the table is in the README).
+or the value and the problem, and name an option as a field (:func:`opt`). What a door
+makes of an error is the door's: the CLI prints the sentence and exits with the status of
+its kind (:data:`segflow.errors.EXIT_CODES`), a flow fails its run with it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from enum import IntEnum
-from typing import Any, ClassVar
-
-
-class ExitCode(IntEnum):
-    """Exit status of the ``segflow`` command, one per kind of failure."""
-
-    OK = 0
-    #: anything segflow did not foresee (a bug or an unhandled case)
-    OTHER = 1
-    #: a bad command line: unknown option, malformed or out-of-range value
-    USAGE = 2
-    #: an input that is missing, unreadable, damaged or unusable (TIFF, store, checkpoint)
-    BAD_INPUT = 3
-    #: storage that is unreachable, refuses access, is full or fails (local disk or S3)
-    STORAGE = 4
-    #: a destination that holds other data, or outputs another run is writing (lease)
-    CONFLICT = 5
-
+from typing import Any
 
 _FIELD = re.compile("\u27e8([a-z_]+)\u27e9")
 
@@ -58,8 +41,6 @@ class SegflowError(Exception):
     The message may name options with :func:`opt`; :attr:`template` keeps them, ``str()``
     shows them neutrally and :meth:`render` in a door's words."""
 
-    exit_code: ClassVar[ExitCode] = ExitCode.OTHER
-
     def __init__(self, message: object = "", *args: object) -> None:
         self.template = str(message)
         super().__init__(render(self.template), *args)
@@ -74,13 +55,9 @@ class SegflowError(Exception):
 class InvalidShapeError(SegflowError, ValueError):
     """A tile or input shape the network cannot take (the message names valid ones)."""
 
-    exit_code = ExitCode.USAGE
-
 
 class ConfigError(SegflowError, ValueError):
     """A parameter or configuration value that is out of range or inconsistent."""
-
-    exit_code = ExitCode.USAGE
 
 
 class ClusterStartError(SegflowError, RuntimeError):
@@ -90,31 +67,21 @@ class ClusterStartError(SegflowError, RuntimeError):
 class CheckpointError(SegflowError, ValueError):
     """A checkpoint that is corrupted, foreign, unsafe or incompatible."""
 
-    exit_code = ExitCode.BAD_INPUT
-
 
 class InvalidVolumeError(SegflowError, ValueError):
     """An input image/volume that cannot be read or has an unsupported layout."""
-
-    exit_code = ExitCode.BAD_INPUT
 
 
 class VolumeNotFoundError(SegflowError, FileNotFoundError):
     """A source or store that does not exist."""
 
-    exit_code = ExitCode.BAD_INPUT
-
 
 class StoreConflictError(SegflowError, FileExistsError):
     """A destination that already holds other data (use --overwrite to replace it)."""
 
-    exit_code = ExitCode.CONFLICT
-
 
 class StorageAccessError(SegflowError, PermissionError):
     """Storage refused access (credentials, permissions, missing bucket, read-only)."""
-
-    exit_code = ExitCode.STORAGE
 
 
 class StorageError(SegflowError, OSError):
@@ -122,8 +89,6 @@ class StorageError(SegflowError, OSError):
 
     Raised by :func:`tasks.store.translate_storage_error`; the original exception is kept
     as ``__cause__`` (:func:`tasks.store.is_transient` looks at it)."""
-
-    exit_code = ExitCode.STORAGE
 
 
 class LeaseHeldError(StoreConflictError):
@@ -134,13 +99,9 @@ class LeaseLostError(SegflowError, RuntimeError):
     """This run's lease was taken over by another run (it was suspended past the lease's
     time to live, or could not renew it): it stops writing and exits non-zero."""
 
-    exit_code = ExitCode.CONFLICT
-
 
 class IncompleteError(SegflowError, ValueError):
     """An input that a run has not finished writing (not marked complete)."""
-
-    exit_code = ExitCode.BAD_INPUT
 
 
 class MissingDataError(InvalidVolumeError):

@@ -26,7 +26,7 @@ intensity sum and key (its first voxel's index in the whole volume: a name that 
 depend on how objects are numbered), and per pair of overlapping objects their shared
 voxels. These are sums (and a minimum) over voxels, so a blockwise pass that adds up
 per-block tables gets the same numbers for any chunking, and :func:`link` the same
-decisions: ``tasks/link_slices.py`` does that on chunked stores, :func:`link_instances`
+decisions: ``tasks/instances/slices.py`` does that on chunked stores, :func:`link_instances`
 is the whole-volume reference. Intensity sums are exact for integer images (int64);
 for float images they are float64 sums, equal across chunkings up to rounding.
 

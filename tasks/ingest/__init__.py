@@ -73,8 +73,14 @@ from tasks.lease import Lease
 from tasks.ngff import Multiscale, image_ome
 from tasks.outputs import FILES_KEY, RunInputs, check_store_target
 from tasks.paths import volume_name
-from tasks.runstate import listing_digest
-from tasks.store import DONE_GROUP, ImageInfo, attributes, open_group, read_image_info
+from tasks.store import (
+    DONE_GROUP,
+    ImageInfo,
+    attributes,
+    listing_digest,
+    open_group,
+    read_image_info,
+)
 from tasks.tiff_source import open_source, release_files
 from unet_core.errors import ConfigError, InvalidVolumeError
 from unet_core.normalize import IntensityStats

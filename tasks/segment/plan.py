@@ -307,7 +307,7 @@ def source_info(
     """What the engine needs of SRC before anything is written: an OME-Zarr image's
     metadata, or a TIFF source's axes and shape (its header only, read with ``axes`` and
     ``voxel_size`` as an ingest would; not yet ingested)."""
-    from tasks.paths import is_tiff_source
+    from tasks.store import is_tiff_source
 
     if not is_tiff_source(src):
         return read_image_info(src)

@@ -33,8 +33,8 @@ from reliability.harness import (
 )
 from scipy import ndimage
 
+from segflow.errors import ExitCode
 from unet_core import CheckpointMeta, Normalization, UNet, UNetConfig, save_checkpoint
-from unet_core.errors import ExitCode
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,7 @@ def test_an_unretrieved_library_timeout_is_not_printed_unless_debugging() -> Non
     off stderr; with --debug (SEGFLOW_DEBUG=1) it is shown."""
     code = (
         "import asyncio, gc\n"
-        "from segflow.cli import clean_errors\n"
+        "from segflow.errors import clean_errors\n"
         "@clean_errors\n"
         "def command():\n"
         "    loop = asyncio.new_event_loop()\n"

@@ -12,7 +12,8 @@ import tifffile
 import zarr
 from reliability.harness import blobs, cli, make_model
 
-from unet_core.errors import ConfigError, ExitCode, opt
+from segflow.errors import ExitCode
+from unet_core.errors import ConfigError, opt
 
 ARGS = ("--tile", "1,64,64", "--device", "cpu", "-q")
 
@@ -74,7 +75,7 @@ def test_each_door_names_an_option_in_its_own_words():
     """The engine names a field; the CLI shows its flag, the run form its title."""
     from flows import in_form_words
     from flows.segment import form_words
-    from segflow.cli import describe_error
+    from segflow.errors import describe_error
 
     error = ConfigError(f"select one with {opt('channel')} or wait ({opt('lease_wait_s')})")
     cli_text, code = describe_error(error)

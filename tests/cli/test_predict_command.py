@@ -18,8 +18,8 @@ import tifffile
 from PIL import Image
 
 from segflow.demo import write_stack
+from segflow.errors import ExitCode
 from tasks.report import PREVIEW_GAP, histogram_height
-from unet_core.errors import ExitCode
 
 ROOT = Path(__file__).resolve().parents[2]
 

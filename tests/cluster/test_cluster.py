@@ -7,6 +7,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
+from segflow.errors import ExitCode
 from tasks.cluster import (
     ClusterSpec,
     cluster_spec,
@@ -133,7 +134,7 @@ def test_cli_rejects_a_bad_cluster_with_one_line(tmp_path):
 
     _register()
     res = CliRunner().invoke(app, ["stitch", str(tmp_path / "x.zarr"), "--cluster", "slurmm"])
-    assert res.exit_code == int(getattr(ConfigError, "exit_code", 1))  # a usage error
+    assert res.exit_code == ExitCode.USAGE
     assert res.output.strip().splitlines() == [
         "segflow: error: --cluster 'slurmm' is neither local, slurm, pbs, sge, lsf nor a "
         "scheduler address like tcp://host:8786"

@@ -19,10 +19,10 @@ import numpy as np
 import tifffile
 import torch
 
+from segflow.errors import ExitCode
 from tasks.store import write_image
 from unet_core.checkpoint import FORMAT, VERSION, save_checkpoint, state_digest
 from unet_core.config import UNetConfig
-from unet_core.errors import ExitCode
 from unet_core.model import UNet
 
 #: A sparse TIFF of this many pixels per side declares 10 GB in a few KB of file.

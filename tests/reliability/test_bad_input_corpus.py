@@ -1,6 +1,6 @@
 """Every case of the bad-input corpus through the real CLI error boundary.
 
-Each case asserts: the documented exit status (README, ``unet_core.errors.ExitCode``),
+Each case asserts: the documented exit status (README, ``segflow.errors.ExitCode``),
 exactly one ``segflow: error:`` sentence on stderr naming the input, no traceback (and no
 "Exception ignored" noise), every file that existed before bitwise untouched, and nothing
 new marked complete (no finished ingest, no complete label image).
@@ -27,7 +27,7 @@ import pytest
 from bad_input_corpus import CASES, HUGE_SIDE, Case, build
 from harness import command_flags, one_sentence, suggested_flags
 
-from unet_core.errors import ExitCode
+from segflow.errors import ExitCode
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,11 @@ import pytest
 import zarr
 from harness import ROOT, blobs, cli, make_model, segflow_argv
 
+from segflow.errors import ExitCode
 from tasks.blockwise import DELAY_ENV, Markers
 from tasks.lease import LEASE_FILE, Lease, read_raw
 from tasks.store import filesystem, join, write_image
-from unet_core.errors import ExitCode, LeaseHeldError
+from unet_core.errors import LeaseHeldError
 
 ARGS = ("--tile", "1,64,64", "--chunks", "2,32,32", "--device", "cpu", "--mode", "fast", "-q")
 TTL = {"SEGFLOW_LEASE_TTL_S": "2"}

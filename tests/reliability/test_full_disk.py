@@ -20,9 +20,9 @@ import pytest
 import zarr
 from harness import assert_same_store, blobs, cli, complete_flag, make_model, one_sentence
 
+from segflow.errors import ExitCode
 from tasks.blockwise import Markers
 from tasks.store import write_image
-from unet_core.errors import ExitCode
 
 SIZE = "1m"
 ROOM = 160 * 1024  # bytes left free by the ballast: a few blocks' worth (4 KiB pages)

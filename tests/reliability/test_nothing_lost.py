@@ -18,7 +18,7 @@ import tifffile
 import zarr
 from harness import blobs, cli, make_model
 
-from unet_core.errors import ExitCode
+from segflow.errors import ExitCode
 
 ARGS = ("--tile", "1,64,64", "--chunks", "4,32,32", "--device", "cpu", "--mode", "fast", "-q")
 

@@ -31,9 +31,9 @@ import tifffile
 from harness import ROOT, assert_same_store, blobs, cli, make_model, one_sentence, segflow_argv
 from moto.server import ThreadedMotoServer
 
+from segflow.errors import ExitCode
 from tasks.blockwise import DELAY_ENV, Markers
 from tasks.ingest import ingest_volume
-from unet_core.errors import ExitCode
 
 OUTAGE_S = 4.0
 SEGMENT = ["--chunks", "2,16,16", "--tile", "1,64,64", "--device", "cpu", "-q"]

@@ -12,10 +12,9 @@ import pytest
 import zarr
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from segflow.cli import describe_error
+from segflow.errors import EXIT_CODES, ExitCode, describe_error, exit_code
 from tasks.store import is_transient, read_region, retry_transient, translate_storage_error
 from unet_core.errors import (
-    ExitCode,
     InvalidVolumeError,
     SegflowError,
     StorageAccessError,
@@ -67,7 +66,7 @@ def test_transient(exc):
     err = translate_storage_error(exc, "s3://b/img.zarr")
     assert isinstance(err, StorageError)
     assert is_transient(err)  # the translation keeps its cause
-    assert err.exit_code == ExitCode.STORAGE
+    assert exit_code(err) == ExitCode.STORAGE
 
 
 @pytest.mark.parametrize("exc", PERMANENT, ids=lambda e: type(e).__name__)
@@ -160,7 +159,7 @@ def test_translation_names_the_file_and_the_problem(exc, where, kind, text):
     assert "\n" not in str(err)
     message, code = describe_error(exc, where)
     assert message == str(err)
-    assert code == kind.exit_code
+    assert code == EXIT_CODES[kind]
 
 
 def test_other_errors_are_not_storage_errors():

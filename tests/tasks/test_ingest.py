@@ -345,9 +345,15 @@ def test_natural_order():
 def test_axes_override_and_ambiguity(tmp_path):
     a = _volume((5, 20, 30), "uint16")
     tifffile.imwrite(tmp_path / "plain.tif", a, metadata=None)
+    # no axis metadata at all: a stack of single-channel planes is read as z-slices
+    info = ingest(tmp_path / "plain.tif", tmp_path / "p.zarr")
+    assert info.axes == "zyx"
+    # pages of three samples and no metadata: z-slices of colour, or channels? ambiguous
+    rgb = np.repeat(a[:, :, :, None], 3, axis=3).astype("uint8")
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, metadata=None, photometric="rgb")
     dst = tmp_path / "a.zarr"
-    with pytest.raises(InvalidVolumeError, match=r"plain\.tif: the axes are ambiguous.*--axes"):
-        ingest(tmp_path / "plain.tif", dst)
+    with pytest.raises(InvalidVolumeError, match=r"rgb\.tif: the axes are ambiguous.*'axes'"):
+        ingest(tmp_path / "rgb.tif", dst)
     assert not dst.exists()
     info = ingest(tmp_path / "plain.tif", dst, axes="zyx")
     assert info.axes == "zyx"
@@ -379,7 +385,7 @@ def test_rerun_is_idempotent_and_other_src_refused(tmp_path):
     assert _chunk_mtimes(dst) == mtimes  # nothing rewritten
     with pytest.raises(
         StoreConflictError,
-        match=r"d\.zarr: already holds an image ingested from .*a\.tif.*--overwrite",
+        match=r"d\.zarr: already holds an image ingested from .*a\.tif.*'overwrite'",
     ):
         ingest(tmp_path / "b.tif", dst)
     with pytest.raises(StoreConflictError, match="other settings"):
@@ -440,7 +446,8 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, type, str]]:
         tifffile.imwrite(
             dtypes / f"s{i}.tif", np.zeros((20, 20), np.uint8 if i != 1 else np.uint16)
         )
-    tifffile.imwrite(tmp / "plain.tif", a, metadata=None)
+    rgb = np.repeat(a[:, :, :, None], 3, axis=3).astype("uint8")
+    tifffile.imwrite(tmp / "plain.tif", rgb, metadata=None, photometric="rgb")
     return {
         "truncated": (
             tmp / "truncated.tif",

@@ -15,9 +15,8 @@ import torch
 import zarr
 from test_stitch import semantic_store  # sibling test module (pytest puts tests/tasks on the path)
 
-from tasks.link_slices import link_slices
+from tasks.instances import link_slices, stitch
 from tasks.segment import SegmentParams, segment_image
-from tasks.stitch import stitch
 from tasks.store import write_image
 from unet_core import UNet, UNetConfig, save_checkpoint
 from unet_core.checkpoint import CheckpointMeta

@@ -19,11 +19,11 @@ import zarr
 
 from tasks.blockwise import DELAY_ENV, Markers, Runner, Step
 from tasks.ingest import ingest_volume
+from tasks.instances import stitch
 from tasks.lease import LEASE_FILE, Lease
 from tasks.outputs import write_file
 from tasks.reads import ChunkCache, StrictArray
 from tasks.segment import SegmentParams, segment_image
-from tasks.stitch import stitch
 from tasks.store import every_chunk, write_image
 from unet_core import CheckpointMeta, Normalization, UNet, UNetConfig, save_checkpoint
 from unet_core.errors import (

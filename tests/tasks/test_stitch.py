@@ -15,9 +15,9 @@ import zarr
 from scipy import ndimage
 
 from tasks.export import export_tiff
+from tasks.instances import id_dtype, stitch
 from tasks.ngff import add_label, label_ome, read_multiscale
 from tasks.segment import SegmentParams, segment_image
-from tasks.stitch import id_dtype, stitch
 from tasks.store import every_chunk, write_image
 from unet_core import UNet, UNetConfig, save_checkpoint
 from unet_core.metrics import same_partition

@@ -4,9 +4,10 @@ The algorithm is :mod:`unet_core.slicelink` (its :func:`~unet_core.slicelink.lin
 is the whole-volume reference); this module runs it on a chunked store and gives the same
 partition for any chunking, because everything it decides from is a sum over voxels:
 
-1. **label** — :func:`tasks.stitch.label_chunk` with an in-plane structure: every chunk
-   labels the 2D components of each of its slices (local ids) into the scratch array.
-2. **faces** — :func:`tasks.stitch.face_pairs` along y and x: fragments of one slice
+1. **label** — :func:`tasks.instances.components.label_chunk` with an in-plane structure:
+   every chunk labels the 2D components of each of its slices (local ids) into the scratch
+   array.
+2. **faces** — :func:`tasks.instances.components.face_pairs` along y and x: fragments of one slice
    object in neighbouring chunks. **tables** — :func:`slice_tables` per chunk: each local
    object's slice, area, intensity sum and key, and the voxels shared by objects of
    consecutive slices inside the chunk and across its upper z face (its last slice
@@ -15,7 +16,7 @@ partition for any chunking, because everything it decides from is a sum over vox
    tables add up; :func:`unet_core.slicelink.link` decides the links and the cuts at
    waists. The kept links (between representatives) and the face pairs go through the
    same sparse union as the component stitch.
-4. **relabel** — :func:`tasks.stitch.relabel_chunk` writes consecutive final ids.
+4. **relabel** — :func:`tasks.instances.components.relabel_chunk` writes consecutive final ids.
 
 Per-chunk steps have the form ``fn(plan, index) -> small result`` over a frozen plan of
 descriptors. The client holds one row per slice object (not per voxel).
@@ -32,9 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.stitch import (
+from tasks.instances.components import (
     StitchPlan,
-    StitchResult,
     _image_url,
     _union,
     final_ids,
@@ -256,18 +256,10 @@ def default_method(store: str, labels: str) -> str:
     return "slices" if ndim == 3 and model_ndim == 2 else "components"
 
 
-def link_slices(store: str, params: LinkParams | None = None, **kw: Any) -> StitchResult:
-    """:func:`tasks.stitch.stitch` with the ``slices`` method (and ``params``)."""
-    from tasks.stitch import stitch
-
-    return stitch(store, method="slices", link_params=params, **kw)
-
-
 __all__ = [
     "LinkPlan",
     "SliceTables",
     "default_method",
-    "link_slices",
     "links_between_slices",
     "plan_link",
     "segmentation_meta",
