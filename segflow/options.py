@@ -222,13 +222,15 @@ def validate(model: type[BaseModel], values: dict[str, Any]) -> Any:
 def describe_validation(exc: ValidationError, name: Callable[[str], str] = name_field) -> str:
     """The first problem of a pydantic validation error, naming the field with ``name``."""
     first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
+    # field names only (a union's member tags such as "literal['a','b']" are not fields)
+    loc = [str(p) for p in first.get("loc", ()) if isinstance(p, str) and p.isidentifier()]
     msg = str(first.get("msg", exc)).removeprefix("Value error, ")
     value = first.get("input")
     if not loc:
         return render(msg, name)
     shown = "" if isinstance(value, dict | BaseModel) or value is None else f" {value!r}"
-    return f"{name(loc[-1])}{shown}: {render(msg, name)}"
+    sep = " " if msg.startswith("is ") else ": "
+    return f"{name(loc[-1])}{shown}{sep}{render(msg, name)}"
 
 
 def _panel(name: str, model: type[BaseModel], panels: Mapping[type[BaseModel], str]) -> str | None:

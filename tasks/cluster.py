@@ -150,9 +150,16 @@ class ClusterSpec(BaseModel):
     @field_validator("kind", mode="before")
     @classmethod
     def _scheme(cls, value: Any) -> Any:
-        """``host:port`` (as distributed accepts it) means ``tcp://host:port``."""
+        """``host:port`` (as distributed accepts it) means ``tcp://host:port``; anything
+        else that is neither a kind nor an address is one sentence, not a union's errors."""
         if isinstance(value, str) and re.fullmatch(r"[\w.-]+:\d+", value):
             return f"tcp://{value}"
+        known = ("local", *JOB_KINDS)
+        if isinstance(value, str) and value not in known and not re.match(ADDRESS_PATTERN, value):
+            raise ValueError(
+                "is neither local, slurm, pbs, sge, lsf nor a scheduler address like "
+                "tcp://host:8786"
+            )
         return value
 
     @property
@@ -174,13 +181,9 @@ def cluster_spec(**fields: Any) -> ClusterSpec:
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else "cluster"
-        value = fields.get(name)
-        if name == "kind":
-            raise ConfigError(
-                f"{opt('kind')} {value!r} is neither local, slurm, pbs, sge, lsf nor a scheduler "
-                "address like tcp://host:8786"
-            ) from None
-        raise ConfigError(f"{opt(name)} {value!r}: {err['msg']}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        sep = " " if msg.startswith("is ") else ": "
+        raise ConfigError(f"{opt(name)} {fields.get(name)!r}{sep}{msg}") from None
 
 
 # ------------------------------------------------------------------------------ GPUs

@@ -37,7 +37,12 @@ from unet_core.config import UNetConfig
 from unet_core.errors import ConfigError, InvalidVolumeError, opt
 from unet_core.geometry import Block, Box, Tile, TileSpec, plan_tiles
 from unet_core.lattice import TileLattice, plan_lattice
-from unet_core.normalize import NONFINITE_VALUE, IntensityStats, StatsAccumulator
+from unet_core.normalize import (
+    NONFINITE_VALUE,
+    NORMALIZE_REVISION,
+    IntensityStats,
+    StatsAccumulator,
+)
 from unet_core.predict import (
     INVARIANT_REVISION,
     effective_batch_size,
@@ -394,6 +399,7 @@ def plan_segmentation(
         "chunks": list(chunks),
         "tile": list(tile),
         "channel": None if info.n_channels == 1 else params.channel,
+        "normalize": NORMALIZE_REVISION,  # the arithmetic that maps intensities (clip too)
     }
     if numerics is not None:  # what fixes the bits in the invariant mode
         effective["numerics"] = numerics

@@ -113,6 +113,11 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         assert name, "the form offers no run name"
         field("Source").fill(src)
         field("Model").fill(stack["model"])
+        # objects too (off by default, as in the CLI): the form's switch for "Instances"
+        instances = page.locator(".schema-form-property").filter(
+            has=page.locator(".schema-form-property__label", has_text="Instances")
+        )
+        instances.first.locator("[role=switch], input[type=checkbox]").first.click()
         _shot(page, shots, "1-form")
         page.get_by_role("button", name="Submit", exact=True).click()
         # the form leaves for the deployment page once the run is created; the run exists
@@ -125,6 +130,7 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         assert run["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         assert run["name"] == name  # the name shown in the form is kept
         assert run["parameters"]["source"] == src
+        assert run["parameters"]["instances"] is True
 
         # the run's Artifacts tab -> the report artifact
         page.reload()
