@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from bench.common import OUT, emit, load_average, machine, peak_rss_mib, run_child
-from unet_core.predict import MODES as NUMERICS
+from unet_core.config import MODES as NUMERICS
 from unet_core.runtime import configure
 
 PRESETS = {

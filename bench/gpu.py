@@ -181,7 +181,7 @@ def forward_variant(
     """Voxels/s of repeated forward passes of one batch (after warm-up / compilation)."""
     import torch
 
-    from unet_core.predict import channels_last_format
+    from unet_core.numerics import channels_last_format
 
     m = copy.deepcopy(model).to(device).eval()
     xin = x
@@ -216,7 +216,7 @@ def conv_device_time(model: Any, x: Any, device: Any, dtype: Any, iters: int = 5
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from unet_core.predict import channels_last_format
+    from unet_core.numerics import channels_last_format
 
     m = copy.deepcopy(model).to(device).eval()
     fmt = channels_last_format(x.ndim)

@@ -167,13 +167,13 @@ def child_inmemory(url: str) -> dict:
 def child_verify(url: str) -> dict:
     """Same partition? One-to-one correspondence of ids, gathered chunk by chunk."""
 
-    from unet_core.geometry import iter_chunks
+    from unet_core.geometry import ChunkGrid
 
     a = open_array(url, "segflow-bench/inmemory")
     b = open_array(url, "labels/instances/0")
     pairs: set[tuple[int, int]] = set()
     same_fg = True
-    for box in iter_chunks(a.shape, a.chunks):
+    for box in ChunkGrid(a.shape, a.chunks).boxes():
         x = np.asarray(a[box.to_slices()]).reshape(-1)
         y = np.asarray(b[box.to_slices()]).reshape(-1).astype(np.uint64)
         same_fg &= bool(np.array_equal(x > 0, y > 0))

@@ -157,7 +157,7 @@ def predict(
     from tasks.paths import nightly_store
     from tasks.pipeline import Request
     from unet_core import read_checkpoint_header
-    from unet_core.predict import check_device
+    from unet_core.devices import check_device
 
     quiet, as_json = is_quiet(), wants_json()
     check_device(options.device, indexed=False, here=not cluster.is_job_cluster)

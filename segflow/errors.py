@@ -101,7 +101,7 @@ def describe_error(exc: BaseException, where: str = "") -> tuple[str, ExitCode]:
         text = _one_line(exc.render(name_field))  # option fields named as this door's flags
         cause = getattr(exc, "cause", None)  # an error that wraps another (a failed block)
         if isinstance(cause, BaseException) and not isinstance(cause, SegflowError):
-            from tasks.store import translate_storage_error
+            from tasks.storage_errors import translate_storage_error
 
             err = translate_storage_error(cause, where or "storage")
             return text, exit_code(err) if err is not None else exit_code(exc)
@@ -112,7 +112,7 @@ def describe_error(exc: BaseException, where: str = "") -> tuple[str, ExitCode]:
 
     if isinstance(exc, ValidationError):
         return _one_line(f"invalid option {describe_validation(exc)}"), ExitCode.USAGE
-    from tasks.store import translate_storage_error
+    from tasks.storage_errors import translate_storage_error
 
     err = translate_storage_error(exc, where or "storage")
     if err is not None:

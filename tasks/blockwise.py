@@ -47,7 +47,8 @@ import zarr
 
 from tasks.cluster import share
 from tasks.lease import Fence, held_fence
-from tasks.store import DONE_GROUP, is_transient, open_group
+from tasks.storage_errors import is_transient
+from tasks.store import DONE_GROUP, open_group
 from unet_core.errors import BlockError, ConfigError, LeaseLostError, SegflowError
 from unet_core.geometry import Box
 

@@ -18,6 +18,7 @@ in its own words (the CLI's flag, the form's title).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -71,6 +72,17 @@ class SegmentParams(BaseModel):
         description="Name of the labels image written under labels/ (letters, digits, _ . -; "
         "not starting with a dot).",
     )
+
+    @field_validator("labels_name", mode="before")
+    @classmethod
+    def _one_path_element(cls, value: Any) -> Any:
+        """A label name is one folder of the store, never ``.``, ``..`` or a path."""
+        if isinstance(value, str) and not re.fullmatch(LABEL_NAME_PATTERN, value):
+            raise ValueError(
+                "is not a label name: one word of letters, digits, _ . - that does not start "
+                "with a dot"
+            )
+        return value
 
     def output_fields(self) -> dict[str, Any]:
         """The fields that change what is written (device and batch size do not)."""

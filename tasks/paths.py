@@ -28,6 +28,11 @@ LABEL_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$"
 _VOLUME_SUFFIXES = (*ZARR_SUFFIXES, *OME_TIFF_SUFFIXES, *TIFF_SUFFIXES)
 
 
+def is_remote(url: str) -> bool:
+    """A URL of a remote store (``s3://...``) rather than a local path."""
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
 def basename(source: str) -> str:
     """The last element of a path or URL (a trailing slash ignored)."""
     return str(source).rstrip("/").rsplit("/", 1)[-1]

@@ -153,7 +153,7 @@ def check(request: Request, local: bool = True) -> None:
     problem is one sentence (a :class:`unet_core.errors.SegflowError`); option names in it
     are fields (:func:`unet_core.errors.opt`) that each door names in its own words."""
     from unet_core.checkpoint import read_checkpoint_header
-    from unet_core.predict import check_device
+    from unet_core.devices import check_device
 
     options = request.options
     check_device(options.device, indexed=False, here=local)
@@ -287,7 +287,7 @@ def preview(request: Request, image: str) -> tuple[str | None, str | None]:
     if request.preview_file is None:
         return None, None
     from tasks.report import write_preview
-    from tasks.store import translate_storage_error
+    from tasks.storage_errors import translate_storage_error
 
     try:
         return write_preview(image, request.out_store, request.shown_labels), None

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from unet_core.geometry import Box
-from unet_core.predict import read_mirrored
+from unet_core.mirror import read_mirrored
 
 
 class AugmentConfig(BaseModel):

@@ -561,8 +561,3 @@ def plan_blocks(
         read, _ = plan_tiles(spec, write, tile_shape)
         blocks.append(Block(index=index, read=read, write=write))
     return blocks
-
-
-def iter_chunks(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[Box]:
-    """The chunk boxes of an array of ``shape`` chunked by ``chunks`` (C order)."""
-    return ChunkGrid(shape, chunks).boxes()

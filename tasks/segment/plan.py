@@ -35,7 +35,7 @@ from tasks.store import (
 from unet_core.checkpoint import read_checkpoint_header
 from unet_core.config import UNetConfig
 from unet_core.errors import ConfigError, InvalidVolumeError, opt
-from unet_core.geometry import Block, Box, Tile, TileSpec, plan_tiles
+from unet_core.geometry import Block, Box, ChunkGrid, Tile, TileSpec, plan_tiles
 from unet_core.lattice import TileLattice, plan_lattice
 from unet_core.normalize import (
     NONFINITE_VALUE,
@@ -43,10 +43,8 @@ from unet_core.normalize import (
     IntensityStats,
     StatsAccumulator,
 )
-from unet_core.predict import (
-    INVARIANT_REVISION,
-    effective_batch_size,
-)
+from unet_core.numerics import INVARIANT_REVISION
+from unet_core.predict import effective_batch_size
 from unet_core.slicelink import DEFAULT_LINK_IOU
 
 log = logging.getLogger(__name__)
@@ -104,29 +102,31 @@ class SegmentPlan:
         return f"segment-{self.params.labels_name}"
 
     @property
+    def blocks(self) -> ChunkGrid:
+        """The image cut into blocks (the one block grid, :class:`ChunkGrid`)."""
+        return ChunkGrid(self.image.spatial_shape, self.block_shape)
+
+    @property
     def grid(self) -> tuple[int, ...]:
         """Blocks per axis."""
-        return tuple(
-            -(-n // b) for n, b in zip(self.image.spatial_shape, self.block_shape, strict=True)
-        )
+        return tuple(int(n) for n in self.blocks.grid)
 
     @property
     def n_blocks(self) -> int:
-        return int(np.prod(self.grid))
+        return self.blocks.n_blocks
 
     def indices(self) -> list[tuple[int, ...]]:
-        return [tuple(int(i) for i in idx) for idx in np.ndindex(*self.grid)]
+        return [tuple(int(i) for i in idx) for idx in self.blocks.indices()]
 
     def block(self, index: Sequence[int]) -> Block:
         """The block at a grid index (computed, not stored: plans stay small)."""
         index = tuple(int(i) for i in index)
-        if len(index) != len(self.grid) or any(
-            not 0 <= i < g for i, g in zip(index, self.grid, strict=True)
-        ):
-            raise ConfigError(f"block index {index} is outside the block grid {self.grid}")
-        volume = Box.of_shape(self.image.spatial_shape)
-        begin = tuple(i * b for i, b in zip(index, self.block_shape, strict=True))
-        write = Box(begin, self.block_shape).intersect(volume)
+        try:
+            write = self.blocks.box(index)
+        except IndexError:
+            raise ConfigError(
+                f"block index {index} is outside the block grid {self.grid}"
+            ) from None
         read, _ = self.tiles(write)
         return Block(index=index, read=read, write=write)
 

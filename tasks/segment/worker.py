@@ -35,8 +35,9 @@ from tasks.store import PROBABILITIES_GROUP, every_chunk, get_array, is_remote, 
 from unet_core.checkpoint import load_checkpoint
 from unet_core.errors import ConfigError
 from unet_core.geometry import Block, Box, Tile
+from unet_core.mirror import read_mirrored
 from unet_core.normalize import apply_affine
-from unet_core.predict import Predictor, class_labels, read_mirrored, softmax
+from unet_core.predict import Predictor, class_labels, softmax
 from unet_core.runtime import configure
 
 if TYPE_CHECKING:

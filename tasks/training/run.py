@@ -30,7 +30,7 @@ def run_training(
     unless ``trust_labels``, that the labels look like an annotation and the images like
     images (:func:`tasks.training.inputs.check_pair_kinds`)."""
     from unet_core.checkpoint import read_checkpoint_header
-    from unet_core.predict import check_device
+    from unet_core.devices import check_device
 
     out = Path(out)
     check_device((config or TrainConfig()).device)

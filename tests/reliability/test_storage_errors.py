@@ -13,7 +13,8 @@ import zarr
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from segflow.errors import EXIT_CODES, ExitCode, describe_error, exit_code
-from tasks.store import is_transient, read_region, retry_transient, translate_storage_error
+from tasks.storage_errors import is_transient, retry_transient, translate_storage_error
+from tasks.store import read_region
 from unet_core.errors import (
     InvalidVolumeError,
     SegflowError,

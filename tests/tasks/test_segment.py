@@ -211,7 +211,7 @@ def test_blocks_decode_the_chunks_they_share_once(tmp_path, dask_client):
     for one chunk of output); the worker keeps them decoded, so a run decodes far fewer
     chunks than its blocks' boxes touch, with the same bits as the whole-volume pass."""
     from tasks.segment import plan_segmentation
-    from unet_core.predict import mirror_indices
+    from unet_core.mirror import mirror_indices
 
     vol = np.random.default_rng(9).integers(0, 60000, size=(24, 40, 40)).astype(np.uint16)
     src = str(tmp_path / "img.ome.zarr")

@@ -16,7 +16,7 @@ from unet_core.augment import (
     warp,
 )
 from unet_core.geometry import Box
-from unet_core.predict import read_mirrored
+from unet_core.mirror import read_mirrored
 
 
 def smooth_image(shape, seed=0):

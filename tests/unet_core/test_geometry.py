@@ -15,7 +15,6 @@ from unet_core.geometry import (
     Coord,
     TileSpec,
     ceildiv,
-    iter_chunks,
     plan_blocks,
     plan_tiles,
 )
@@ -181,7 +180,6 @@ def test_chunk_grid():
     assert list(grid.intersecting(Box((3, 2), (2, 2)))) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert list(grid.intersecting(Box((-5, -5), (5, 20)))) == []
     assert list(grid.intersecting(Box((9, 6), (100, 100)))) == [(2, 2)]
-    assert list(iter_chunks((10, 7), (4, 3))) == list(grid.boxes())
     assert ChunkGrid((0, 5), (2, 2)).n_blocks == 0
     with pytest.raises(IndexError, match="outside the grid"):
         grid.box((3, 0))

@@ -8,7 +8,7 @@ import pytest
 
 from unet_core import UNetConfig
 from unet_core.errors import ConfigError, InvalidShapeError
-from unet_core.geometry import Box, TileSpec, iter_chunks
+from unet_core.geometry import Box, ChunkGrid, TileSpec
 from unet_core.lattice import TileLattice, plan_lattice
 
 NETS = [
@@ -37,7 +37,7 @@ def test_every_voxel_has_one_tile_whatever_the_blocks(config, shape, bound):
     chunkings = [(7,) * len(shape), (5, 16, 11)[-len(shape) :], shape]
     for chunks in chunkings:
         seen = 0
-        for write in iter_chunks(shape, chunks):
+        for write in ChunkGrid(shape, chunks).boxes():
             read, tiles = lattice.plan(write)
             for tile in tiles:
                 assert read.contains(tile.read)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unet_core import InvalidShapeError, UNet, UNetConfig
-from unet_core.predict import exact_numerics
+from unet_core.numerics import exact_numerics
 
 
 def small(**kw) -> UNetConfig:

@@ -7,20 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import unet_core.predict as predict_mod
+import unet_core.numerics as numerics_mod
 from unet_core import ConfigError, InvalidVolumeError, UNet, UNetConfig
-from unet_core.geometry import Box, TileSpec, iter_chunks
+from unet_core.geometry import Box, ChunkGrid, TileSpec
 from unet_core.lattice import plan_lattice
-from unet_core.predict import (
-    Predictor,
-    class_labels,
-    exact_numerics,
-    invariant_numerics,
-    mirror_indices,
-    predict,
-    read_mirrored,
-    softmax,
-)
+from unet_core.mirror import mirror_indices, read_mirrored
+from unet_core.numerics import exact_numerics, invariant_numerics
+from unet_core.predict import Predictor, class_labels, predict, softmax
 
 
 def net(seed=0, **kw):
@@ -144,7 +137,7 @@ def assert_invariant(model, x, bound, batch, chunkings) -> np.ndarray:
         for chunks, threads in zip(chunkings, (1, 2), strict=True):
             torch.set_num_threads(threads)
             logits = np.full((model.config.n_classes, *shape), np.nan, dtype=np.float32)
-            for write in iter_chunks(shape, chunks):
+            for write in ChunkGrid(shape, chunks).boxes():
                 read, tiles = lattice.plan(write)
                 data = read_mirrored(x[None], read, shape, leading=1)
                 logits[(slice(None), *write.to_slices())] = predictor.logits(
@@ -175,20 +168,20 @@ def test_invariant_mode_same_bits_for_any_blocks_threads_and_batch_fill(
 def test_invariant_mode_first_convolution_in_slabs(monkeypatch):
     """The first convolution runs in slabs planned from the tile shape alone: still the
     same bits for any blocks."""
-    monkeypatch.setattr(predict_mod, "SLAB_BYTES", 4096)
+    monkeypatch.setattr(numerics_mod, "SLAB_BYTES", 4096)
     model = net(ndim=2)
     x = np.random.default_rng(5).normal(size=(46, 53)).astype(np.float32)
     sliced = assert_invariant(model, x, (60, 60), 2, [(16, 16), (23, 53)])
-    monkeypatch.setattr(predict_mod, "SLAB_BYTES", 2**40)
+    monkeypatch.setattr(numerics_mod, "SLAB_BYTES", 2**40)
     assert np.abs(sliced - predict(model, x, (60, 60), 2)).max() < 1e-5
 
 
 def test_reference_convolutions_in_slabs_are_bitwise_the_whole(monkeypatch):
     model = net(ndim=3, padding="same", base_channels=2)
     x = np.random.default_rng(4).normal(size=(9, 14, 11)).astype(np.float32)
-    monkeypatch.setattr(predict_mod, "SLAB_BYTES", 2**40)
+    monkeypatch.setattr(numerics_mod, "SLAB_BYTES", 2**40)
     whole = predict(model, x, mode="reference")
-    monkeypatch.setattr(predict_mod, "SLAB_BYTES", 2**18)  # a few output planes at a time
+    monkeypatch.setattr(numerics_mod, "SLAB_BYTES", 2**18)  # a few output planes at a time
     assert np.array_equal(predict(model, x, mode="reference"), whole)
 
 

@@ -21,11 +21,11 @@ import torch
 
 from unet_core.checkpoint import CheckpointMeta, save_checkpoint
 from unet_core.config import UNetConfig
+from unet_core.devices import resolve_device
 from unet_core.errors import ConfigError
 from unet_core.geometry import Box
 from unet_core.losses import segmentation_loss
 from unet_core.model import UNet
-from unet_core.predict import resolve_device
 from unet_core.targets import object_stats
 from unet_core.training.config import TrainConfig
 from unet_core.training.data import PreparedData, prepare

@@ -23,7 +23,7 @@ from unet_core.augment import (
 from unet_core.config import UNetConfig
 from unet_core.errors import ConfigError
 from unet_core.geometry import Box
-from unet_core.predict import read_mirrored
+from unet_core.mirror import read_mirrored
 from unet_core.training.config import TrainConfig
 from unet_core.training.data import PreparedData, TrainingPair
 

@@ -16,8 +16,9 @@ import torch
 
 from unet_core.geometry import Box, plan_tiles
 from unet_core.metrics import confusion_matrix, report_from_confusion
+from unet_core.mirror import read_mirrored
 from unet_core.model import UNet
-from unet_core.predict import Predictor, plan_box, read_mirrored, softmax
+from unet_core.predict import Predictor, plan_box, softmax
 from unet_core.training.data import PreparedData
 
 
