@@ -199,11 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     min_size = meta.object_stats.suggested_min_size if meta.object_stats else 1
     fg = semantic == meta.foreground_class
     components = match_instances(instances_from_mask(fg, min_size), truth)
-    from tasks.export import export_tiff
+    from tasks.export import export_labels_once
+    from tasks.paths import beside_store
 
-    tiff_out = out / "volume.instances.ome.tif"
-    export_tiff(str(store), str(tiff_out), labels="instances")
-    print(f"[5/5] exported {tiff_out}", flush=True)
+    # a file beside the store, owned by it: written again only when the instances changed
+    tiff_out = beside_store(str(store), "instances.ome.tif")
+    kept = export_labels_once(str(store), tiff_out, "instances")
+    print(f"[5/5] {'kept' if kept else 'exported'} {tiff_out}", flush=True)
     report = {
         "store": str(store),
         "labels": summary["labels"],
