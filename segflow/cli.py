@@ -12,6 +12,7 @@ statuses), :mod:`segflow.output` (quiet, JSON, log levels) and :mod:`segflow.opt
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 import typer
@@ -93,6 +94,41 @@ def _add_examples(group: typer.Typer, prefix: str) -> None:
             _add_examples(sub.typer_instance, f"{prefix}{sub.name} ")
 
 
+#: The options every command shares (:mod:`segflow.output`): given before the command
+#: (``segflow -q segment ...``) they mean the same as after it.
+SHARED_FLAGS = ("-q", "--quiet", "--json", "-v", "-vv", "-vvv", "--verbose")
+SHARED_WITH_VALUE = ("--log-level",)
+
+
+def hoist_shared_options(argv: list[str], command: Any) -> list[str]:
+    """``argv`` with the shared output options written before the command moved after it
+    (``segflow -q segment x`` -> ``segflow segment -q x``); other options stay."""
+    front: list[str] = []
+    moved: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        word = argv[i]
+        if word in SHARED_FLAGS or word.startswith("--log-level="):
+            moved.append(word)
+        elif word in SHARED_WITH_VALUE and i + 1 < len(argv):
+            moved += argv[i : i + 2]
+            i += 1
+        else:
+            front.append(word)
+        i += 1
+    if not moved:
+        return argv
+    path: list[str] = []
+    group = command
+    while i < len(argv) and argv[i] in getattr(group, "commands", {}):
+        group = group.commands[argv[i]]
+        path.append(argv[i])
+        i += 1
+    if not path or hasattr(group, "commands"):
+        return argv  # no command to give them to: leave the line as it was written
+    return [*front, *path, *moved, *argv[i:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``segflow`` command: usage errors are one line ``segflow: error: ...`` (exit 2),
     like every other error; a command's own errors come through :func:`clean_errors`."""
@@ -101,9 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     configure()  # before any command imports PyTorch
     _register()
     command = typer.main.get_command(app)
+    args = hoist_shared_options(list(sys.argv[1:] if argv is None else argv), command)
     try:
         code = command.main(
-            args=sys.argv[1:] if argv is None else argv,
+            args=args,
             prog_name="segflow",
             standalone_mode=False,
         )

@@ -62,7 +62,7 @@ def test_a_plain_3d_tiff_segments_through_segment_and_predict(tmp_path):
 
 
 def test_voxel_sizes_must_be_finite_and_positive(tmp_path):
-    tifffile.imwrite(tmp_path / "v.tif", blobs((4, 32, 32), 1), metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "v.tif", blobs((6, 32, 32), 1), metadata={"axes": "ZYX"})
     model = make_model(tmp_path / "m.ckpt", 1)
     for bad in ("inf,1,1", "0,1,1", "-2,1,1", "nan,1,1"):
         done = cli("segment", tmp_path / "v.tif", "-m", model, *ARGS, "--voxel-size", bad)
@@ -94,3 +94,16 @@ def test_usage_errors_are_one_line(command):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("segflow: error: no such option: --no-such-option")
+
+
+def test_shared_options_work_before_the_command(tmp_path):
+    """``segflow -q segment ...`` as ``segflow segment -q ...`` (the README lists -q, --json
+    and -v among the options every command shares)."""
+    tifffile.imwrite(tmp_path / "v.tif", blobs((6, 32, 32), 5), metadata={"axes": "ZYX"})
+    model = make_model(tmp_path / "m.ckpt", 5)
+    quiet = cli("-q", "segment", tmp_path / "v.tif", "-m", model, "--tile", "1,64,64")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == ""
+    info = cli("--json", "model", "info", model)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["config"]["ndim"] == 2
