@@ -43,6 +43,7 @@ from tasks.cluster import ClusterSpec, client_for, dask_client
 from tasks.options import PipelineOptions
 from tasks.paths import volume_name
 from tasks.pipeline import INSTANCES, Request
+from tasks.records import OutputRecord
 from tasks.regions import forget_regions, run_region
 from tasks.report import (
     markdown_report,
@@ -52,7 +53,8 @@ from tasks.report import (
     write_preview,
 )
 from tasks.segment import SegmentPlan
-from tasks.store import attributes, open_group, retry_transient
+from tasks.storage_errors import retry_transient
+from tasks.store import open_group
 from unet_core.errors import (
     CheckpointError,
     ConfigError,
@@ -348,7 +350,7 @@ def _segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
             f"voxels {first['voxel_box']}: {first['error']}); the run report lists each one "
             "and the parameters to re-run exactly those; retrying this run recomputes only them"
         )
-    pipeline.require_complete(result)  # never Completed with incomplete labels
+    pipeline.ensure_complete(result)  # never Completed with incomplete labels
     return summary
 
 
@@ -506,8 +508,7 @@ def _labels_key(plan: SegmentPlan) -> str | None:
         group = open_group(plan.out_url, "r")[plan.labels_path]
     except (KeyError, SegflowError):
         return None
-    key = attributes(group).get("segflow", {}).get("key")
-    return str(key) if key else None
+    return OutputRecord.of(group).key
 
 
 def _class_voxels(plan: SegmentPlan, results: list[dict[str, Any]]) -> dict[str, int]:

@@ -142,16 +142,16 @@ def export_labels_once(
     whether the existing file was reused. (Only for local files in stores segflow made;
     anything else is exported every time.)"""
     path = f"{LABELS_GROUP}/{labels}"
-    meta = require_complete(store, path, f"'{labels}' labels")
-    record = {"key": meta.get("key"), "compression": compression}
+    made = require_complete(store, path, f"'{labels}' labels")
+    record = {"key": made.key, "compression": compression}
     local = not is_remote(to) and owned_by_segflow(store)
-    if local and record["key"] is not None:
-        done = meta.get("exports", {}).get(os.path.abspath(to))
+    if local and made.key is not None:
+        done = made.exports.get(os.path.abspath(to))
         if done is not None and done == {**record, **_file_id(to)} and owns_file(store, to):
             return True
     export_tiff(store, to, labels=labels, compression=compression, progress=progress, owner=store)
-    if local and record["key"] is not None:
-        exports = {**meta.get("exports", {}), os.path.abspath(to): {**record, **_file_id(to)}}
+    if local and made.key is not None:
+        exports = {**made.exports, os.path.abspath(to): {**record, **_file_id(to)}}
         set_complete(store, path, True, exports=exports)
     return False
 

@@ -118,8 +118,9 @@ def read_raw(store: str) -> bytes | None:
     path = join(store, LEASE_FILE)
     try:
         if is_remote(store):
-            with filesystem(store).open(path, "rb") as f:
-                return bytes(f.read())
+            # one GET: an open file re-reads ranges with the first ETag as a precondition,
+            # which fails when the holder's heartbeat replaced the object in between
+            return bytes(filesystem(store).cat_file(path))
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:

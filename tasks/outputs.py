@@ -34,9 +34,8 @@ from typing import Any, Literal
 import zarr
 
 from tasks.lease import LEASE_FILE, lease_status
+from tasks.records import OWNER, StoreRecord
 from tasks.store import (
-    OWNER,
-    attributes,
     check_access,
     filesystem,
     is_remote,
@@ -48,9 +47,6 @@ from unet_core.errors import (
     StoreConflictError,
     opt,
 )
-
-#: The root attribute (under ``segflow``) that records the files beside a store.
-FILES_KEY = "files"
 
 FileKind = Literal["tiff", "checkpoint", "beside"]
 
@@ -151,10 +147,8 @@ def _ingested_from(store: str) -> str | None:
     """The source a store segflow made was ingested from (its recorded URL), if any."""
     if not is_remote(store) and not os.path.isfile(os.path.join(store, "zarr.json")):
         return None
-    seg = _segflow_attrs(store) or {}
-    source = seg.get("source")
-    url = source.get("url") if isinstance(source, dict) else None
-    return str(url) if url else None
+    record = store_record(store)
+    return record.source_url if record is not None else None
 
 
 # --------------------------------------------------------------------------- stores
@@ -184,21 +178,18 @@ def store_exists(url: str) -> bool:
     return bool(_children(url))
 
 
-def _segflow_attrs(url: str) -> dict[str, Any] | None:
+def store_record(url: str) -> StoreRecord | None:
+    """The root record of a store (None: no zarr group there)."""
     try:
-        seg = attributes(open_group(url, "r")).get("segflow")
+        return StoreRecord.of(open_group(url, "r"))
     except Exception:
         return None
-    return seg if isinstance(seg, dict) else None
 
 
 def owned_by_segflow(url: str) -> bool:
-    """Whether ``url`` is a zarr store that segflow made (its root attributes say so)."""
-    seg = _segflow_attrs(url)
-    if seg is None:
-        return False
-    # ``created_by`` since this version; stores of earlier versions carry ingest/role
-    return seg.get("created_by") == OWNER or "ingest" in seg or "role" in seg
+    """Whether ``url`` is a zarr store that segflow made (its root record says so)."""
+    record = store_record(url)
+    return record is not None and record.owned
 
 
 def _is_zarr(url: str) -> bool:
@@ -223,13 +214,12 @@ def store_image(url: str) -> str | None:
     """The image a segflow store belongs to, as a canonical location: the store itself
     when it holds an image (it was ingested or written as one), else the image its
     outputs were made from. None when it holds neither (or is not segflow's)."""
-    seg = _segflow_attrs(url)
-    if seg is None:
+    record = store_record(url)
+    if record is None:
         return None
-    if "ingest" in seg or "image_digest" in seg or seg.get("role") == "image":
+    if record.ingest is not None or record.image_digest or record.role == "image":
         return canonical(url)
-    source = seg.get("source_image")
-    return canonical(str(source)) if source else None
+    return canonical(record.source_image) if record.source_image else None
 
 
 def check_writable(url: str) -> None:
@@ -322,7 +312,7 @@ def claim_store(url: str, role: str, **attrs: Any) -> zarr.Group:
     if store_exists(url):
         return open_group(url, "r+")
     root = open_group(url, "a")  # "w" would delete the run's lease
-    root.attrs.update({"segflow": {"created_by": OWNER, "role": role, **attrs}})
+    StoreRecord(created_by=OWNER, role=role, **attrs).write(root)
     return root
 
 
@@ -413,9 +403,8 @@ def file_identity(path: str) -> dict[str, Any] | None:
 
 
 def _record(store: str) -> dict[str, Any]:
-    seg = _segflow_attrs(store) or {}
-    files = seg.get(FILES_KEY)
-    return dict(files) if isinstance(files, dict) else {}
+    record = store_record(store)
+    return dict(record.files) if record is not None else {}
 
 
 def _owned_name(store: str, path: str) -> str:
@@ -435,14 +424,13 @@ def owns_file(store: str, path: str) -> bool:
 
 def _set_record(store: str, name: str, identity: dict[str, Any] | None) -> None:
     root = open_group(store, "r+")
-    seg = attributes(root).get("segflow", {})
-    files = dict(seg.get(FILES_KEY) or {})
+    record = StoreRecord.of(root)
+    files = dict(record.files)
     if identity is None:
         files.pop(name, None)
     else:
         files[name] = identity
-    seg[FILES_KEY] = files
-    root.attrs.update({"segflow": seg})
+    record.updated(files=files).write(root)
 
 
 def check_file_target(
@@ -586,7 +574,6 @@ def check_files(
 
 
 __all__: Sequence[str] = [
-    "FILES_KEY",
     "OWNER",
     "RunInputs",
     "adopt_file",

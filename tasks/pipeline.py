@@ -42,7 +42,7 @@ from tasks.outputs import (
     special_file,
 )
 from tasks.paths import beside_store, store_beside, table_paths
-from tasks.segment.driver import require_complete, run_segmentation
+from tasks.segment.driver import ensure_complete, run_segmentation
 from tasks.segment.plan import (
     SegmentPlan,
     SegmentResult,
@@ -223,7 +223,7 @@ def plan(request: Request, image: str) -> SegmentPlan:
 
 #: The segmentation step: under the output store's fenced lease, prepare the outputs, run
 #: the blocks with a door's ``run_blocks`` (the CLI: a :class:`Runner`; the flow: its region
-#: tasks), finalize; the result says whether the labels are complete (:func:`require_complete`).
+#: tasks), finalize; the result says whether the labels are complete (:func:`ensure_complete`).
 segment = run_segmentation
 
 
@@ -325,7 +325,7 @@ def run(
             lease_wait_s=options.lease_wait_s,
             runner=runner,
         )
-        require_complete(result)
+        ensure_complete(result)
         found = None
         if options.instances:
             found = instances(
@@ -352,12 +352,12 @@ __all__ = [
     "Request",
     "Result",
     "check",
+    "ensure_complete",
     "export_labels",
     "ingest",
     "instances",
     "plan",
     "preview",
-    "require_complete",
     "run",
     "segment",
 ]

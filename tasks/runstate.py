@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from tasks.records import OutputRecord, StoreRecord
 from tasks.store import (
     attributes,
     listing_digest,
@@ -49,13 +50,13 @@ def image_digest(url: str, attrs: dict[str, Any] | None = None) -> str:
     recorded digest; changed (the array was rewritten in place after its ingest), the
     current listing is part of the identity, so the labels are recomputed. A store segflow
     did not make is identified by its listing alone."""
-    attrs = attributes(open_group(url, "r")) if attrs is None else attrs
-    seg = attrs.get("segflow", {})
-    recorded = seg.get("image_digest")
+    record = StoreRecord.of(attributes(open_group(url, "r")) if attrs is None else attrs)
     listing = listing_digest(url)
-    if not recorded:
+    if not record.image_digest:
         return listing
-    return str(recorded) if seg.get("image_listing") == listing else f"{recorded}+{listing}"
+    if record.image_listing == listing:
+        return record.image_digest
+    return f"{record.image_digest}+{listing}"
 
 
 # ------------------------------------------------------------------------- completeness
@@ -64,22 +65,19 @@ def image_digest(url: str, attrs: dict[str, Any] | None = None) -> str:
 def set_complete(store: str, path: str, complete: bool, **extra: Any) -> None:
     """Record in the group at ``path`` whether all of its blocks are written."""
     group = open_group(store, "r+")[path]
-    meta = attributes(group).get("segflow", {})
-    meta.update(extra)
-    meta["complete"] = bool(complete)
-    group.attrs.update({"segflow": meta})
+    OutputRecord.of(group).updated(**extra, complete=bool(complete)).write(group)
 
 
-def require_complete(store: str, path: str, what: str) -> dict[str, Any]:
-    """The segflow attributes of the group at ``path``; refuse it unless complete."""
+def require_complete(store: str, path: str, what: str) -> OutputRecord:
+    """The record of the outputs at ``path``; refuse them unless complete."""
     try:
         group = open_group(store, "r")[path]
     except KeyError:
         raise InvalidVolumeError(f"{store}: there are no {what} at '{path}'") from None
-    meta: dict[str, Any] = attributes(group).get("segflow", {})
-    if not meta.get("complete"):
+    record = OutputRecord.of(group)
+    if not record.complete:
         raise IncompleteError(
             f"{store}: the {what} at '{path}' are incomplete (a run stopped before writing "
             "every block); run the step that makes them again to finish them"
         )
-    return meta
+    return record

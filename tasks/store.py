@@ -32,6 +32,7 @@ import zarr.errors
 
 from tasks.ngff import Multiscale, compressors, image_ome, is_image
 from tasks.paths import is_remote, is_tiff_name, is_zarr_name, volume_name
+from tasks.records import OWNER, StoreRecord
 from tasks.storage_errors import (
     _brief,
     _chain,
@@ -46,9 +47,6 @@ from unet_core.errors import (
 )
 from unet_core.normalize import IntensityStats
 
-#: What segflow writes into the ``segflow.created_by`` attribute of the stores it makes
-#: (and the Software tag of its TIFFs): the mark of :mod:`tasks.outputs`' ownership rules.
-OWNER = "segflow"
 SPACE_AXES = ("z", "y", "x")
 DONE_GROUP = "segflow-done"
 LABELS_GROUP = "labels"
@@ -201,8 +199,8 @@ def read_image_info(url: str) -> ImageInfo:
     """Read the NGFF metadata of an image group and describe its level 0."""
     group = open_group(url, "r")
     attrs = attributes(group)
-    ingest = attrs.get("segflow", {}).get("ingest")
-    if not is_image(group) and isinstance(ingest, dict) and ingest.get("status") == "incomplete":
+    record = StoreRecord.of(attrs)
+    if not is_image(group) and record.ingest_status == "incomplete":
         raise InvalidVolumeError(
             f"{url}: the ingest into this store has not finished "
             "(run `segflow ingest` again to complete it)"
@@ -232,7 +230,7 @@ def read_image_info(url: str) -> ImageInfo:
         raise InvalidVolumeError(
             f"{url}: array has {arr.ndim} axes but the metadata names {len(axes)}"
         )
-    stats = attrs.get("segflow", {}).get("stats")
+    stats = record.stats
     return ImageInfo(
         url=str(url),
         axes=axes,
@@ -376,13 +374,12 @@ def write_image(
         dimension_names=list(axes),
     )[...] = data
     full_scale = list(scale) if scale else [1.0] * len(axes)
-    attrs: dict[str, Any] = {"ome": image_ome(Multiscale.build(axes, full_scale, unit=unit))}
-    attrs["segflow"] = {
-        "created_by": OWNER,
-        "image_digest": data_digest(data),
-        "image_listing": listing_digest(url),
-    }
-    if with_stats:
-        attrs["segflow"]["stats"] = compute_stats(data).model_dump()
-    root.attrs.update(attrs)
+    record = StoreRecord(
+        created_by=OWNER,
+        image_digest=data_digest(data),
+        image_listing=listing_digest(url),
+        stats=compute_stats(data).model_dump() if with_stats else None,
+    )
+    root.attrs.update({"ome": image_ome(Multiscale.build(axes, full_scale, unit=unit))})
+    record.write(root)
     return read_image_info(url)

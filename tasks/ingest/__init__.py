@@ -64,19 +64,19 @@ from tasks.ingest.store import (
     _partials,
     _prepare_store,
     _previous_ingest,
-    _segflow_attrs,
     check_sizes,
     destination,
+    ingest_record,
 )
 from tasks.ingest.write import ingest_unit
 from tasks.lease import Lease
 from tasks.ngff import Multiscale, image_ome
-from tasks.outputs import FILES_KEY, RunInputs, check_store_target
+from tasks.outputs import RunInputs, check_store_target
 from tasks.paths import volume_name
+from tasks.records import KEY, StoreRecord
 from tasks.store import (
     DONE_GROUP,
     ImageInfo,
-    attributes,
     listing_digest,
     open_group,
     read_image_info,
@@ -214,30 +214,25 @@ def _finalize(
         + crcs.astype("<u8").tobytes()
     ).hexdigest()[:32]
     root = open_group(plan.dst, "r+")
-    owned = attributes(root).get("segflow", {}).get(FILES_KEY)  # files beside the store
+    owned = StoreRecord.of(root).files  # the files beside the store stay its own
     name = volume_name(plan.source.url) or "image"
-    root.attrs.update(
-        {
-            "ome": image_ome(
-                Multiscale.build(plan.axes, plan.source.scale, factors, plan.source.unit, name)
-            ),
-            "segflow": {
-                **_segflow_attrs(plan, "complete", levels, stats, "crc-" + identity),
-                # what level 0 looks like on storage now: a later in-place edit shows
-                "image_listing": listing_digest(plan.dst),
-                **({FILES_KEY: owned} if owned else {}),
-            },
-        }
+    record = ingest_record(plan, "complete", levels, stats, "crc-" + identity).updated(
+        # what level 0 looks like on storage now: a later in-place edit shows
+        image_listing=listing_digest(plan.dst),
+        files=owned,
     )
+    ome = image_ome(Multiscale.build(plan.axes, plan.source.scale, factors, plan.source.unit, name))
+    root.attrs.update({"ome": ome, KEY: record.dump()})
 
 
 def ingest_status(dst: str) -> dict[str, Any]:
     """Progress of an ingest as stored in DST: status, units done and total."""
-    seg = _previous_ingest(dst) or {}
+    record = _previous_ingest(dst)
+    done = (record.ingest if record is not None else None) or {}
     markers = Markers.open(dst, STEP)
-    key = str(seg.get("ingest", {}).get("key", ""))
+    key = str(done.get("key", ""))
     return {
-        "status": seg.get("ingest", {}).get("status", "absent"),
+        "status": done.get("status", "absent"),
         "units_done": markers.count(key) if markers and key else 0,
         "units": math.prod(markers.grid) if markers else 0,
     }

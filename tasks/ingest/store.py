@@ -12,7 +12,8 @@ import zarr
 
 from tasks.ingest.plan import FORMAT_VERSION, SPARSE_MIN_BYTES, SPARSE_RATIO, IngestPlan
 from tasks.ngff import compressors
-from tasks.outputs import FILES_KEY, OWNER, delete_owned_store, owned_by_segflow, store_exists
+from tasks.outputs import delete_owned_store, owned_by_segflow, store_exists
+from tasks.records import KEY, OWNER, StoreRecord
 from tasks.store import (
     DONE_GROUP,
     attributes,
@@ -58,13 +59,12 @@ def _is_zarr(url: str) -> bool:
     return bool(filesystem(url).exists(join(url, "zarr.json")))
 
 
-def _previous_ingest(url: str) -> dict[str, Any] | None:
+def _previous_ingest(url: str) -> StoreRecord | None:
+    """The root record of DST, when there is a zarr group there."""
     try:
-        attrs = attributes(open_group(url, "r"))
+        return StoreRecord.of(open_group(url, "r"))
     except SegflowError:
         return None
-    seg = attrs.get("segflow")
-    return seg if isinstance(seg, dict) else None
 
 
 def destination(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> str:
@@ -79,7 +79,8 @@ def destination(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> str
     if not store_exists(dst):
         return "create"
     previous = _previous_ingest(dst) if owned_by_segflow(dst) else None
-    same = previous is not None and previous.get("ingest", {}).get("data_key") == plan.data_key
+    done = (previous.ingest or {}) if previous is not None else {}
+    same = previous is not None and done.get("data_key") == plan.data_key
     if same and not overwrite:
         group = open_group(dst, "r")
         arr = group.get("0")
@@ -91,8 +92,8 @@ def destination(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> str
             return "resume"
     same_source = (
         previous is not None
-        and previous.get("source", {}).get("url") == plan.source.url
-        and "ingest" in previous
+        and previous.source_url == plan.source.url
+        and previous.ingest is not None
     )
     if refresh and same_source and not overwrite:
         return "restart"
@@ -104,8 +105,8 @@ def destination(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> str
         )
     if not overwrite:
         what = "other segflow outputs"
-        if previous and previous.get("source", {}).get("url"):
-            what = f"an image ingested from {previous['source']['url']}"
+        if previous is not None and previous.source_url:
+            what = f"an image ingested from {previous.source_url}"
             if same:
                 what = "a damaged ingest of this source"
             elif same_source:
@@ -128,7 +129,7 @@ def _prepare_store(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> 
     if action == "replace":
         delete_owned_store(plan.dst)
     root = open_group(plan.dst, "a")  # "w" would delete the lease beside it
-    root.attrs.update({"segflow": _segflow_attrs(plan, "incomplete", 0)})
+    ingest_record(plan, "incomplete", 0).write(root)
     _create_level0(root, plan)
     return False
 
@@ -151,11 +152,8 @@ def _restart_in_place(plan: IngestPlan) -> None:
     root = open_group(plan.dst, "r+")
     attrs = attributes(root)
     attrs.pop("ome", None)  # not an image again until the new ingest has finished
-    owned = attrs.get("segflow", {}).get(FILES_KEY)  # the files beside it stay the store's
-    attrs["segflow"] = {
-        **_segflow_attrs(plan, "incomplete", 0),
-        **({FILES_KEY: owned} if owned else {}),
-    }
+    owned = StoreRecord.of(attrs).files  # the files beside it stay the store's
+    attrs[KEY] = ingest_record(plan, "incomplete", 0).updated(files=owned).dump()
     root.attrs.put(attrs)
     arr = root.get("0")
     if not (
@@ -168,24 +166,26 @@ def _restart_in_place(plan: IngestPlan) -> None:
     log.info("%s: the source changed since it was ingested; ingesting it again", plan.dst)
 
 
-def _segflow_attrs(
+def ingest_record(
     plan: IngestPlan,
     status: str,
     levels: int,
     stats: IntensityStats | None = None,
     digest: str | None = None,
-) -> dict[str, Any]:
+) -> StoreRecord:
+    """The root record of an image store: its source, the ingest, and once complete its
+    statistics and content digest."""
     src = plan.source
-    attrs: dict[str, Any] = {
-        "created_by": OWNER,
-        "source": {
+    return StoreRecord(
+        created_by=OWNER,
+        source={
             **src.identity(),
             "series_kind": src.series_kind,
             "axes_from": src.axes_from,
             "scale": list(src.scale),
             "unit": src.unit,
         },
-        "ingest": {
+        ingest={
             "status": status,
             "data_key": plan.data_key,
             "key": plan.key,
@@ -195,12 +195,9 @@ def _segflow_attrs(
             "unit_chunks": list(plan.level0.unit_chunks),
             "format": FORMAT_VERSION,
         },
-    }
-    if stats is not None:
-        attrs["stats"] = stats.model_dump()
-    if digest is not None:
-        attrs["image_digest"] = digest
-    return attrs
+        **({"stats": stats.model_dump()} if stats is not None else {}),
+        **({"image_digest": digest} if digest is not None else {}),
+    )
 
 
 def _array(url: str, path: str, mode: str = "r+") -> zarr.Array:
@@ -250,7 +247,7 @@ def check_sizes(plan: IngestPlan, levels: int = 0, allow_sparse: bool = False) -
     if is_remote(plan.dst):
         return
     previous = _previous_ingest(plan.dst) if _is_zarr(plan.dst) else None
-    if previous is not None and previous.get("ingest", {}).get("data_key") == plan.data_key:
+    if previous is not None and (previous.ingest or {}).get("data_key") == plan.data_key:
         return
     need = declared if plan.compression == "none" else min(declared, held)
     if levels:

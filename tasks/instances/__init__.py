@@ -48,8 +48,9 @@ from tasks.lease import Lease
 from tasks.ngff import compressors
 from tasks.outputs import RunInputs, check_files, owns_file
 from tasks.paths import table_paths
+from tasks.records import OutputRecord
 from tasks.runstate import set_complete
-from tasks.store import LABELS_GROUP, attributes, filesystem, get_array, open_group
+from tasks.store import LABELS_GROUP, filesystem, get_array, open_group
 from unet_core.errors import ConfigError
 from unet_core.slicelink import LinkParams
 
@@ -200,8 +201,8 @@ def _reuse(plan: StitchPlan, write_table: bool) -> StitchResult | None:
     group = root.get(f"{LABELS_GROUP}/{plan.out_name}")
     if group is None:
         return None
-    meta = attributes(group).get("segflow", {})
-    if not meta.get("complete") or meta.get("key") != plan.key:
+    made = OutputRecord.of(group)
+    if not made.complete or made.key != plan.key:
         return None
     csv_path, parquet_path = table_paths(plan.store, plan.out_name)
     table = pd.DataFrame()
@@ -216,14 +217,14 @@ def _reuse(plan: StitchPlan, write_table: bool) -> StitchResult | None:
     return StitchResult(
         store=plan.store,
         labels_path=plan.out_path,
-        objects=int(meta.get("objects", len(table))),
+        objects=made.objects if made.objects is not None else len(table),
         dtype=str(arr.dtype),
         table_csv=csv_path if write_table else None,
         table_parquet=parquet_path if write_table else None,
         seconds=0.0,
         table=table,
         reused=True,
-        method=str(meta.get("method", "components")),
+        method=made.method or "components",
     )
 
 

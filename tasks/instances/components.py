@@ -38,6 +38,7 @@ from tasks.ngff import Multiscale, add_label, compressors, is_image, label_ome, 
 from tasks.outputs import write_file
 from tasks.paths import table_paths
 from tasks.reads import StrictArray
+from tasks.records import KEY, OutputRecord, StoreRecord
 from tasks.runstate import require_complete
 from tasks.store import (
     LABELS_GROUP,
@@ -334,22 +335,21 @@ def plan_stitch(
     root = open_group(store, "r")
     semantic_path = f"{LABELS_GROUP}/{labels}/0"
     arr = get_array(root, semantic_path, store)
-    require_complete(store, f"{LABELS_GROUP}/{labels}", f"'{labels}' labels")
+    made = require_complete(store, f"{LABELS_GROUP}/{labels}", f"'{labels}' labels")
     group_attrs = attributes(root[f"{LABELS_GROUP}/{labels}"])
     ndim = arr.ndim
     if not 1 <= connectivity <= ndim:
         raise ConfigError(f"connectivity must be between 1 and {ndim} for a {ndim}D mask")
-    seg = group_attrs.get("segflow", {})
-    fg = tuple(foreground) if foreground else (int(seg.get("foreground_class", 1)),)
+    fg = tuple(foreground) if foreground else (made.foreground_class,)
     if min_size is None:
-        min_size = int(seg.get("suggested_min_size", 0))
+        min_size = made.suggested_min_size
     ms = Multiscale.from_attrs(group_attrs, f"{store}/{LABELS_GROUP}/{labels}")
     if out_name == labels:
         raise ConfigError(f"the instance labels cannot overwrite '{labels}'")
     min_size = max(int(min_size), 0)
     key_fields = {
         "from": labels,
-        "source_key": seg.get("key"),
+        "source_key": made.key,
         "out": out_name,
         "foreground": list(fg),
         "connectivity": connectivity,
@@ -381,8 +381,7 @@ def _image_url(plan: StitchPlan, labels: str) -> str | None:
     root = open_group(plan.store, "r")
     if is_image(root):
         return plan.store
-    source = attributes(root).get("segflow", {}).get("source_image")
-    return str(source) if source else None
+    return StoreRecord.of(root).source_image
 
 
 def _union(pairs: list[np.ndarray], total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -461,22 +460,17 @@ def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) ->
     group = labels_group.require_group(plan.out_name)
     ms = Multiscale.build(plan.axes, plan.scale, unit=plan.unit, name=plan.out_name)
     source_group = root[f"{LABELS_GROUP}/{source_labels}"]
-    source_attrs = attributes(source_group)
-    group.attrs.update(
-        {
-            "ome": label_ome(ms, label_source(source_group)),
-            "segflow": {
-                "complete": False,
-                "key": plan.key,
-                "from": source_labels,
-                "source_key": source_attrs.get("segflow", {}).get("key"),
-                "foreground": list(plan.foreground),
-                "connectivity": plan.connectivity,
-                "min_size": plan.min_size,
-                "method": "slices" if plan.slices else "components",
-            },
-        }
+    record = OutputRecord(
+        complete=False,
+        key=plan.key,
+        made_from=source_labels,
+        source_key=OutputRecord.of(source_group).key,
+        method="slices" if plan.slices else "components",
+        foreground=list(plan.foreground),
+        connectivity=plan.connectivity,
+        min_size=plan.min_size,
     )
+    group.attrs.update({"ome": label_ome(ms, label_source(source_group)), KEY: record.dump()})
     existing = group.get("0")
     if (
         isinstance(existing, zarr.Array)
@@ -499,11 +493,9 @@ def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) ->
 
 def _finish_instances(plan: StitchPlan, provisional_final: int, objects: int) -> None:
     group = open_group(plan.store, "r+")[f"{LABELS_GROUP}/{plan.out_name}"]
-    meta = attributes(group)
-    meta["segflow"].update(
-        {"complete": True, "key": plan.key, "objects": objects, "max_id": provisional_final}
-    )
-    group.attrs.update({"segflow": meta["segflow"]})
+    OutputRecord.of(group).updated(
+        complete=True, key=plan.key, objects=objects, max_id=provisional_final
+    ).write(group)
 
 
 def write_object_table(plan: StitchPlan, table: pd.DataFrame) -> tuple[str, str]:

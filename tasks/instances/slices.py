@@ -40,9 +40,9 @@ from tasks.instances.components import (
     final_ids,
     plan_stitch,
 )
+from tasks.records import OutputRecord
 from tasks.store import (
     ImageInfo,
-    attributes,
     get_array,
     open_group,
     open_level,
@@ -232,10 +232,13 @@ def segmentation_meta(store: str, labels: str) -> dict[str, Any]:
     """What the labels' metadata says about the model that made them: ``model_ndim`` and
     ``link_iou`` (recorded at segmentation; read from the checkpoint, when it is still
     there, for labels made before they were recorded). Empty for labels from elsewhere."""
-    group = open_group(store, "r")[f"labels/{labels}"]
-    seg = attributes(group).get("segflow", {})
-    out = {k: seg[k] for k in ("model_ndim", "link_iou") if seg.get(k) is not None}
-    model = seg.get("model")
+    made = OutputRecord.of(open_group(store, "r")[f"labels/{labels}"])
+    out: dict[str, Any] = {}
+    if made.model_ndim is not None:
+        out["model_ndim"] = made.model_ndim
+    if made.link_iou is not None:
+        out["link_iou"] = made.link_iou
+    model = made.model
     if len(out) < 2 and model and Path(str(model)).is_file():
         from unet_core.checkpoint import read_checkpoint_header
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 from tasks.cluster import dask_client
 from tasks.segment.driver import (
     RunBlocks,
+    ensure_complete,
     finalize_outputs,
     prepare_outputs,
     remove_stale_outputs,
-    require_complete,
     run_segmentation,
     segment_image,
 )
@@ -50,6 +50,7 @@ __all__ = [
     "compute_image_stats",
     "dask_client",
     "default_block_shape",
+    "ensure_complete",
     "finalize_outputs",
     "fit_shapes",
     "get_predictor",
@@ -57,7 +58,6 @@ __all__ = [
     "prepare_outputs",
     "read_block_input",
     "remove_stale_outputs",
-    "require_complete",
     "run_segmentation",
     "segment_block",
     "segment_image",

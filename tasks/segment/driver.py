@@ -29,12 +29,12 @@ from tasks.ngff import (
     remove_label,
 )
 from tasks.outputs import claim_store, refuse_foreign, remove_owned_file
+from tasks.records import KEY, OutputRecord
 from tasks.runstate import set_complete
 from tasks.segment.plan import SegmentParams, SegmentPlan, SegmentResult, plan_segmentation
 from tasks.store import (
     LABELS_GROUP,
     PROBABILITIES_GROUP,
-    attributes,
     open_group,
 )
 from unet_core.errors import IncompleteError, opt
@@ -53,19 +53,17 @@ def _label_metadata(plan: SegmentPlan, source: str) -> dict[str, Any]:
         unit=plan.image.unit,
         name=plan.params.labels_name,
     )
-    return {
-        "ome": label_ome(ms, {"image": source}, plan.class_names),
-        "segflow": {
-            "model_digest": plan.model_digest,
-            "model": plan.model_path,
-            "key": plan.key,
-            "complete": False,
-            "foreground_class": plan.foreground_class,
-            "suggested_min_size": plan.suggested_min_size,
-            "model_ndim": plan.config.ndim,  # 2 on a stack: instances by slice linking
-            "link_iou": plan.link_iou,
-        },
-    }
+    record = OutputRecord(
+        model_digest=plan.model_digest,
+        model=plan.model_path,
+        key=plan.key,
+        complete=False,
+        foreground_class=plan.foreground_class,
+        suggested_min_size=plan.suggested_min_size,
+        model_ndim=plan.config.ndim,  # 2 on a stack: instances by slice linking
+        link_iou=plan.link_iou,
+    )
+    return {"ome": label_ome(ms, {"image": source}, plan.class_names), KEY: record.dump()}
 
 
 def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
@@ -90,7 +88,7 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
     spatial = plan.image.spatial_shape
     dims = list(plan.image.spatial_axes)
     previous = root.get(plan.labels_path)
-    previous_key = attributes(previous).get("segflow", {}).get("key") if previous else None
+    previous_key = OutputRecord.of(previous).key if previous is not None else None
     if previous_key != plan.key:
         remove_stale_outputs(plan, root)
         root = open_group(plan.out_url, "r+")  # its metadata changed
@@ -112,12 +110,12 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
                         name="probabilities",
                     )
                 ),
-                "segflow": {
-                    "classes": list(plan.class_names),
-                    "key": plan.key,
-                    "from": plan.params.labels_name,
-                    "complete": False,
-                },
+                KEY: OutputRecord(
+                    classes=list(plan.class_names),
+                    key=plan.key,
+                    made_from=plan.params.labels_name,
+                    complete=False,
+                ).dump(),
             }
         )
         _require_array(
@@ -142,8 +140,8 @@ def remove_stale_outputs(plan: SegmentPlan, root: zarr.Group) -> list[str]:
     if isinstance(labels_group, zarr.Group):
         for child in label_names(labels_group):
             node = labels_group.get(child)
-            meta = attributes(node).get("segflow", {}) if node is not None else {}
-            if child != name and meta.get("from") == name:
+            made = OutputRecord.of(node) if node is not None else OutputRecord()
+            if child != name and made.made_from == name:
                 remove_label(labels_group, child)
                 removed.append(f"{LABELS_GROUP}/{child}")
                 for path in table_paths(plan.out_url, child):
@@ -151,7 +149,7 @@ def remove_stale_outputs(plan: SegmentPlan, root: zarr.Group) -> list[str]:
         if name in labels_group:
             set_complete(plan.out_url, f"{LABELS_GROUP}/{name}", False, key=plan.key)
     probs = root.get(PROBABILITIES_GROUP)
-    if probs is not None and attributes(probs).get("segflow", {}).get("from", name) == name:
+    if probs is not None and (OutputRecord.of(probs).made_from or name) == name:
         del root[PROBABILITIES_GROUP]
         removed.append(PROBABILITIES_GROUP)
     if removed:
@@ -225,7 +223,7 @@ def run_segmentation(
     prepare the output arrays (resume, or clear stale ones), run the blocks not done under
     the run key (``run_blocks``), check the lease is still this run's, then the label
     pyramid and the completion marks. The result says whether the labels are complete; a
-    caller never reports success when they are not (:func:`require_complete`)."""
+    caller never reports success when they are not (:func:`ensure_complete`)."""
     t0 = time.perf_counter()
     with Lease(plan.out_url, what, wait_s=lease_wait_s) as lease:
         prepare_outputs(plan, force=force)
@@ -268,7 +266,7 @@ def _result(plan: SegmentPlan, done: StepResult, seconds: float, complete: bool)
     )
 
 
-def require_complete(result: SegmentResult) -> None:
+def ensure_complete(result: SegmentResult) -> None:
     """A run whose labels are not complete never ends as a success."""
     if not result.complete:
         raise IncompleteError(
@@ -309,5 +307,5 @@ def segment_image(
         result = run_segmentation(
             plan, runner.run, force=force, lease_wait_s=lease_wait_s, runner=runner
         )
-    require_complete(result)
+    ensure_complete(result)
     return result
