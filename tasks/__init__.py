@@ -1,5 +1,7 @@
-"""The work steps of segflow as plain functions over stores and boxes.
+"""The work of segflow as plain functions over stores and boxes (Dask and zarr; no Prefect).
 
-Each step (ingest, segment a region, stitch, export, report) is plain Python testable without
-Prefect; thin Prefect ``@task`` wrappers live beside them. Dask and zarr are used here.
+:mod:`tasks.pipeline` is the one pipeline every door runs; below it the steps (ingest,
+segment, instances, export, report), the engine (the blockwise runner, fenced leases, the
+output policy, run state) and storage. The Prefect ``@task`` wrappers live in ``flows/``
+beside the flows that use them, so every step is testable without Prefect.
 """

@@ -1,21 +1,14 @@
-"""Run state kept in the output store: ownership, leases, image identity, completeness.
+"""Run state a store holds so that runs can trust it: the image's identity and whether
+outputs are complete (the records themselves are :mod:`tasks.records`; leases are
+:mod:`tasks.lease`; ownership and what may be written where, :mod:`tasks.outputs`)::
 
-What a store holds so that runs can trust it (see DESIGN.md, "Run state")::
-
-    store/zarr.json            segflow.created_by = "segflow": segflow made this store and
-                               may write into it or delete it (``--overwrite``); it never
-                               writes into a non-empty folder or store without this mark
-    store/segflow-lease.json   the lease: holder, host, pid, what, heartbeat, expiry. One run
-                               writes a store's outputs at a time; a second run waits or
-                               refuses naming the holder; a lease whose holder died (or
-                               whose heartbeat is older than its ttl) is taken over
+    zarr.json (image)          segflow.image_digest and image_listing: the image's identity,
+                               part of every run key (:func:`image_digest`: the content
+                               digest recorded at ingest, and the level-0 listing re-read
+                               at every run, so an in-place edit is a new image)
     labels/<name>/zarr.json    segflow.key (the run key of the labels) and segflow.complete,
                                true only once every block is written; every reader refuses
                                incomplete labels (:func:`require_complete`)
-    zarr.json (image)          segflow.image_digest: the image's identity, part of every
-                               run key (combined per-unit checksums written at ingest; for
-                               images segflow did not ingest, a digest of chunk names,
-                               sizes and modification times or ETags)
 
 Reading what a run wrote, with missing chunks as errors, is :mod:`tasks.reads`.
 """
