@@ -64,7 +64,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[Row]]:
     A path that exists is taken as it is (a folder named ``run[2]``); only a path that does
     not exist is expanded as a glob."""
     from tasks.paths import is_tiff_name
-    from tasks.tiff_source import is_glob_pattern, list_tiff_files
+    from tasks.tiff import is_glob_pattern, list_tiff_files
 
     files: list[str] = []
     bad: list[Row] = []

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +33,7 @@ from typing import Any, Literal
 import zarr
 
 from tasks.lease import LEASE_FILE, lease_status
+from tasks.paths import special_file
 from tasks.records import OWNER, StoreRecord
 from tasks.store import (
     check_access,
@@ -336,25 +336,6 @@ def delete_owned_store(url: str) -> list[str]:
 # ----------------------------------------------------------------------------- files
 
 
-def special_file(path: str) -> str | None:
-    """What a path that is neither a regular file nor a folder is, in words (else None)."""
-    if is_remote(path):
-        return None
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    for test, what in (
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return what
-    return None
-
-
 def _exists(path: str) -> bool:
     if is_remote(path):
         return bool(filesystem(path).exists(path))
@@ -593,7 +574,6 @@ __all__: Sequence[str] = [
     "refuse_foreign",
     "remove_owned_file",
     "remove_owned_files",
-    "special_file",
     "store_exists",
     "store_image",
     "write_file",

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
@@ -97,3 +99,43 @@ def split_labels_path(path: str, name: str | None = None) -> tuple[str, str | No
 
         raise ConfigError(f"{path} names the labels '{found}' but {opt('labels')} says '{name}'")
     return store, found
+
+
+#: Kinds of file that are neither regular files nor folders, by their ``stat`` test.
+_SPECIAL = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def special_file(path: str) -> str | None:
+    """What a local PATH is when it is neither a regular file nor a folder (``"a FIFO
+    (named pipe)"``, ``"a character device"``, ...), or None (also when it does not exist).
+    Looks at ``os.stat`` only, so it never blocks on a pipe or reads a device."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), None)
+
+
+def check_regular_file(path: str) -> None:
+    """Refuse a local PATH that is a FIFO, a device or a socket, in one sentence naming
+    it, before anything opens it (opening a pipe blocks; reading a device never ends)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return  # the caller names a missing or unreadable file
+    refuse_special(path, mode)
+
+
+def refuse_special(url: str, mode: int) -> None:
+    """Refuse a file whose ``stat`` mode is that of a FIFO, a device or a socket."""
+    from unet_core.errors import InvalidVolumeError
+
+    for test, what in _SPECIAL:
+        if test(mode):
+            link = f" (a link to {os.path.realpath(url)})" if os.path.islink(url) else ""
+            raise InvalidVolumeError(f"{url}: is {what}{link}, not a regular file")

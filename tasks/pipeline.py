@@ -39,9 +39,8 @@ from tasks.outputs import (
     RunInputs,
     check_file_target,
     check_store_target,
-    special_file,
 )
-from tasks.paths import beside_store, store_beside, table_paths
+from tasks.paths import beside_store, special_file, store_beside, table_paths
 from tasks.segment.driver import ensure_complete, run_segmentation
 from tasks.segment.plan import (
     SegmentPlan,

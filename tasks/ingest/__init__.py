@@ -2,7 +2,7 @@
 
 The volume is cut into *write units*: boxes of whole zarr chunks, one chunk deep along z
 and as wide along x, then y, as a byte budget allows (``unit_mib``). One Dask task per
-unit reads exactly the TIFF pages and rows of its box (:func:`tasks.tiff_source.read_box`),
+unit reads exactly the TIFF pages and rows of its box (:func:`tasks.tiff.read_box`),
 writes its chunks, stores its partial intensity statistics and only then marks itself done::
 
     z ▲  ┌──────────────────────┐
@@ -81,7 +81,7 @@ from tasks.store import (
     open_group,
     read_image_info,
 )
-from tasks.tiff_source import open_source, release_files
+from tasks.tiff import open_source, release_files
 from unet_core.errors import ConfigError, InvalidVolumeError
 from unet_core.normalize import IntensityStats
 

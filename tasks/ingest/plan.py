@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.tiff_source import TiffSource
+from tasks.tiff import TiffSource
 from unet_core.errors import (
     ConfigError,
 )

@@ -15,7 +15,7 @@ from tasks.ingest.store import _array
 from tasks.store import (
     DONE_GROUP,
 )
-from tasks.tiff_source import read_box
+from tasks.tiff import read_box
 
 
 def _write_chunks(

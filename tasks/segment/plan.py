@@ -316,7 +316,7 @@ def source_info(
 
     if not is_tiff_source(src):
         return read_image_info(src)
-    from tasks.tiff_source import open_source
+    from tasks.tiff import open_source
 
     source = open_source(src, axes, voxel_size)
     return ImageInfo(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.paths import TIFF_SUFFIXES
+from tasks.paths import TIFF_SUFFIXES, check_regular_file
 from tasks.store import is_remote, open_level, read_image_info
-from tasks.tiff_source import check_one_image, check_regular_file
+from tasks.tiff import check_one_image
 from unet_core.errors import (
     ConfigError,
     InvalidVolumeError,

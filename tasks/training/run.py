@@ -66,8 +66,8 @@ def check_training_outputs(
         check_file_target,
         check_writable,
         made_by_segflow,
-        special_file,
     )
+    from tasks.paths import special_file
     from tasks.training.report import report_paths
 
     if out.is_dir():

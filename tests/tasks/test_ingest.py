@@ -26,7 +26,7 @@ from tasks.ingest import (
     plan_units,
 )
 from tasks.store import read_image_info, storage_options
-from tasks.tiff_source import natural_key, open_source, read_box
+from tasks.tiff import natural_key, open_source, read_box
 from unet_core.errors import (
     ConfigError,
     InvalidVolumeError,
