@@ -36,6 +36,26 @@ def _torch_threads():
     return
 
 
+@pytest.fixture
+def failing_blocks(monkeypatch):
+    """``failing_blocks(predicate)``: blocks of a segmentation whose :class:`Block` the
+    predicate is true for fail (in this process: thread workers), the others run."""
+    import tasks.segment.plan as segment_plan
+
+    real = segment_plan.segment_block
+
+    def fail(predicate):
+        def segment_block(plan, index):
+            if predicate(plan.block(index)):
+                raise RuntimeError("injected failure")
+            return real(plan, index)
+
+        monkeypatch.setattr(segment_plan, "segment_block", segment_block)
+        return lambda: monkeypatch.setattr(segment_plan, "segment_block", real)
+
+    return fail
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 API (moto's server) on 127.0.0.1; credentials and endpoint via env vars."""

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -135,9 +135,6 @@ def read_block_input(plan: SegmentPlan, read: Box) -> np.ndarray:
     return apply_affine(data, plan.offset, plan.scale, in_place=True, source_dtype=arr.dtype)
 
 
-_fault_hook: Callable[[SegmentPlan, Block], None] | None = None
-
-
 _cpu_executor: concurrent.futures.ThreadPoolExecutor | None = None
 
 
@@ -185,8 +182,6 @@ def segment_block(plan: SegmentPlan, index: Sequence[int]) -> dict[str, Any]:
 
     The runner marks the block done after this returns (its writes are stored)."""
     block = plan.block(index)
-    if _fault_hook is not None:
-        _fault_hook(plan, block)
     predictor = get_predictor(plan)
     read, tiles = plan.tiles(block.write)
     fence = current_fence()

@@ -13,7 +13,6 @@ import pytest
 import torch
 import zarr
 
-import tasks.segment.worker as segment_worker
 from tasks.blockwise import Markers
 from tasks.segment import SegmentParams, plan_segmentation, segment_image
 from tasks.store import read_image_info, write_image
@@ -60,7 +59,16 @@ def probabilities(out: str) -> tuple[np.ndarray, np.ndarray]:
     ids=[c[0] for c in CASES],
 )
 def test_default_mode_same_bits_for_any_chunks_workers_and_resume(
-    tmp_path, dask_client, two_workers, model_kw, shape, tile, batch, chunkings, record_property
+    tmp_path,
+    dask_client,
+    two_workers,
+    model_kw,
+    shape,
+    tile,
+    batch,
+    chunkings,
+    record_property,
+    failing_blocks,
 ):
     rng = np.random.default_rng(11)
     vol = rng.integers(0, 4000, size=shape).astype(np.uint16)
@@ -112,16 +120,12 @@ def test_default_mode_same_bits_for_any_chunks_workers_and_resume(
     out = str(tmp_path / "d.zarr")
     first = (0,) * len(shape)
 
-    def fail_first(plan, block):
-        if block.index == first:
-            raise RuntimeError("injected failure")
-
-    segment_worker._fault_hook = fail_first
+    healed = failing_blocks(lambda block: block.index == first)
     try:
         with pytest.raises(RuntimeError, match="injected"):
             segment_image(src, ckpt, out, params(chunkings[1]), client=dask_client)
     finally:
-        segment_worker._fault_hook = None
+        healed()
     done = Markers.open(out, "segment-semantic").done_mask()
     assert not done[first]
     assert done.sum() == done.size - 1

@@ -339,23 +339,17 @@ def test_outputs_never_go_into_foreign_folders_and_overwrite_never_deletes_them(
 # --------------------------------------------------------------------------- completeness
 
 
-def test_incomplete_labels_are_refused_and_stale_outputs_removed(tmp_path, volume):
-    import tasks.segment.worker as segment_worker
-
+def test_incomplete_labels_are_refused_and_stale_outputs_removed(tmp_path, volume, failing_blocks):
     src, _ = volume
     a, b = make_model(tmp_path / "a.ckpt", 8), make_model(tmp_path / "b.ckpt", 9)
     out = str(tmp_path / "o.zarr")
 
-    def fail_one(plan, block):
-        if block.index == (1, 1, 1):
-            raise RuntimeError("injected failure")
-
-    segment_worker._fault_hook = fail_one
+    healed = failing_blocks(lambda block: block.index == (1, 1, 1))
     try:
         with pytest.raises(BlockError, match=r"segment-semantic block \[1, 1, 1\] voxels 4:8"):
             segment_image(src, a, out, params())
     finally:
-        segment_worker._fault_hook = None
+        healed()
     with pytest.raises(IncompleteError, match="incomplete"):
         stitch(out)
     from tasks.export import export_tiff

@@ -293,23 +293,21 @@ def test_bad_inputs_give_one_clear_error_and_nothing_done(tmp_path, dask_client)
     assert Markers.open(out, "segment-semantic") is None
 
 
-def test_a_failing_block_leaves_others_done_and_is_not_marked(tmp_path, dask_client):
+def test_a_failing_block_leaves_others_done_and_is_not_marked(
+    tmp_path, dask_client, failing_blocks
+):
     vol = np.random.default_rng(9).normal(size=(48, 48)).astype(np.float32)
     src = str(tmp_path / "img.ome.zarr")
     write_image(src, vol, "yx", chunks=(16, 16))
     model = make_model(tmp_path / "m.ckpt", ndim=2)
     out = str(tmp_path / "o.zarr")
 
-    def fail_block_11(plan, block):
-        if block.index == (1, 1):
-            raise RuntimeError("injected failure")
-
-    segment_worker._fault_hook = fail_block_11
+    healed = failing_blocks(lambda block: block.index == (1, 1))
     try:
         with pytest.raises(RuntimeError, match="injected"):
             run(src, model, out, dask_client, chunks=(16, 16), tile=(60, 60), force=False)
     finally:
-        segment_worker._fault_hook = None
+        healed()
     done = Markers.open(str(out), "segment-semantic").done_mask()
     assert not done[1, 1]
     assert done.sum() == done.size - 1
