@@ -216,12 +216,12 @@ def plan_step(request: Request, image: str) -> SegmentPlan:
 
 @task(name="segment-region", task_run_name="region-{region}", cache_policy=NO_CACHE)
 def segment_region(
-    plan: SegmentPlan, region: int, per_region: int, dask_address: str, timeout_s: float
+    plan: SegmentPlan, region: int, per_region: int, address: str, timeout_s: float
 ) -> dict[str, Any]:
     from prefect.runtime import task_run
 
     return run_region(
-        plan, region, per_region, dask_address, timeout_s, attempt=int(task_run.run_count or 1)
+        plan, region, per_region, address, timeout_s, attempt=int(task_run.run_count or 1)
     )
 
 

@@ -61,7 +61,7 @@ def ingest(
             compression=params.compression,
             levels=params.levels,
             overwrite=run.overwrite,
-            dask_client_or_scheduler=scheduler if local else cluster,
+            scheduler=scheduler if local else cluster,
             progress=progress,
             lease_wait_s=run.lease_wait_s,
             voxel_size=params.voxel_size,

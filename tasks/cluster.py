@@ -373,13 +373,13 @@ class dask_client:  # noqa: N801 - used like a function in a with statement
     def __init__(
         self,
         client: Any = None,
-        address: str | None = None,
-        threads: int = 3,
+        *,
         cluster: ClusterSpec | None = None,
+        threads: int = 3,
         device: str = "cpu",
     ) -> None:
         self.given = client
-        self.spec = _resolve(address, cluster)
+        self.spec = cluster or ClusterSpec()
         self.threads = threads
         self.device = device
         self._owned: list[Any] = []
@@ -439,19 +439,6 @@ class dask_client:  # noqa: N801 - used like a function in a with statement
         for obj in self._owned:
             obj.close()
         self._owned.clear()
-
-
-def _resolve(address: str | None, cluster: ClusterSpec | None) -> ClusterSpec:
-    """An explicit address is the same as ``ClusterSpec(kind=address)``."""
-    if not address:
-        return cluster or ClusterSpec()
-    spec = cluster_spec(**{**(cluster or ClusterSpec()).model_dump(), "kind": address})
-    if cluster is not None and cluster.kind not in ("local", spec.kind):
-        raise ConfigError(
-            f"both a scheduler address ({address}) and the cluster {cluster.kind!r} were "
-            "given: choose one"
-        )
-    return spec
 
 
 _clients: dict[str, Any] = {}

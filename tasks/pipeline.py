@@ -207,7 +207,7 @@ def ingest(
         overwrite=request.options.overwrite,
         refresh=True,
         levels=levels,
-        dask_client_or_scheduler=scheduler,
+        scheduler=scheduler,
         progress=progress,
         lease_wait_s=request.options.lease_wait_s,
     )

@@ -49,7 +49,7 @@ def run_region(
     plan: SegmentPlan,
     region: int,
     per_region: int,
-    dask_address: str,
+    address: str,
     timeout_s: float | None = None,
     attempt: int = 1,
 ) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def run_region(
     t0 = time.perf_counter()
     _inject_fault(region, attempt)
     blocks = Regions(plan.grid, per_region).blocks(region)
-    runner = Runner(client_for(dask_address), timeout_s=timeout_s)
+    runner = Runner(client_for(address), timeout_s=timeout_s)
     result = runner.run(plan.step(), blocks)
     counts = np.zeros(plan.config.n_classes, dtype=np.int64)
     compute = 0.0

@@ -148,7 +148,7 @@ def ingest_volume(
     compression: str = "zstd",
     levels: int = 0,
     overwrite: bool = False,
-    dask_client_or_scheduler: Any = None,
+    scheduler: Any = None,
     progress: ProgressFn | None = None,
     *,
     voxel_size: Sequence[float] | None = None,
@@ -186,7 +186,7 @@ def ingest_volume(
         if plan.exact_stats:
             _partials(plan.dst, f"{STEP}-hist", (grid.n_units, plan.bins), "int64", plan.key)
         stack = contextlib.ExitStack()
-        runner = ingest_runner(dask_client_or_scheduler, workers, progress, stack)
+        runner = ingest_runner(scheduler, workers, progress, stack)
         try:
             runner.run(Step(STEP, plan.dst, grid.grid, plan.key, ingest_unit, plan, _unit_box))
             stats = _collect_stats(plan, runner)

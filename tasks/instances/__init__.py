@@ -65,7 +65,6 @@ def stitch(
     connectivity: int = 1,
     min_size: int | None = None,
     client: Any = None,
-    dask_address: str | None = None,
     write_table: bool = True,
     progress: ProgressFn | None = None,
     id_offset: int = 0,
@@ -131,7 +130,7 @@ def stitch(
             compressors=compressors(level=1),
             overwrite=True,
         )
-        with dask_client(client, dask_address, cluster=cluster) as c:
+        with dask_client(client, cluster=cluster) as c:
             runner = Runner(c, progress=progress)
             # Pass 1: local labels.
             results = runner.run(plan.step("label", label_chunk, plan, plan.grid)).results

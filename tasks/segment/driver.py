@@ -282,7 +282,6 @@ def segment_image(
     out: str | None = None,
     params: SegmentParams | None = None,
     client: Any = None,
-    dask_address: str | None = None,
     force: bool = False,
     progress: ProgressFn | None = None,
     block_shape: Sequence[int] | None = None,
@@ -297,12 +296,13 @@ def segment_image(
     Writes ``labels/<labels_name>/0`` (and ``probabilities/0`` when asked) into ``out``
     (default: into ``src``). Blocks already done under the same run key (image, model,
     effective parameters) are skipped unless ``force``. Uses ``client``, else a client of
-    ``dask_address``, else the ``cluster`` (default: an in-process cluster; see
+    the ``cluster`` (a :class:`ClusterSpec`; a scheduler address is one; default: an
+    in-process cluster; see
     :mod:`tasks.cluster`). ``progress`` receives a :class:`tasks.blockwise.Progress` per
     block. Raises :class:`IncompleteError` when the labels are not complete at the end.
     """
     plan = plan or plan_segmentation(src, model_path, out, params, block_shape)
-    with dask_client(client, dask_address, cluster=cluster, device=plan.params.device) as c:
+    with dask_client(client, cluster=cluster, device=plan.params.device) as c:
         runner = Runner(c, progress=progress)
         result = run_segmentation(
             plan, runner.run, force=force, lease_wait_s=lease_wait_s, runner=runner

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def ingest(src, dst, **kw):
-    kw.setdefault("dask_client_or_scheduler", "threads")
+    kw.setdefault("scheduler", "threads")
     kw.setdefault("workers", 2)
     return ingest_volume(str(src), str(dst), **kw)
 
@@ -552,16 +552,16 @@ def test_sync_scheduler_and_distributed_client(tmp_path):
     from distributed import Client, LocalCluster
 
     src, ref, *_ = _make("multichannel-ome", tmp_path)
-    ingest(src, tmp_path / "p.zarr", dask_client_or_scheduler="sync", unit_mib=0.01)
+    ingest(src, tmp_path / "p.zarr", scheduler="sync", unit_mib=0.01)
     assert np.array_equal(level0(tmp_path / "p.zarr"), ref)
     with (
         LocalCluster(n_workers=1, threads_per_worker=2, processes=False) as cluster,
         Client(cluster) as client,
     ):
-        ingest(src, tmp_path / "d.zarr", dask_client_or_scheduler=client, unit_mib=0.01, levels=1)
+        ingest(src, tmp_path / "d.zarr", scheduler=client, unit_mib=0.01, levels=1)
         # the same cluster by its address (a Client is made and closed for the ingest)
         address = cluster.scheduler_address
-        ingest(src, tmp_path / "a.zarr", dask_client_or_scheduler=address, unit_mib=0.01)
+        ingest(src, tmp_path / "a.zarr", scheduler=address, unit_mib=0.01)
     assert np.array_equal(level0(tmp_path / "d.zarr"), ref)
     assert np.array_equal(level0(tmp_path / "a.zarr"), ref)
 

@@ -14,6 +14,7 @@ import torch
 import zarr
 
 from tasks.blockwise import Markers
+from tasks.cluster import ClusterSpec
 from tasks.segment import SegmentParams, plan_segmentation, segment_image
 from tasks.store import read_image_info, write_image
 from unet_core import (
@@ -113,7 +114,9 @@ def test_default_mode_same_bits_for_any_chunks_workers_and_resume(
 
     # 3. Two worker processes.
     out = str(tmp_path / "c.zarr")
-    segment_image(src, ckpt, out, params(cut), dask_address=two_workers, block_shape=cut)
+    segment_image(
+        src, ckpt, out, params(cut), cluster=ClusterSpec(kind=two_workers), block_shape=cut
+    )
     check(out, "two workers")
 
     # 4. Another chunking, interrupted by a failing block, then resumed.

@@ -13,6 +13,7 @@ import zarr
 
 import tasks.segment.worker as segment_worker
 from tasks.blockwise import Markers
+from tasks.cluster import ClusterSpec
 from tasks.segment import SegmentParams, segment_image
 from tasks.store import read_image_info, write_image
 from unet_core import (
@@ -399,7 +400,7 @@ def test_dask_address_of_a_process_cluster(tmp_path):
         )
         out = str(tmp_path / "o.zarr")
         res = segment_image(
-            src, str(model), out=out, params=p, dask_address=cluster.scheduler_address
+            src, str(model), out=out, params=p, cluster=ClusterSpec(kind=cluster.scheduler_address)
         )
         assert res.blocks_total == res.blocks_computed > 1
         with Client(cluster) as client:
