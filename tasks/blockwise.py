@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 Index = tuple[int, ...]
 
+#: Suffix of the array of taint flags beside a step's markers (:meth:`Markers.taint`).
+TAINT_SUFFIX = "-tainted"
 #: Retries of a block's transient storage errors, and the first backoff delay (doubles).
 DEFAULT_RETRIES = 4
 DEFAULT_BACKOFF_S = 0.5
@@ -174,12 +176,25 @@ class Markers:
         """The key of the latest run that prepared these markers."""
         return str(self.array.attrs.get("key", ""))
 
+    def _tainted(self) -> zarr.Array | None:
+        """The taint flags of this step (blocks a superseded run wrote into), if any."""
+        try:
+            node = open_group(self.store, "r").get(f"{DONE_GROUP}/{self.name}{TAINT_SUFFIX}")
+        except SegflowError:
+            return None
+        return node if isinstance(node, zarr.Array) and tuple(node.shape) == self.grid else None
+
     def done_mask(self, key: str | None = None) -> np.ndarray:
-        """Boolean per block: marked under ``key`` (default: the latest run's key)."""
+        """Boolean per block: marked under ``key`` (default: the latest run's key) and not
+        tainted by a superseded run's late write."""
         key = self.key if key is None else key
         if not key:
             return np.zeros(self.grid, dtype=bool)
-        return np.asarray(self.array[...]) == np.uint64(key_token(key))
+        done = np.asarray(self.array[...]) == np.uint64(key_token(key))
+        tainted = self._tainted()
+        if tainted is not None:
+            done &= np.asarray(tainted[...]) == 0
+        return done
 
     def done_of(self, indices: Sequence[Index], key: str) -> np.ndarray:
         """Boolean per given block (reads only those blocks' chunks)."""
@@ -187,7 +202,39 @@ class Markers:
             return np.zeros(0, dtype=bool)
         coords = tuple(np.asarray(c, dtype=np.int64) for c in zip(*indices, strict=True))
         values = np.asarray(self.array.get_coordinate_selection(coords))
-        return values == np.uint64(key_token(key))
+        done = values == np.uint64(key_token(key))
+        tainted = self._tainted()
+        if tainted is not None:
+            done &= np.asarray(tainted.get_coordinate_selection(coords)) == 0
+        return done
+
+    @staticmethod
+    def taint(step: Step, index: Index) -> None:
+        """Flag a block a superseded run wrote into: it is not done under any key until a
+        run computes it again (whoever marks it meanwhile)."""
+        group = open_group(step.store, "r+").require_group(DONE_GROUP)
+        name = f"{step.name}{TAINT_SUFFIX}"
+        arr = group.get(name)
+        if not (isinstance(arr, zarr.Array) and tuple(arr.shape) == step.grid):
+            arr = group.create_array(
+                name, shape=step.grid, chunks=(1,) * len(step.grid), dtype="uint8",
+                fill_value=0, overwrite=True,
+            )  # fmt: skip
+        arr[tuple(index)] = 1
+
+    @staticmethod
+    def untaint(step: Step, indices: Sequence[Index]) -> None:
+        """Clear the taint of blocks about to be computed again (driver side)."""
+        try:
+            arr = open_group(step.store, "r+").get(f"{DONE_GROUP}/{step.name}{TAINT_SUFFIX}")
+        except SegflowError:
+            return
+        if not (isinstance(arr, zarr.Array) and tuple(arr.shape) == step.grid):
+            return
+        coords = tuple(np.asarray(c, dtype=np.int64) for c in zip(*indices, strict=True))
+        flags = np.asarray(arr.get_coordinate_selection(coords))
+        if flags.any():
+            arr.set_coordinate_selection(coords, np.zeros_like(flags))
 
     def count(self, key: str | None = None) -> int:
         return int(self.done_mask(key).sum())
@@ -268,14 +315,14 @@ def current_fence() -> Fence | None:
 
 
 def _take_back(step: Step, index: Index) -> None:
-    """A block wrote after its run lost the lease: its marker and the completeness of the
-    step's outputs are withdrawn, so whatever the block's write mixed into another run's
-    outputs is never read as complete (a later run recomputes it)."""
+    """A block wrote after its run lost the lease: the block is tainted (not done under any
+    key, whoever marks it, until it is computed again) and the completeness of the step's
+    outputs is withdrawn, so whatever the write mixed into another run's outputs is never
+    read as complete; the next run recomputes the block."""
     from tasks.runstate import set_complete
 
-    markers = Markers.open(step.store, step.name, mode="r+")
-    if markers is not None and markers.grid == step.grid:
-        markers.array[tuple(index)] = 0
+    with contextlib.suppress(Exception):
+        Markers.taint(step, index)
     for path in step.outputs:
         with contextlib.suppress(Exception):
             set_complete(step.store, path, False)
@@ -389,6 +436,9 @@ class Runner:
         is kept and marked), or a :class:`TimeoutError` after cancelling what is left.
         """
         t0 = time.perf_counter()
+        fence = held_fence(step.store)
+        if fence is not None:
+            fence.check()  # a run that lost its lease writes nothing, markers included
         wanted = step.indices() if indices is None else [tuple(map(int, i)) for i in indices]
         todo = self.pending(step, indices)
         skipped = len(wanted) - len(todo)
@@ -397,9 +447,8 @@ class Runner:
             self.progress(Progress(step.name, 0, len(todo), skipped, started))
         results: list[Any] = []
         if todo:
-            fence = held_fence(step.store)
-            if fence is not None:
-                fence.check()  # a run that lost its lease submits nothing
+            if step.resumable:
+                Markers.untaint(step, todo)  # these blocks are computed again now
             if self.client is None:
                 results = self._run_threads(step, todo, skipped, started, fence)
             else:

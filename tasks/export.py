@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -99,7 +100,7 @@ def export_tiff(
         local = os.path.join(tmpdir, os.path.basename(to))
     else:
         os.makedirs(os.path.dirname(os.path.abspath(to)), exist_ok=True)
-    partial = local + ".partial"
+    partial = f"{local}.partial-{uuid.uuid4().hex[:8]}"  # two exports never share one
     try:
         try:
             with tifffile.TiffWriter(partial, bigtiff=True, ome=True) as tif:

@@ -142,19 +142,33 @@ class Fence:
     """The right to write a store, as a run's workers carry it: who holds which generation.
 
     :meth:`check` reads the lease file and raises :class:`LeaseLostError` unless it still
-    names this holder and generation and is not released. Cheap (one small read)."""
+    names this holder and generation and is not released. Cheap (one small read). A read
+    that fails (a connection reset, throttling) is tried again for up to half the ttl: only
+    a lease that reads as someone else's, or that cannot be read for that long, stops the
+    run (no other run can have taken it over sooner)."""
 
     store: str
     holder: str
     generation: int
+    ttl_s: float = LEASE_TTL_S
+
+    def _read(self) -> bytes | None:
+        deadline = time.monotonic() + self.ttl_s / 2
+        delay = 0.1
+        while True:
+            try:
+                return read_raw(self.store)
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:  # cannot tell: do not write on a guess
+                    raise LeaseLostError(
+                        f"{self.store}: the lease could not be read for {self.ttl_s / 2:.0f} "
+                        f"s ({type(exc).__name__}: {exc}); this run stops writing"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def check(self) -> None:
-        try:
-            raw = read_raw(self.store)
-        except OSError as exc:  # cannot tell: do not write on a guess
-            raise LeaseLostError(
-                f"{self.store}: the lease cannot be read ({exc}); this run stops writing"
-            ) from exc
+        raw = self._read()
         info = LeaseInfo.parse(raw)
         if (
             info is None
@@ -263,7 +277,7 @@ class Lease:
 
     @property
     def fence(self) -> Fence:
-        return Fence(self.store, self.holder, self.generation)
+        return Fence(self.store, self.holder, self.generation, self.ttl_s)
 
     # -- taking it
 
@@ -379,6 +393,7 @@ class Lease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
+                read_at = time.monotonic()
                 info = self.read()
                 if (
                     info is None
@@ -389,6 +404,11 @@ class Lease:
                     now = "no readable lease" if info is None else info.describe()
                     log.error("%s: lease lost (the store now holds %s)", self.store, now)
                     return
+                if time.monotonic() - read_at > self.ttl_s / 4:
+                    # this process stood still between the read and the write (suspended,
+                    # a frozen VM): another run may have taken over meanwhile, so never
+                    # write on that read; the next beat reads again
+                    continue
                 self._beat = info.beat + 1
                 self._put(self._info(self.generation, self._beat))
             except Exception as exc:  # storage hiccup: try again at the next beat

@@ -144,11 +144,11 @@ def _expand(path: str) -> list[str]:
 
 
 def _ingested_from(store: str) -> str | None:
-    """The source a store segflow made was ingested from (its recorded URL), if any."""
+    """The source a store segflow made was ingested from (where it was), if any."""
     if not is_remote(store) and not os.path.isfile(os.path.join(store, "zarr.json")):
         return None
     record = store_record(store)
-    return record.source_url if record is not None else None
+    return record.source_location if record is not None else None
 
 
 # --------------------------------------------------------------------------- stores
@@ -414,6 +414,28 @@ def _set_record(store: str, name: str, identity: dict[str, Any] | None) -> None:
     record.updated(files=files).write(root)
 
 
+def _owner_elsewhere(path: str, owner: str | None) -> str | None:
+    """A store beside ``path`` (in the same folder) whose record lists ``path`` as its
+    file, other than ``owner`` (None: no such store)."""
+    if is_remote(path):
+        return None
+    folder = os.path.dirname(canonical(path))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    for name in names:
+        store = os.path.join(folder, name)
+        if not name.endswith(".zarr") or not os.path.isfile(os.path.join(store, "zarr.json")):
+            continue
+        if owner is not None and canonical(store) == canonical(owner):
+            continue
+        record = store_record(store)
+        if record is not None and _owned_name(store, path) in record.files:
+            return store
+    return None
+
+
 def check_file_target(
     path: str,
     kind: FileKind,
@@ -457,6 +479,12 @@ def check_file_target(
             f"{path}: already exists and segflow did not write it for {owner or 'this run'} "
             f"(it is never replaced, not even with {opt(option)}); move it away or choose "
             "another output location"
+        )
+    other = _owner_elsewhere(path, owner)
+    if other is not None:
+        raise StoreConflictError(
+            f"{path}: is a file of the store {other} (recorded there), replaced only with "
+            "that store's own outputs; choose another file name"
         )
     if not made_by_segflow(path, kind):
         raise StoreConflictError(

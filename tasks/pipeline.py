@@ -37,8 +37,10 @@ from tasks.options import InstanceOptions, PipelineOptions
 from tasks.outputs import (
     FileKind,
     RunInputs,
+    canonical,
     check_file_target,
     check_store_target,
+    store_record,
 )
 from tasks.paths import beside_store, special_file, store_beside, table_paths
 from tasks.segment.driver import ensure_complete, run_segmentation
@@ -51,7 +53,7 @@ from tasks.segment.plan import (
     source_info,
 )
 from tasks.store import is_tiff_source
-from unet_core.errors import ConfigError, VolumeNotFoundError, opt
+from unet_core.errors import ConfigError, StoreConflictError, VolumeNotFoundError, opt
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,15 @@ def check(request: Request, local: bool = True) -> None:
             request.image_store, inputs, image=request.image_store, hint=hint,
             lease_wait_s=options.lease_wait_s,
         )  # fmt: skip
+        record = store_record(request.image_store)
+        ingested = record.source_location if record is not None else None
+        if ingested and canonical(ingested) != canonical(request.source):
+            raise StoreConflictError(
+                f"{request.image_store}: holds the image ingested from {ingested}; a run of "
+                f"{request.source} never replaces another image, not even with "
+                f"{opt('overwrite')} (choose another location, or replace it with "
+                "segflow ingest --overwrite)"
+            )
     check_store_target(
         request.out_store, inputs, image=request.image_store, hint=hint,
         lease_wait_s=options.lease_wait_s,

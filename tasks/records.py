@@ -84,6 +84,13 @@ class StoreRecord(Record):
         url = (self.source or {}).get("url")
         return str(url) if url else None
 
+    @property
+    def source_location(self) -> str | None:
+        """Where the source was, resolved (absolute, links followed) when it was ingested,
+        so that runs from other working folders name the same file the same way."""
+        where = (self.source or {}).get("location") or self.source_url
+        return str(where) if where else None
+
 
 class OutputRecord(Record):
     """A label image (semantic or instances) or the probabilities of a store."""

@@ -38,7 +38,7 @@ def image_digest(url: str, attrs: dict[str, Any] | None = None) -> str:
     """The identity of the image at ``url`` as it is now.
 
     A store segflow ingested (or wrote) records its content digest and what its level 0
-    looked like on storage then (:func:`listing_digest`: chunk names, sizes, times, inodes
+    looked like on storage then (:func:`listing_digest`: chunk names, sizes and times
     or ETags). The listing is read again at every run: unchanged, the identity is the
     recorded digest; changed (the array was rewritten in place after its ingest), the
     current listing is part of the identity, so the labels are recomputed. A store segflow

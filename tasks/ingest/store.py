@@ -12,7 +12,7 @@ import zarr
 
 from tasks.ingest.plan import FORMAT_VERSION, SPARSE_MIN_BYTES, SPARSE_RATIO, IngestPlan
 from tasks.ngff import compressors
-from tasks.outputs import delete_owned_store, owned_by_segflow, store_exists
+from tasks.outputs import canonical, delete_owned_store, owned_by_segflow, store_exists
 from tasks.records import KEY, OWNER, StoreRecord
 from tasks.store import (
     DONE_GROUP,
@@ -92,8 +92,8 @@ def destination(plan: IngestPlan, overwrite: bool, refresh: bool = False) -> str
             return "resume"
     same_source = (
         previous is not None
-        and previous.source_url == plan.source.url
         and previous.ingest is not None
+        and canonical(previous.source_location or "") == canonical(plan.source.url)
     )
     if refresh and same_source and not overwrite:
         return "restart"
@@ -180,6 +180,7 @@ def ingest_record(
         created_by=OWNER,
         source={
             **src.identity(),
+            "location": canonical(src.url),
             "series_kind": src.series_kind,
             "axes_from": src.axes_from,
             "scale": list(src.scale),

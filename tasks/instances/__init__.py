@@ -175,10 +175,15 @@ def stitch(
 
                 write_label_levels(plan.store, plan.out_name, image_url, plan.key, runner)
         csv_path = parquet_path = None
+        lease.check()  # a superseded run neither writes the table nor marks the instances
         if write_table:
             csv_path, parquet_path = write_object_table(plan, table)
-        lease.check()
         _finish_instances(plan, n_final, len(table))
+        try:
+            lease.check()
+        except Exception:
+            set_complete(plan.store, f"{LABELS_GROUP}/{plan.out_name}", False)
+            raise
         if link_plan is not None:
             set_complete(plan.store, plan.out_path.rsplit("/", 1)[0], True, **link_plan.meta())
     return StitchResult(

@@ -18,7 +18,7 @@ import zarr
 
 from tasks.blockwise import Markers, ProgressFn, Runner, Step, StepResult
 from tasks.cluster import ClusterSpec, dask_client
-from tasks.lease import Lease
+from tasks.lease import Lease, held_fence
 from tasks.ngff import (
     Multiscale,
     add_label,
@@ -28,7 +28,7 @@ from tasks.ngff import (
     label_ome,
     remove_label,
 )
-from tasks.outputs import claim_store, refuse_foreign, remove_owned_file
+from tasks.outputs import canonical, claim_store, refuse_foreign, remove_owned_file
 from tasks.records import KEY, OutputRecord
 from tasks.runstate import set_complete
 from tasks.segment.plan import SegmentParams, SegmentPlan, SegmentResult, plan_segmentation
@@ -37,7 +37,7 @@ from tasks.store import (
     PROBABILITIES_GROUP,
     open_group,
 )
-from unet_core.errors import IncompleteError, opt
+from unet_core.errors import IncompleteError, LeaseLostError, opt
 from unet_core.predict import label_dtype
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,9 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
         refuse_foreign(plan.out_url, f"pass {opt('out')} to write the labels to a new store")
         root = open_group(plan.out_url, "r+")
     else:
-        root = claim_store(plan.out_url, "segmentation outputs", source_image=plan.image.url)
+        root = claim_store(
+            plan.out_url, "segmentation outputs", source_image=canonical(plan.image.url)
+        )
     step = plan.step()
     markers = Markers.require(step)
     if force:
@@ -197,9 +199,19 @@ def finalize_outputs(plan: SegmentPlan, runner: Runner | None = None) -> bool:
     from tasks.pyramid import write_label_levels
 
     write_label_levels(plan.out_url, plan.params.labels_name, plan.image.url, plan.key, runner)
-    set_complete(plan.out_url, plan.labels_path, True, key=plan.key)
-    if plan.params.probabilities:
-        set_complete(plan.out_url, PROBABILITIES_GROUP, True, key=plan.key)
+    outputs = [plan.labels_path, *([PROBABILITIES_GROUP] * plan.params.probabilities)]
+    fence = held_fence(plan.out_url)
+    if fence is not None:
+        fence.check()  # only the run that holds the lease marks the outputs complete
+    for path in outputs:
+        set_complete(plan.out_url, path, True, key=plan.key)
+    if fence is not None:
+        try:
+            fence.check()  # taken over while marking: the mark is not this run's to give
+        except LeaseLostError:
+            for path in outputs:
+                set_complete(plan.out_url, path, False)
+            raise
     return True
 
 

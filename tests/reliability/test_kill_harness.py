@@ -61,7 +61,7 @@ def commands(tif: Path, store: Path, model: str, exported: Path) -> dict[str, li
         ],
         "segment": ["segment", store, "-m", model, *f"--chunks {CHUNKS} {SEGMENT_ARGS}".split()],
         "stitch": ["stitch", store],
-        "export": ["export", store, "--to", exported],
+        "export": ["export", store, "--to", exported, "--overwrite"],
     }
 
 
@@ -148,11 +148,12 @@ def after_marked(store: Path, step: str, blocks: int) -> Callable[[], bool]:
 
 
 def after_file(path: Path, wait_s: float) -> Callable[[], bool]:
-    """True ``wait_s`` after ``path`` first appeared."""
+    """True ``wait_s`` after ``path`` (or a temporary file named after it,
+    ``<path>-<suffix>``) first appeared."""
     appeared: list[float] = []
 
     def when() -> bool:
-        if not appeared and path.exists():
+        if not appeared and (path.exists() or any(path.parent.glob(f"{path.name}-*"))):
             appeared.append(time.monotonic())
         return bool(appeared) and time.monotonic() >= appeared[0] + wait_s
 
@@ -205,7 +206,8 @@ def test_sigkill_at_seeded_points_then_rerun_is_bitwise_equal(tmp_path: Path) ->
         for point in [p for p in points if p.phase == phase]:
             if point.step == "export":
                 partial = Path(f"{exported}.partial")
-                partial.unlink(missing_ok=True)
+                for left in tmp_path.glob(f"{partial.name}*"):
+                    left.unlink()
                 when = after_file(partial, point.at / 1000)
             else:
                 # at least one block beyond what is already marked: a kill inside the run

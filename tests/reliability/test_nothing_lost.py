@@ -201,3 +201,59 @@ def test_option_conflicts_and_unsafe_names_are_refused_before_any_write(raw, tmp
         .splitlines()[-1]
     )
     assert summary["blocks_total"] == 1
+
+
+def test_overwrite_never_replaces_another_images_store_or_its_files(tmp_path):
+    """--overwrite replaces segflow-made outputs of the same image only: a TIFF run into
+    another TIFF's store, an export over a file another store owns, and the same store
+    reached through paths relative to another working folder."""
+    import subprocess
+
+    from harness import segflow_argv
+
+    model = make_model(tmp_path / "m.ckpt", 6)
+    for name, seed in (("a", 1), ("b", 2)):
+        tifffile.imwrite(
+            tmp_path / f"{name}.tif", blobs((8, 64, 64), seed), metadata={"axes": "ZYX"}
+        )
+    assert (
+        cli("predict", tmp_path / "a.tif", "-m", model, "--out", tmp_path / "out", *ARGS).returncode
+        == 0
+    )
+    a_store = tmp_path / "out" / "a.tif.ome.zarr"
+    before = zarr.open_group(str(a_store), mode="r")["0"][...]
+    done = cli("segment", tmp_path / "b.tif", "-m", model, *ARGS, "--out", a_store, "--overwrite")
+    refused(done, "a.tif", "another image")
+    assert np.array_equal(zarr.open_group(str(a_store), mode="r")["0"][...], before)
+    # predict's labels TIFF is a's: an export from elsewhere never replaces it
+    tiff = tmp_path / "out" / "a.tif.labels.ome.tif"
+    kept = digest(tiff)
+    assert cli("segment", tmp_path / "b.tif", "-m", model, *ARGS).returncode == 0
+    done = cli(
+        "export", tmp_path / "b.ome.zarr", "--labels", "semantic", "--to", tiff, "--overwrite"
+    )
+    refused(done, "a.tif.labels.ome.tif", "a.tif.ome.zarr")
+    assert digest(tiff) == kept
+    # outputs of img.zarr (named relatively) into res.zarr; from another folder, the
+    # relative name img.zarr is another image and never goes into res.zarr
+    for sub in ("p1", "p2"):
+        (tmp_path / sub).mkdir()
+        tifffile.imwrite(tmp_path / sub / "v.tif", blobs((8, 64, 64), 7 if sub == "p1" else 8),
+                         metadata={"axes": "ZYX"})  # fmt: skip
+        assert (
+            cli("ingest", tmp_path / sub / "v.tif", tmp_path / sub / "img.zarr", "-q").returncode
+            == 0
+        )
+    res = tmp_path / "res.zarr"
+    runs = [
+        subprocess.run(
+            segflow_argv("segment", "img.zarr", "-m", model, "--out", res, *ARGS),
+            cwd=tmp_path / sub,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for sub in ("p1", "p2")
+    ]
+    assert runs[0].returncode == 0, runs[0].stderr
+    refused(runs[1], "another image")

@@ -506,3 +506,27 @@ def test_runner_retries_transient_errors_only_and_marks_after_success(tmp_path, 
         if client is None:
             assert _attempts[-1] == 1  # a permanent error is never retried
         assert not Markers.open(store, "bad").done_mask("k").any()
+
+
+def test_a_block_written_by_a_superseded_run_is_recomputed_whoever_marked_it(tmp_path):
+    """A late write by a run that lost its lease taints its block: the block counts as not
+    done under any key (even after the new holder marked it) until it is computed again."""
+    store = str(tmp_path / "s.zarr")
+    calls: list[tuple[int, ...]] = []
+
+    def process(plan, index):
+        calls.append(index)
+        return index
+
+    step = Step("demo", store, (2, 2), "key-1", process, None)
+    Runner(None, threads=1).run(step)
+    assert len(calls) == 4
+    markers = Markers.open(store, "demo")
+    assert markers.all_done("key-1")
+    Markers.taint(step, (1, 0))  # what run_block's take-back does after a late write
+    assert not markers.all_done("key-1")
+    assert markers.done_of([(1, 0), (0, 0)], "key-1").tolist() == [False, True]
+    calls.clear()
+    Runner(None, threads=1).run(step)
+    assert calls == [(1, 0)]  # only the tainted block, computed again and untainted
+    assert Markers.open(store, "demo").all_done("key-1")
