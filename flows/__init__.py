@@ -18,17 +18,38 @@ R = TypeVar("R")
 CORE_LOGGERS = ("unet_core", "tasks", "flows")
 
 
-def core_logs_to_prefect() -> None:
+class OptionWords(logging.Filter):
+    """Names the option fields in segflow's log messages (:func:`unet_core.errors.opt`) as
+    the run form names them."""
+
+    def __init__(self, name: Callable[[str], str] | None = None) -> None:
+        super().__init__()
+        self.name_field = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from unet_core.errors import render
+
+        if isinstance(record.msg, str):
+            record.msg = render(record.msg, self.name_field)
+        return True
+
+
+def core_logs_to_prefect(name: Callable[[str], str] | None = None) -> None:
     """Send segflow's own loggers to the Prefect run logs (what PREFECT_LOGGING_EXTRA_LOGGERS
-    does, applied at run time so import order does not matter)."""
+    does, applied at run time so import order does not matter), options named by ``name``
+    (the form's titles; default: the field in quotes)."""
     extra = logging.getLogger("prefect.extra")
-    for name in CORE_LOGGERS:
-        logger = logging.getLogger(name)
+    for logger_name in CORE_LOGGERS:
+        logger = logging.getLogger(logger_name)
         if logger.level in (logging.NOTSET,) or logger.level > logging.INFO:
             logger.setLevel(logging.INFO)
         for handler in extra.handlers:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
+    for handler in extra.handlers:  # a handler's filter sees the records of child loggers
+        for old in [f for f in handler.filters if isinstance(f, OptionWords)]:
+            handler.removeFilter(old)
+        handler.addFilter(OptionWords(name))
 
 
 # ---------------------------------------------------------------- flat flow parameters

@@ -281,7 +281,7 @@ def report_step(
 def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     """Segment one volume: ingest (TIFF), segment regions on Dask, stitch, report."""
     configure()
-    core_logs_to_prefect()
+    core_logs_to_prefect(form_words)
     logging.getLogger("distributed").setLevel(logging.WARNING)
     try:
         return _segment_volume(params)

@@ -20,6 +20,7 @@ import typer.main
 
 from segflow.app import app
 from segflow.errors import ExitCode, usage_line
+from segflow.help import HELP_ALL, compact_help, help_request
 from unet_core.runtime import configure
 
 #: Examples shown under each command's ``--help`` (command path -> command lines).
@@ -138,6 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     _register()
     command = typer.main.get_command(app)
     args = hoist_shared_options(list(sys.argv[1:] if argv is None else argv), command)
+    asked = help_request(args, command)
+    if asked is not None:
+        path, chosen, full = asked
+        if not full:
+            typer.echo(compact_help(chosen, path))
+            sys.exit(0)
+        args = ["--help" if a == HELP_ALL else a for a in args]
     try:
         code = command.main(
             args=args,

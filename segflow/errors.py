@@ -15,9 +15,10 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import IntEnum
 from typing import Any, ParamSpec, TypeVar
 
@@ -216,8 +217,54 @@ def clean_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, swap two neighbours) that turn ``a`` into ``b``."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, prev2[j - 2] + 1)
+            row.append(cost)
+        prev2, prev = prev, row
+    return prev[-1]
+
+
+def close_words(word: str, candidates: Iterable[str]) -> list[str]:
+    """The candidates a typo of ``word`` could be: at most 2 edits away, and at most a
+    third of the word (``--modle``: ``--mode``, ``--model``; never ``--tile``)."""
+    bare = word.lstrip("-")
+    limit = min(2, max(1, len(bare) // 3))
+    scored = sorted((edit_distance(bare, c.lstrip("-")), c) for c in set(candidates))
+    return [c for d, c in scored if d <= limit]
+
+
+def _or(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def usage_line(exc: BaseException) -> str:
-    """A usage error (unknown option, bad value, missing argument) as one line."""
+    """A usage error (unknown option, bad value, missing argument) as one line; an
+    unknown option or command suggests only names a typo away."""
+    option = getattr(exc, "option_name", None)
+    command = getattr(exc, "command_name", None)
+    ctx = getattr(exc, "ctx", None)
+    commands = getattr(getattr(ctx, "command", None), "commands", None)
+    unknown = re.match(r"No such command '(.+?)'", str(getattr(exc, "message", "")))
+    if unknown and commands:
+        command = unknown.group(1)
+    if option or command:
+        word = str(option or command)
+        near = close_words(
+            word, (commands or {}) if command else getattr(exc, "possibilities", None) or []
+        )
+        if command:
+            near = [f"'{w}'" for w in near]
+        kind = "option" if option else "command"
+        hint = f"; did you mean {_or(near)}?" if near else ""
+        return f"no such {kind}: {word}{hint}"
     format_message = getattr(exc, "format_message", None)
     text = format_message() if callable(format_message) else str(exc)
     text = text.replace("Value error, ", "")

@@ -161,7 +161,10 @@ class _LogFormat(logging.Formatter):
     """``segflow: warning: message``; other levels, and other libraries, name the logger."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        from segflow.options import name_field
+        from unet_core.errors import render
+
+        text = render(super().format(record), name_field)  # option fields as flags
         own = record.name.split(".")[0] in OWN_LOGGERS and record.levelno >= logging.WARNING
         where = "" if own else f"{record.name}: "
         return f"segflow: {record.levelname.lower()}: {where}{text}"

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -84,6 +85,8 @@ from tasks.store import (
 from tasks.tiff import open_source, release_files
 from unet_core.errors import ConfigError, InvalidVolumeError
 from unet_core.normalize import IntensityStats
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_UNIT_MIB",
@@ -214,7 +217,19 @@ def _finalize(
         + crcs.astype("<u8").tobytes()
     ).hexdigest()[:32]
     root = open_group(plan.dst, "r+")
-    owned = StoreRecord.of(root).files  # the files beside the store stay its own
+    before = StoreRecord.of(root)
+    owned = before.files  # the files beside the store stay its own
+    replaced = (before.ingest or {}).get("replaces")
+    if replaced == "crc-" + identity:
+        log.info(
+            "%s: the source's pixels are the same as before; what was made of them stays valid",
+            plan.dst,
+        )
+    elif replaced:
+        log.info(
+            "%s: the source's pixels changed; what was made of the old ones is computed again",
+            plan.dst,
+        )
     name = volume_name(plan.source.url) or "image"
     record = ingest_record(plan, "complete", levels, stats, "crc-" + identity).updated(
         # what level 0 looks like on storage now: a later in-place edit shows

@@ -152,8 +152,11 @@ def _restart_in_place(plan: IngestPlan) -> None:
     root = open_group(plan.dst, "r+")
     attrs = attributes(root)
     attrs.pop("ome", None)  # not an image again until the new ingest has finished
-    owned = StoreRecord.of(attrs).files  # the files beside it stay the store's
-    attrs[KEY] = ingest_record(plan, "incomplete", 0).updated(files=owned).dump()
+    before = StoreRecord.of(attrs)
+    record = ingest_record(plan, "incomplete", 0)
+    if before.image_digest:  # to say at the end whether the pixels changed
+        record = record.updated(ingest={**(record.ingest or {}), "replaces": before.image_digest})
+    attrs[KEY] = record.updated(files=before.files).dump()  # the files beside it stay
     root.attrs.put(attrs)
     arr = root.get("0")
     if not (
@@ -163,7 +166,10 @@ def _restart_in_place(plan: IngestPlan) -> None:
         and arr.dtype == np.dtype(plan.dtype)
     ):
         _create_level0(root, plan)
-    log.info("%s: the source changed since it was ingested; ingesting it again", plan.dst)
+    log.info(
+        "%s: the source file changed since it was ingested (size or time); reading it again",
+        plan.dst,
+    )
 
 
 def ingest_record(

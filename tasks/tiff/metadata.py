@@ -48,6 +48,17 @@ FALLBACK_VOXEL_SIZE = 1.0
 
 log = logging.getLogger(__name__)
 
+#: (file, message) pairs warned about in this process: a source is opened by the run's
+#: plan and again by its ingest, and says each thing once.
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_once(url: str, message: str, *args: Any) -> None:
+    """``log.warning(message, *args)``, once per file and message in this process."""
+    if (url, message) not in _WARNED:
+        _WARNED.add((url, message))
+        log.warning(message, *args)
+
 
 def _axes_source(tif: Any, series: Any) -> str:
     kind = str(series.kind)
@@ -104,9 +115,10 @@ def _map_axes(
                 # a stack of single-channel planes with no axis metadata at all (a plain
                 # tifffile.imwrite(path, volume)): the planes are z-slices
                 letter = "z"
-                logging.getLogger(__name__).warning(
-                    "%s: no axis metadata; its %d pages are read as z-slices (ZYX); name "
-                    "the axes to say otherwise",
+                warn_once(
+                    url,
+                    f"%s: no axis metadata; its %d pages are read as z-slices (ZYX); name "
+                    f"the axes with {opt('axes')} to say otherwise",
                     url,
                     n,
                 )

@@ -45,10 +45,12 @@ from tasks.tiff.metadata import (
     _axes_source,
     _map_axes,
     _physical_sizes,
+    warn_once,
 )
 from unet_core.errors import (
     ConfigError,
     InvalidVolumeError,
+    opt,
 )
 
 SUPPORTED_DTYPES = (
@@ -92,6 +94,8 @@ class TiffSource:
     axes_from: str
     scale: tuple[float, ...]
     unit: str | None
+    #: the spatial axes whose voxel size the metadata state
+    stated: tuple[str, ...] = ()
     #: for a series stored as one run of equal pages (e.g. ImageJ > 4 GiB): offset of page 0
     contiguous_base: int | None = None
     series_kind: str = ""
@@ -155,7 +159,17 @@ def open_source(
     else:
         source = _describe_slices(str(src), names, axes)
     if voxel_size is not None:
-        source = _with_voxel_size(source, voxel_size)
+        return _with_voxel_size(source, voxel_size)
+    unstated = [a for a in source.axes if a != "c" and a not in source.stated]
+    if unstated:
+        spatial = ",".join(a.upper() for a in source.axes if a != "c")
+        kept = "1 µm" if source.unit else "1 without a unit"
+        warn_once(
+            source.url,
+            f"%s: no voxel size along {', '.join(unstated)} in its metadata; stored as "
+            f"{kept}; set it with {opt('voxel_size')} {spatial} (micrometres)",
+            source.url,
+        )
     return source
 
 
@@ -322,6 +336,7 @@ def _finish(
         axes_from=axes_from,
         scale=scale,
         unit=unit,
+        stated=tuple(a for a in out_axes if a in sizes),
         contiguous_base=contiguous_base,
         series_kind=series_kind,
     )
@@ -344,7 +359,7 @@ def _with_voxel_size(source: TiffSource, voxel_size: Sequence[float]) -> TiffSou
         )
     per_axis = dict(zip(spatial, values, strict=True))
     scale = tuple(1.0 if a == "c" else per_axis[a] for a in source.axes)
-    return dataclasses.replace(source, scale=scale, unit="micrometer")
+    return dataclasses.replace(source, scale=scale, unit="micrometer", stated=tuple(spatial))
 
 
 def check_one_image(url: str, tif: Any) -> None:

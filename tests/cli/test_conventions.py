@@ -220,3 +220,54 @@ def test_an_unretrieved_library_timeout_is_not_printed_unless_debugging() -> Non
         cwd=ROOT,
     )
     assert "Future exception was never retrieved" in shown.stderr
+
+
+def visible_options(path: list[str]) -> list[str]:
+    """The first long name of each option ``segflow PATH`` shows (not the hidden ones)."""
+    import typer.main
+
+    from segflow import cli
+
+    cli._register()
+    command = typer.main.get_command(cli.app)
+    for word in path:
+        command = command.commands[word]  # type: ignore[attr-defined]
+    return [
+        next(o for o in p.opts if o.startswith("--"))
+        for p in command.params
+        if getattr(p, "param_type_name", "") == "option" and not p.hidden and p.name != "help"
+    ]
+
+
+def test_short_help_reads_at_80_columns_and_names_every_option_whole() -> None:
+    """``-h`` lists each option once, whole, with a short help; ``--help-all`` has the rest
+    (aliases such as ``--lease-wait``, defaults)."""
+    env = {"COLUMNS": "80"}
+    for command in (["segment"], ["predict"], ["train"], ["model", "create"]):
+        short = ok(*command, "-h", env=env).stdout
+        lines = short.splitlines()
+        assert all(len(line) <= 80 for line in lines), [x for x in lines if len(x) > 80]
+        assert "…" not in short
+        assert f"segflow {' '.join(command)} --help-all" in short
+        for option in visible_options(command):
+            assert re.search(rf"^  (-\w, )?{option}\b", short, re.MULTILINE), (command, option)
+    segment = ok("segment", "-h", env=env).stdout
+    for option in ("--probabilities-dtype", "--instance-method", "--lease-wait-s", "--model"):
+        assert re.search(rf"^  (-\w, )?{option}\b", segment, re.MULTILINE), option
+    assert len(segment.splitlines()) < 120
+    assert "--lease-wait " not in segment  # an alias: only in --help-all
+    assert "--lease-wait" in ok("segment", "--help-all", env=env).stdout
+
+
+def test_unknown_options_and_commands_suggest_only_near_names() -> None:
+    typo = run("segment", "x.tif", "--modle", "m.ckpt")
+    assert typo.returncode == 2
+    assert (
+        typo.stderr == "segflow: error: no such option: --modle; did you mean --mode or --model?\n"
+    )
+    far = run("segment", "x.tif", "--qqqqq")
+    assert far.stderr == "segflow: error: no such option: --qqqqq\n"
+    assert (
+        run("segmnt").stderr == "segflow: error: no such command: segmnt; did you mean 'segment'?\n"
+    )
+    assert "did you mean" not in run("zzz").stderr

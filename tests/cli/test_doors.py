@@ -26,7 +26,13 @@ def test_a_plain_3d_tiff_segments_through_segment_and_predict(tmp_path):
     model = make_model(tmp_path / "m.ckpt", 3)
     done = cli("segment", tmp_path / "stack.tif", "-m", model, *ARGS[:-1], "--json")
     assert done.returncode == 0, done.stderr
-    assert "read as z-slices" in done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert warnings == [  # each once, though the plan and the ingest both open the file
+        f"segflow: warning: {tmp_path / 'stack.tif'}: no axis metadata; its 6 pages are read "
+        "as z-slices (ZYX); name the axes with --axes to say otherwise",
+        f"segflow: warning: {tmp_path / 'stack.tif'}: no voxel size along z, y, x in its "
+        "metadata; stored as 1 without a unit; set it with --voxel-size Z,Y,X (micrometres)",
+    ]
     store = json.loads(done.stdout.strip().splitlines()[-1])["out"]
     by_segment = zarr.open_group(store, mode="r")["labels/semantic/0"][...]
     assert by_segment.shape == (6, 64, 64)
@@ -56,9 +62,41 @@ def test_a_plain_3d_tiff_segments_through_segment_and_predict(tmp_path):
         tmp_path / "explicit.ome.zarr",
     )
     assert explicit.returncode == 0, explicit.stderr
+    assert "voxel size" not in explicit.stderr
     root = zarr.open_group(str(tmp_path / "explicit.ome.zarr"), mode="r")
     scale = root.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
     assert scale["scale"] == [2.0, 0.5, 0.5]
+
+
+def test_a_slice_folder_without_voxel_sizes_says_so_and_sizes_given_reach_the_outputs(tmp_path):
+    """Slices with no physical size: one warning naming the folder and the option; with
+    --voxel-size, the store, the labels and the exported TIFF all carry the size."""
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i, plane in enumerate(blobs((4, 48, 48), 2)):
+        tifffile.imwrite(folder / f"z{i:03d}.tif", plane)
+    silent = cli("ingest", folder, tmp_path / "plain.ome.zarr")
+    assert silent.returncode == 0, silent.stderr
+    assert f"{folder}: no voxel size along z, y, x" in silent.stderr
+    assert "--voxel-size Z,Y,X" in silent.stderr
+    sized = tmp_path / "sized.ome.zarr"
+    done = cli("ingest", folder, sized, "--voxel-size", "1.5,0.25,0.25")
+    assert done.returncode == 0, done.stderr
+    assert "voxel size" not in done.stderr
+    model = make_model(tmp_path / "m.ckpt", 2)
+    assert cli("segment", sized, "-m", model, *ARGS).returncode == 0
+    exported = tmp_path / "labels.ome.tif"
+    assert cli("export", sized, "--labels", "semantic", "--to", exported, "-q").returncode == 0
+    root = zarr.open_group(str(sized), mode="r")
+    for node in (root, root["labels/semantic"]):
+        multiscale = node.attrs["ome"]["multiscales"][0]
+        scale = multiscale["datasets"][0]["coordinateTransformations"][0]["scale"]
+        assert scale == [1.5, 0.25, 0.25]
+        assert {a.get("unit") for a in multiscale["axes"]} == {"micrometer"}
+    with tifffile.TiffFile(exported) as tif:
+        ome = tif.ome_metadata or ""
+    for axis, size in (("Z", "1.5"), ("Y", "0.25"), ("X", "0.25")):
+        assert f'PhysicalSize{axis}="{size}"' in ome
 
 
 def test_voxel_sizes_must_be_finite_and_positive(tmp_path):
