@@ -1,6 +1,7 @@
 # segflow — the two set-up commands: `make demo` (the main job) and `make test`.
 # Each creates .venv when missing, upgrades pip, installs torch (pin overridable with
-# TORCH_SPEC) and then the project. Nothing else is needed on a fresh machine.
+# TORCH_SPEC) and then the project: `make demo` and `make install` what it runs with,
+# `make test` the test tooling as well. Nothing else is needed on a fresh machine.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 # test processes (pytest-xdist, one test file per process at a time); 1 runs them in order
 TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.segflow-installed
+# what segflow runs with; and the test tooling (pytest, linters, moto, playwright, mkdocs)
+RUNTIME := $(VENV)/.segflow-runtime
+DEV := $(VENV)/.segflow-dev
+# `make install` links the segflow command into $(PREFIX)/bin (on most systems' PATH)
+PREFIX ?= $(HOME)/.local
+PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -17,22 +23,33 @@ export DASK_TEMPORARY_DIRECTORY ?= $(CURDIR)/.dask-scratch
 
 .PHONY: install demo test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
+	@echo "installing PyTorch ($(TORCH_SPEC)) and segflow into $(VENV) (a few minutes, once)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e ".[dev]"
-	touch $(STAMP)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e .
+	touch $(RUNTIME)
 
-install: $(STAMP)
+$(DEV): $(RUNTIME)
+	@echo "installing the test tooling into $(VENV)"
+	$(PIP) install -e ".[dev]"
+	touch $(DEV)
 
-demo: $(STAMP)
+install: $(RUNTIME)
+	mkdir -p $(PREFIX)/bin
+	ln -sf $(abspath $(BIN))/segflow $(PREFIX)/bin/segflow
+	@echo "segflow -> $(PREFIX)/bin/segflow"
+	@case ":$$PATH:" in *":$(PREFIX)/bin:"*) ;; \
+	  *) echo "$(PREFIX)/bin is not on your PATH: add it (e.g. in ~/.profile)";; esac
+
+demo: $(RUNTIME)
 	$(BIN)/python -m segflow.demo --out demo-output
 
-test: $(STAMP) lint
+test: $(DEV) lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -40,11 +57,11 @@ lint: $(STAMP)
 # which hides the warnings that strict counts)
 	$(BIN)/mkdocs build --strict --site-dir $(CURDIR)/.mkdocs-site
 
-format: $(STAMP)
+format: $(DEV)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python -m pip install -e ".[dev,bench]"
 	$(BIN)/python -m bench.run_all
 

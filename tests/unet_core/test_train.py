@@ -301,3 +301,17 @@ def test_paper_preset_is_the_papers_geometry():
         assert unet.output_shape(c.patch) == out
     assert TrainConfig.paper(steps=5).steps == 5
     assert TrainConfig.paper().base_channels == 64
+
+
+def test_a_2d_image_for_a_3d_network_says_what_to_do_instead():
+    """Not "cannot train a 3D network (2D or 3D images are supported)": the image is 2D."""
+    from unet_core.training.config import TrainConfig
+    from unet_core.training.data import prepare
+
+    image, labels = blobs((64, 64), rng=0)
+    with pytest.raises(ConfigError) as err:
+        prepare([image], [labels], TrainConfig(ndim=3, steps=1))
+    text = str(err.value)
+    assert "a 2D image (labels of shape (64, 64)) cannot train a 3D network" in text
+    assert "'ndim' 2" in text
+    assert "supported" not in text

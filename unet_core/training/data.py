@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unet_core.errors import ConfigError, InvalidVolumeError
+from unet_core.errors import ConfigError, InvalidVolumeError, opt
 from unet_core.geometry import Box, Coord
 from unet_core.losses import class_frequencies, class_weights, weight_map
 from unet_core.normalize import IntensityStats, apply_affine, compute_stats
@@ -161,10 +161,15 @@ def prepare(
             raise InvalidVolumeError(
                 f"training pair {i} has {im.shape[0]} channels, pair 0 has {in_channels}"
             )
-        if lab.ndim not in (2, 3) or lab.ndim < config.ndim:
+        if lab.ndim not in (2, 3):
             raise InvalidVolumeError(
-                f"training pair {i}: labels of shape {lab.shape} cannot train a "
-                f"{config.ndim}D network (2D or 3D images are supported)"
+                f"training pair {i}: labels of shape {lab.shape} are {lab.ndim}D; training "
+                "takes 2D images (or 3D stacks)"
+            )
+        if lab.ndim < config.ndim:
+            raise ConfigError(
+                f"training pair {i}: a 2D image (labels of shape {lab.shape}) cannot train "
+                f"a 3D network: give 3D stacks, or train a 2D network ({opt('ndim')} 2)"
             )
         if lab.size == 0:
             raise InvalidVolumeError(f"training pair {i} is empty")
