@@ -4,16 +4,18 @@ they cannot drift.
 Every ```bash block of the README's set-up and quick-start sections, and every ```bash
 block of the guide (``docs/*.md``), carries a marker on the line before it:
 ``<!-- test: run; creates: PATH ... -->`` (run here, in order; it must exit 0 and leave
-each PATH) or ``<!-- test: skip (REASON) -->``. The README's blocks run first, in an empty
-folder; the guide's then run in that same folder, page by page in the order of
-``mkdocs.yml``'s ``nav``, so they may use what the quick start made.
+each PATH), ``<!-- test: setup (REASON) -->`` (the README's activation: run in the clone,
+then before every other block in the same shell) or ``<!-- test: skip (REASON) -->``. The
+README's blocks run first, in an empty folder, in a shell whose PATH has no ``segflow``
+until the setup block puts it there; the guide's then run in that same folder, page by
+page in the order of ``mkdocs.yml``'s ``nav``, so they may use what the quick start made.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import stat
+import shlex
 import subprocess
 import sys
 import unicodedata
@@ -25,7 +27,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 SECTIONS = ("## Set up and run", "## Quick start on your own data")
-MARKER = re.compile(r"<!-- test: (run; creates: (?P<creates>[^>]*?)|skip \((?P<why>.+)\)) -->")
+MARKER = re.compile(
+    r"<!-- test: (run; creates: (?P<creates>[^>]*?)|skip \((?P<why>.+)\)"
+    r"|(?P<setup>setup) \(.+\)) -->"
+)
 BASH_BLOCK = re.compile(r"(?:^([^\n]*)\n)?```bash\n(.*?)```", re.MULTILINE | re.DOTALL)
 #: Shell blocks under another name would escape the markers: the guide writes ```bash.
 OTHER_SHELL_FENCE = re.compile(r"^\s*```(sh|shell|console|zsh|shell-session)\s*$", re.MULTILINE)
@@ -38,6 +43,7 @@ class Block:
     code: str
     why: str | None  # the skip reason; None: it runs
     creates: tuple[str, ...]
+    setup: bool = False  # run in the clone before every other block, in the same shell
 
 
 def marked_blocks(text: str, where: str) -> list[Block]:
@@ -48,7 +54,8 @@ def marked_blocks(text: str, where: str) -> list[Block]:
         marker = MARKER.fullmatch((m.group(1) or "").strip())
         assert marker, f"{where}: a bash block without a test marker:\n{m.group(2)}"
         creates = tuple((marker.group("creates") or "").split())
-        blocks.append(Block(where, m.group(2), marker.group("why"), creates))
+        setup = marker.group("setup") is not None
+        blocks.append(Block(where, m.group(2), marker.group("why"), creates, setup))
     return blocks
 
 
@@ -82,10 +89,11 @@ def docs_blocks() -> list[Block]:
 
 def test_every_quick_start_block_is_marked_and_most_run():
     blocks = readme_blocks()
-    run = [b for b in blocks if b.why is None]
+    run = [b for b in blocks if b.why is None and not b.setup]
     assert len(run) >= 5, "the quick start should run train, segment, export and predict"
+    assert [b.code for b in blocks if b.setup] == ["source .venv/bin/activate\n"]
     for b in blocks:
-        assert b.why or b.creates, f"a run block names no output:\n{b.code}"
+        assert b.why or b.creates or b.setup, f"a run block names no output:\n{b.code}"
 
 
 def test_every_docs_block_is_marked_and_the_cheap_ones_run():
@@ -134,27 +142,31 @@ def test_the_readme_and_the_guide_give_the_same_exit_statuses():
     assert readme == guide
 
 
+def without_segflow(path: str) -> str:
+    """``path`` without the folders that hold a ``segflow`` command."""
+    return os.pathsep.join(
+        d for d in path.split(os.pathsep) if d and not os.access(Path(d, "segflow"), os.X_OK)
+    )
+
+
 class Reader:
-    """One folder a reader works in, with ``segflow`` on PATH being this checkout."""
+    """One folder a reader works in, in a fresh shell: ``segflow`` is on its PATH only
+    once the README's setup block (the activation, run in the clone) put it there."""
 
     def __init__(self, tmp: Path) -> None:
-        bin_dir = tmp / "bin"
-        bin_dir.mkdir()
-        shim = bin_dir / "segflow"
-        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m segflow "$@"\n')
-        shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+        if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+            pytest.skip(f"the tests run from {sys.prefix}, not this clone's .venv (make test)")
         self.work = tmp / "work"
         self.work.mkdir()
-        self.env = {
-            **os.environ,
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-            "PYTHONPATH": str(ROOT),
-        }
+        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+        self.env = {**env, "PATH": without_segflow(os.environ["PATH"])}
+        self.setup = "\n".join(b.code for b in readme_blocks() if b.setup)
         self.quick_start_ran: bool | None = None  # None: not yet; False: it failed
 
     def run(self, block: Block) -> None:
+        script = f"cd {shlex.quote(str(ROOT))}\n{self.setup}\ncd {shlex.quote(str(self.work))}\n"
         res = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block.code],
+            ["bash", "-euo", "pipefail", "-c", script + block.code],
             cwd=self.work,
             env=self.env,
             capture_output=True,
@@ -180,7 +192,7 @@ class Reader:
             return
         self.quick_start_ran = False
         for block in readme_blocks():
-            if block.why is None:
+            if block.why is None and not block.setup:
                 self.run(block)
         self.quick_start_ran = True
 
