@@ -46,6 +46,7 @@ from tasks.pipeline import INSTANCES, Request
 from tasks.records import OutputRecord
 from tasks.regions import forget_regions, run_region
 from tasks.report import (
+    PREVIEW_NOTE,
     markdown_report,
     png_data_uri,
     preview_picture,
@@ -252,7 +253,8 @@ def report_step(
             out = request.out_store
             picture = preview_picture(image, out, labels)
             summary["preview"] = write_preview(image, out, labels, picture=picture)
-            summary["preview_uri"] = png_data_uri(picture)
+            summary["preview_uri"] = png_data_uri(picture)  # as drawn: 512+ pixels across
+            summary["preview_note"] = picture.info.get(PREVIEW_NOTE)
         except Exception as exc:  # a missing preview must not fail a finished run
             get_run_logger().warning("no preview: %s", exc)
     shown = {k: v for k, v in summary.items() if k != "preview_uri"}

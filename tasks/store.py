@@ -30,9 +30,9 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from tasks.ngff import Multiscale, compressors, image_ome, is_image
+from tasks.ngff import Multiscale, add_label, compressors, image_ome, is_image, label_ome
 from tasks.paths import is_remote, is_tiff_name, is_zarr_name, volume_name
-from tasks.records import OWNER, StoreRecord
+from tasks.records import OWNER, OutputRecord, StoreRecord
 from tasks.storage_errors import (
     _brief,
     _chain,
@@ -383,3 +383,33 @@ def write_image(
     root.attrs.update({"ome": image_ome(Multiscale.build(axes, full_scale, unit=unit))})
     record.write(root)
     return read_image_info(url)
+
+
+def write_labels(
+    url: str,
+    name: str,
+    data: np.ndarray,
+    chunks: Sequence[int] | None = None,
+    key: str = "in-memory",
+) -> None:
+    """Write an in-memory label image ``name`` (complete, under ``key``) into the image
+    store at ``url``, as :func:`write_image` writes an image (tests, examples)."""
+    root = open_group(url, "r+")
+    labels = root.require_group(LABELS_GROUP)
+    add_label(labels, name)
+    group = labels.require_group(name)
+    ms = Multiscale.from_attrs(attributes(root), url)
+    group.attrs.update({"ome": label_ome(ms, {"image": "../../"})})
+    OutputRecord(key=key, complete=True).write(group)
+    axes = ms.axis_names.replace("c", "")
+    arr = group.create_array(
+        "0",
+        shape=data.shape,
+        chunks=tuple(chunks) if chunks else tuple(min(n, 64) for n in data.shape),
+        dtype=data.dtype,
+        fill_value=0,
+        compressors=compressors(),
+        dimension_names=list(axes[-data.ndim :]),
+        overwrite=True,
+    )
+    every_chunk(arr)[...] = data

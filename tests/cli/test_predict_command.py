@@ -19,7 +19,7 @@ from PIL import Image
 
 from segflow.demo import write_stack
 from segflow.errors import ExitCode
-from tasks.report import PREVIEW_GAP, histogram_height
+from tasks.report import PREVIEW_GAP, PREVIEW_NOTE, caption_height, histogram_height
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,15 +89,19 @@ def test_predict_a_folder_equals_the_steps_by_hand_and_fails_only_the_bad_file(b
         assert predicted.max() > 0, "no objects: the comparison would prove little"
         np.testing.assert_array_equal(predicted, by_hand)
 
-    # the preview: three orthogonal slices over the object-size histogram. 8x64x64 with
-    # z voxels 3x the y/x ones: z panels 24 voxels thick, 64+4+24 = 92 enlarged 512 // 92
-    # = 5 times -> 320 + 4 + 120 = 444 wide, plus the histogram's height
+    # the preview: three orthogonal slices over a line saying the voxel size and the
+    # object-size histogram. 8x64x64 with z voxels 3x the y/x ones: z panels 24 voxels
+    # thick, 64+24 voxels + 4 pixels enlarged until at least 512 pixels: 6 times -> 384 +
+    # 4 + 144 = 532 wide
     preview = batch / "out" / "a.tif.preview.png"
     assert rows["a.tif"]["preview"] == "out/a.tif.preview.png"
     with Image.open(preview) as png:
         assert png.format == "PNG"
-        width = 64 * 5 + PREVIEW_GAP + 24 * 5
-        assert png.size == (width, width + histogram_height(width))
+        width = 64 * 6 + PREVIEW_GAP + 24 * 6
+        assert png.size == (width, width + caption_height(width) + histogram_height(width))
+        assert png.text[PREVIEW_NOTE] == (
+            "z stretched ×3.0 (voxel 0.75 × 0.25 × 0.25 µm); scale bar 2 µm"
+        )
         png.load()
 
     # a re-run computes nothing new: every block reused, the TIFFs untouched

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from served_stack import api_call, serve_stack, wait_state
 
+from tasks.report import PREVIEW_GAP, caption_height, histogram_height
 from tasks.store import write_image
 
 pytestmark = pytest.mark.slow
@@ -148,9 +149,12 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         )
         _shot(page, shots, "3-report")
         width, height = preview.evaluate("i => [i.naturalWidth, i.naturalHeight]")
-        # 4x64x64: three orthogonal slices enlarged 7x (480 wide) over the object-size
-        # histogram (144 high), embedded as a thumbnail of at most 320 pixels
-        assert (width, height) == (246, 320)
+        # 4x64x64 (no voxel size): three orthogonal slices enlarged 8x (512 + 4 + 32
+        # wide) over a line saying so and the object-size histogram, embedded as drawn
+        wide = 64 * 8 + PREVIEW_GAP + 4 * 8
+        assert (width, height) == (wide, wide + caption_height(wide) + histogram_height(wide))
+        shown = preview.evaluate("i => i.getBoundingClientRect().width")
+        assert shown >= 512, f"the report shows the preview {shown} pixels wide"
         for heading in ("Preview (middle slices)", "Object sizes", "Work"):
             assert page.get_by_role("heading", name=heading).count() == 1, heading
         assert report.locator("table").count() >= 3

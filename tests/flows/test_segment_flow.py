@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -11,6 +13,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from PIL import Image
 
 from flows.nightly import NightlyParams, nightly_inbox
 from flows.segment import SegmentVolumeParams, segment_volume
@@ -102,6 +105,13 @@ def test_flow_end_to_end_from_tiff(tmp_path, model, dask_client):
     reports = [a for a in artifacts if a.key == "segflow-report-sample"]
     assert len(reports) == 1
     assert "](data:image/png;base64," in str(reports[0].data)  # the preview, embedded
+    embedded = str(reports[0].data).split("](data:image/png;base64,")[1].split(")")[0]
+    with Image.open(io.BytesIO(base64.b64decode(embedded))) as png:
+        assert min(png.size) >= 512, png.size  # as drawn, not a thumbnail
+        assert png.size == Image.open(summary["preview"]).size
+    assert "*no voxel size: z drawn 1:1, scale bar in image pixels; scale bar 10 px*" in str(
+        reports[0].data
+    )
     assert "## Object sizes" in str(reports[0].data)
     assert any(a.type == "progress" for a in artifacts)
     logs = run_logs(state.state_details.flow_run_id)

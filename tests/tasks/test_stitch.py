@@ -16,9 +16,8 @@ from scipy import ndimage
 
 from tasks.export import export_tiff
 from tasks.instances import id_dtype, stitch
-from tasks.ngff import add_label, label_ome, read_multiscale
 from tasks.segment import SegmentParams, segment_image
-from tasks.store import every_chunk, write_image
+from tasks.store import write_image, write_labels
 from unet_core import UNet, UNetConfig, save_checkpoint
 from unet_core.metrics import same_partition
 from unet_core.slicelink import LinkParams, link_instances
@@ -31,16 +30,7 @@ def semantic_store(path, mask: np.ndarray, chunks, scale=None, image=None) -> st
     axes = "zyx"[-mask.ndim :]
     image = mask.astype(np.uint8) if image is None else image
     write_image(url, image, axes, chunks=chunks, scale=scale)
-    root = zarr.open_group(url, mode="r+")
-    labels = root.create_group("labels")
-    add_label(labels, "semantic")
-    group = labels.create_group("semantic")
-    group.attrs["ome"] = label_ome(read_multiscale(root, url), {"image": "../../"})
-    group.attrs["segflow"] = {"complete": True, "key": "test-mask"}
-    arr = group.create_array(
-        "0", shape=mask.shape, chunks=chunks, dtype="uint8", dimension_names=list(axes)
-    )
-    every_chunk(arr)[...] = mask.astype(np.uint8)
+    write_labels(url, "semantic", mask.astype(np.uint8), chunks=chunks, key="test-mask")
     return url
 
 
