@@ -15,6 +15,9 @@ DEV := $(VENV)/.segflow-dev
 # `make install` links the segflow command into $(PREFIX)/bin (on most systems' PATH)
 PREFIX ?= $(HOME)/.local
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
+# segflow is installed editable (it runs from this clone); setuptools' notice about that
+# ("Editable installation ... be careful") is left out
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --editable
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -28,12 +31,12 @@ $(RUNTIME): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e .
+	$(EDITABLE) .
 	touch $(RUNTIME)
 
 $(DEV): $(RUNTIME)
 	@echo "installing the test tooling into $(VENV)"
-	$(PIP) install -e ".[dev]"
+	$(EDITABLE) ".[dev]"
 	touch $(DEV)
 
 install: $(RUNTIME)
@@ -62,7 +65,7 @@ format: $(DEV)
 	$(BIN)/ruff check --fix .
 
 bench: $(DEV)
-	$(BIN)/python -m pip install -e ".[dev,bench]"
+	$(EDITABLE) ".[dev,bench]"
 	$(BIN)/python -m bench.run_all
 
 clean:
