@@ -15,9 +15,11 @@ DEV := $(VENV)/.segflow-dev
 # `make install` links the segflow command into $(PREFIX)/bin (on most systems' PATH)
 PREFIX ?= $(HOME)/.local
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
+# the runtime is installed without byte-compiling every module (about 300 MB of .pyc files,
+# most of them never imported); Python compiles the ones segflow uses on first use
 # segflow is installed editable (it runs from this clone); setuptools' notice about that
 # ("Editable installation ... be careful") is left out
-EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --editable
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(PIP) install
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -30,13 +32,13 @@ $(RUNTIME): pyproject.toml
 	@echo "installing PyTorch ($(TORCH_SPEC)) and segflow into $(VENV) (a few minutes, once)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install "$(TORCH_SPEC)"
-	$(EDITABLE) .
+	$(PIP) install --no-compile "$(TORCH_SPEC)"
+	$(EDITABLE) --no-compile --editable .
 	touch $(RUNTIME)
 
 $(DEV): $(RUNTIME)
 	@echo "installing the test tooling into $(VENV)"
-	$(EDITABLE) ".[dev]"
+	$(EDITABLE) --editable ".[dev]"
 	touch $(DEV)
 
 install: $(RUNTIME)
@@ -65,7 +67,7 @@ format: $(DEV)
 	$(BIN)/ruff check --fix .
 
 bench: $(DEV)
-	$(EDITABLE) ".[dev,bench]"
+	$(EDITABLE) --editable ".[dev,bench]"
 	$(BIN)/python -m bench.run_all
 
 clean:
