@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     from unet_core.metrics import class_report, instance_report, instances_from_mask
     from unet_core.normalize import compute_stats
     from unet_core.predict import predict
+    from unet_core.sizes import default_min_size
     from unet_core.synthetic import blobs
     from unet_core.training.config import TrainConfig
     from unet_core.training.loop import train
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     mean = {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
     shape = tuple(int(v) for v in args.stack.split(","))
-    stacks = stack_scores(model, meta, shape, args.stacks, min_size) if args.stacks else None
+    stack_min = default_min_size(min_size, 2, SPACING).size  # the 2D areas in voxels
+    stacks = stack_scores(model, meta, shape, args.stacks, stack_min) if args.stacks else None
     emit(
         {
             "benchmark": "train",
@@ -132,7 +134,7 @@ def stack_scores(
     for k in range(count):
         image, truth = blobs(shape, rng=201 + k, spacing=SPACING, stacked=0.5, overlap=0.1)
         stats = compute_stats(image)
-        prob = predict(model, image, normalization=meta.normalization.affine(stats), exact=False)
+        prob = predict(model, image, normalization=meta.normalization.affine(stats), mode="fast")
         fg = np.argmax(prob, axis=0) == meta.foreground_class
         comp = match_instances(instances_from_mask(fg, min_size), truth)
         # As the pipeline does: the checkpoint's link IoU, intensities above the median.
@@ -158,6 +160,7 @@ def stack_scores(
         "shape": list(shape),
         "spacing": list(SPACING),
         "count": count,
+        "min_size_voxels": min_size,
         "link_iou": meta.link_iou,
         **mean,
         "per_stack": [{k: round(v, 4) for k, v in r.items()} for r in rows],

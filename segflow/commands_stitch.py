@@ -20,9 +20,13 @@ from tasks.pipeline import INSTANCES
 def stitch_text(summary: dict[str, Any]) -> str:
     """The human summary of a stitch."""
     how = "reused from an earlier run" if summary["reused"] else f"{summary['seconds']:.1f} s"
+    size = f"{summary['min_size']} {summary['min_size_unit']}"
+    whose = "the model's suggestion" if summary["min_size_from"] == "model" else "--min-size"
     return (
         f"instances: {summary['instances']} ({summary['objects']} objects, {summary['dtype']}, "
-        f"{summary['method']}, {how})\nobjects table: {summary['table_csv']}"
+        f"{summary['method']}, {how})\n"
+        f"minimum size: {size} ({whose}); {summary['removed']} smaller objects removed\n"
+        f"objects table: {summary['table_csv']}"
     )
 
 

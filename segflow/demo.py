@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     instances = np.asarray(get_array(root, "labels/instances/0")[...])
     fg_dice = dice(semantic, (truth > 0).astype(np.uint8), 2)[1]
     scores = match_instances(instances, truth, IOU)
-    min_size = meta.object_stats.suggested_min_size if meta.object_stats else 1
+    min_size = summary.get("min_size") or 1  # the stitch's, in voxels of the stack
     fg = semantic == meta.foreground_class
     components = match_instances(instances_from_mask(fg, min_size), truth, IOU)
     from tasks.export import export_labels_once

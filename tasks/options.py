@@ -155,7 +155,11 @@ class InstanceOptions(BaseModel):
         False, description="Also label objects across chunks (instances and an object table)."
     )
     min_size: int | None = Field(
-        None, ge=0, description="Drop smaller objects, in voxels (default: from the model)."
+        None,
+        ge=0,
+        description="Remove objects of fewer voxels (pixels for a 2D image); ids stay "
+        "consecutive. Default: the model's training object sizes in those units (a 2D "
+        "model's areas converted to voxels for a stack).",
     )
     connectivity: int = Field(
         1, ge=1, le=3, description="Which neighbours touch: 1 faces, 2 also edges, 3 corners."

@@ -110,6 +110,10 @@ class OutputRecord(Record):
     classes: list[str] | None = None
     objects: int | None = None
     max_id: int | None = None
+    min_size: int | None = Field(None, description="objects of fewer voxels were removed")
+    min_size_unit: str | None = Field(None, description="voxels, or pixels for 2D labels")
+    min_size_from: str | None = Field(None, description="option (given) or model")
+    removed: int | None = Field(None, description="objects under the minimum size")
     method: str | None = None
     exports: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

@@ -514,6 +514,9 @@ def markdown_report(summary: dict[str, Any]) -> str:
         "voxels_per_second",
         "objects",
         "instance_method",
+        "min_size",
+        "min_size_unit",
+        "small_objects_removed",
     ):
         if summary.get(key) is not None:
             value = summary[key]

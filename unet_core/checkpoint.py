@@ -40,7 +40,8 @@ MAX_PARAMETERS = 1_000_000_000
 
 
 class ObjectStats(BaseModel):
-    """Sizes (in voxels) of connected foreground objects seen in the training labels."""
+    """Sizes of connected foreground objects seen in the training labels, in their units:
+    pixel areas for a 2D model, voxels for a 3D one (:mod:`unet_core.sizes` converts)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -53,7 +54,8 @@ class ObjectStats(BaseModel):
 
     @property
     def suggested_min_size(self) -> int:
-        """Default minimum object size for instance post-processing (1/4 of the 5th pct)."""
+        """Default minimum object size for instance post-processing (1/4 of the 5th pct),
+        in the training labels' units (:func:`unet_core.sizes.default_min_size`)."""
         return max(int(self.p5 // 4), 1) if self.count else 1
 
 

@@ -36,6 +36,7 @@ from tasks.instances.components import (
     label_chunk,
     plan_stitch,
     relabel_block,
+    without_dropped,
     write_object_table,
 )
 from tasks.instances.slices import (
@@ -77,7 +78,11 @@ def stitch(
 ) -> StitchResult:
     """Instance labels ``labels/<out_name>/0`` and an object table from a semantic mask.
 
-    Ids are consecutive from ``id_offset + 1`` (an offset keeps ids unique across volumes).
+    Ids are consecutive from ``id_offset + 1`` (an offset keeps ids unique across volumes),
+    also after objects under ``min_size`` are removed (their voxels become 0). ``min_size``
+    counts an object's voxels (pixels of a 2D image); default: the suggestion of the model
+    that made the labels, in those units (:func:`tasks.instances.components.labels_min_size`:
+    a 2D model's training areas are converted to voxels for a stack).
     The semantic labels must be complete. Instances already complete under the same key
     (semantic labels' key and these parameters) are reused unless ``force``.
     ``method``: ``components`` (3D connected components) or ``slices`` (slice objects
@@ -161,6 +166,7 @@ def stitch(
                 small = table["voxels"] < plan.min_size
                 dropped = np.sort(table.loc[small, "id"].to_numpy(dtype=np.uint64))
                 table = table.loc[~small].reset_index(drop=True)
+                table["id"] = without_dropped(table["id"].to_numpy(dtype=np.uint64), dropped)
             dtype = id_dtype(total)
             _prepare_instances(plan, dtype, labels)
             # Pass 3: relabel, each chunk with only its slice of the sparse tables.
@@ -178,7 +184,7 @@ def stitch(
         lease.check()  # a superseded run neither writes the table nor marks the instances
         if write_table:
             csv_path, parquet_path = write_object_table(plan, table)
-        _finish_instances(plan, n_final, len(table))
+        _finish_instances(plan, n_final - dropped.size, len(table), int(dropped.size))
         try:
             lease.check()
         except Exception:
@@ -196,6 +202,10 @@ def stitch(
         seconds=time.perf_counter() - t0,
         table=table,
         method=method,
+        min_size=plan.min_size,
+        min_size_unit=plan.min_size_unit,
+        min_size_from=plan.min_size_from,
+        removed=int(dropped.size),
     )
 
 
@@ -229,6 +239,10 @@ def _reuse(plan: StitchPlan, write_table: bool) -> StitchResult | None:
         table=table,
         reused=True,
         method=made.method or "components",
+        min_size=plan.min_size,
+        min_size_unit=plan.min_size_unit,
+        min_size_from=plan.min_size_from,
+        removed=made.removed or 0,
     )
 
 

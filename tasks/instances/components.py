@@ -11,7 +11,9 @@ Three passes, each a set of independent Dask tasks over the output chunks:
    count with full connectivity) give the pairs of provisional ids that touch.
 3. **relabel** — union-find over those pairs (scipy's connected components over only the
    ids that touch a face) gives, for merged ids, their representative; final ids are made
-   consecutive by subtracting the number of absorbed ids below them. Each chunk receives only
+   consecutive by subtracting the number of absorbed ids below them. Objects under the
+   minimum size (from the object table) are dropped, and the ids above each dropped one move
+   down by one, so the ids stay consecutive: 1..N after any offset. Each chunk receives only
    the part of that sparse table in its own id range, and writes ``labels/<name>/0``.
 
 Nothing is capped: ids are uint32 while the provisional count fits and uint64 beyond, and
@@ -26,6 +28,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,13 +50,19 @@ from tasks.store import (
     get_array,
     open_group,
 )
-from unet_core.errors import ConfigError
+from unet_core.errors import ConfigError, SegflowError
 from unet_core.geometry import Box
+from unet_core.sizes import MinSize, default_min_size, size_unit
 from unet_core.slicelink import planar_structure
 
 log = logging.getLogger(__name__)
 
 SCRATCH = "segflow-scratch"
+#: What instance labels mean, part of the stitch key, so that labels an earlier version
+#: made are made again rather than reused. 1: until this was recorded (ids kept the gaps of
+#: the objects under the minimum size); 2: ids consecutive after the size filter, and the
+#: default minimum size in the units of the labels (areas of 2D labels, voxels of 3D ones).
+INSTANCES_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,8 @@ class StitchPlan:
     unit: str | None
     min_size: int
     key: str = ""
+    min_size_unit: str = "voxels"  # or pixels (2D labels)
+    min_size_from: str = "option"  # or model (its suggestion, unet_core.sizes)
     id_offset: int = 0
     slices: bool = False  # connect within slices only (slice objects, tasks/instances/slices.py)
 
@@ -126,6 +137,10 @@ class StitchResult:
     table: pd.DataFrame
     reused: bool = False
     method: str = "components"  # or "slices" (tasks/instances/slices.py)
+    min_size: int = 0  # objects of fewer voxels (pixels in 2D) were removed
+    min_size_unit: str = "voxels"
+    min_size_from: str = "option"  # or model
+    removed: int = 0  # objects under the minimum size
 
 
 def id_dtype(n: int) -> np.dtype:
@@ -289,6 +304,18 @@ def final_ids(
     return final
 
 
+def without_dropped(final: np.ndarray, dropped: np.ndarray) -> np.ndarray:
+    """Final ids once the ids ``dropped`` (sorted) are gone: those become 0, the others move
+    down by the number of dropped ids below them, so the ids stay consecutive (same dtype)."""
+    if not dropped.size:
+        return final
+    below = np.searchsorted(dropped, final, side="left")
+    gone = dropped[np.minimum(below, dropped.size - 1)] == final
+    out = final - below.astype(final.dtype)
+    out[gone] = 0
+    return out
+
+
 def relabel_chunk(
     plan: StitchPlan,
     index: tuple[int, ...],
@@ -300,7 +327,9 @@ def relabel_chunk(
     dtype: str,
 ) -> int:
     """Write final ids for one chunk. ``merged_ids``/``merged_final`` is the part of the
-    sparse merge table in this chunk's id range; ``absorbed`` the absorbed ids below it."""
+    sparse merge table in this chunk's id range; ``absorbed`` the absorbed ids below it;
+    ``dropped`` the (sorted) final ids of objects under the minimum size, whose voxels
+    become 0 while the ids above them close the gaps (:func:`without_dropped`)."""
     box = plan.chunk_box(index)
     root = open_group(plan.store, "r+")
     scratch = StrictArray(
@@ -310,10 +339,7 @@ def relabel_chunk(
     fg = out > 0
     g = out[fg]  # local ids of the foreground, in the output dtype
     g += g.dtype.type(offset)  # provisional global ids
-    final = final_ids(g, merged_ids, merged_final, absorbed)
-    if dropped.size:
-        final[np.isin(final, dropped)] = 0
-    out[fg] = final
+    out[fg] = without_dropped(final_ids(g, merged_ids, merged_final, absorbed), dropped)
     target = every_chunk(get_array(root, plan.out_path, plan.store))
     target[box.to_slices()] = out
     return int(fg.sum())
@@ -341,13 +367,13 @@ def plan_stitch(
     if not 1 <= connectivity <= ndim:
         raise ConfigError(f"connectivity must be between 1 and {ndim} for a {ndim}D mask")
     fg = tuple(foreground) if foreground else (made.foreground_class,)
-    if min_size is None:
-        min_size = made.suggested_min_size
     ms = Multiscale.from_attrs(group_attrs, f"{store}/{LABELS_GROUP}/{labels}")
     if out_name == labels:
         raise ConfigError(f"the instance labels cannot overwrite '{labels}'")
-    min_size = max(int(min_size), 0)
+    size = labels_min_size(store, labels, min_size, ms.scale[-ndim:])
+    min_size = size.size
     key_fields = {
+        "revision": INSTANCES_REVISION,
         "from": labels,
         "source_key": made.key,
         "out": out_name,
@@ -373,7 +399,46 @@ def plan_stitch(
         min_size=min_size,
         key=key,
         id_offset=int(id_offset),
+        min_size_unit=size.unit,
+        min_size_from=size.source,
     )
+
+
+def labels_min_size(
+    store: str, labels: str, min_size: int | None, spacing: Sequence[float]
+) -> MinSize:
+    """The minimum object size for instances of ``labels`` (voxel sizes ``spacing``):
+    ``min_size`` as given, in voxels (pixels for a 2D image), else the suggestion of the
+    model that made the labels in those units (:func:`unet_core.sizes.default_min_size`)."""
+    if min_size is not None:
+        return MinSize(max(int(min_size), 0), size_unit(len(spacing)), "option")
+    made = OutputRecord.of(open_group(store, "r")[f"{LABELS_GROUP}/{labels}"])
+    model_ndim = segmentation_meta(store, labels).get("model_ndim")
+    return default_min_size(made.suggested_min_size, model_ndim, spacing)
+
+
+def segmentation_meta(store: str, labels: str) -> dict[str, Any]:
+    """What the labels' metadata says about the model that made them: ``model_ndim`` and
+    ``link_iou`` (recorded at segmentation; read from the checkpoint, when it is still
+    there, for labels made before they were recorded). Empty for labels from elsewhere."""
+    made = OutputRecord.of(open_group(store, "r")[f"labels/{labels}"])
+    out: dict[str, Any] = {}
+    if made.model_ndim is not None:
+        out["model_ndim"] = made.model_ndim
+    if made.link_iou is not None:
+        out["link_iou"] = made.link_iou
+    model = made.model
+    if len(out) < 2 and model and Path(str(model)).is_file():
+        from unet_core.checkpoint import read_checkpoint_header
+
+        try:
+            config, meta = read_checkpoint_header(str(model))
+        except SegflowError as exc:
+            log.warning("labels/%s: model %s unreadable (%s)", labels, model, exc)
+        else:
+            out.setdefault("model_ndim", config.ndim)
+            out.setdefault("link_iou", meta.link_iou)
+    return out
 
 
 def _image_url(plan: StitchPlan, labels: str) -> str | None:
@@ -469,6 +534,8 @@ def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) ->
         foreground=list(plan.foreground),
         connectivity=plan.connectivity,
         min_size=plan.min_size,
+        min_size_unit=plan.min_size_unit,
+        min_size_from=plan.min_size_from,
     )
     group.attrs.update({"ome": label_ome(ms, label_source(source_group)), KEY: record.dump()})
     existing = group.get("0")
@@ -491,10 +558,10 @@ def _prepare_instances(plan: StitchPlan, dtype: np.dtype, source_labels: str) ->
     )
 
 
-def _finish_instances(plan: StitchPlan, provisional_final: int, objects: int) -> None:
+def _finish_instances(plan: StitchPlan, max_id: int, objects: int, removed: int) -> None:
     group = open_group(plan.store, "r+")[f"{LABELS_GROUP}/{plan.out_name}"]
     OutputRecord.of(group).updated(
-        complete=True, key=plan.key, objects=objects, max_id=provisional_final
+        complete=True, key=plan.key, objects=objects, max_id=max_id, removed=removed
     ).write(group)
 
 

@@ -28,7 +28,6 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +38,8 @@ from tasks.instances.components import (
     _union,
     final_ids,
     plan_stitch,
+    segmentation_meta,
 )
-from tasks.records import OutputRecord
 from tasks.store import (
     ImageInfo,
     get_array,
@@ -226,30 +225,6 @@ def links_between_slices(
     overlaps = Overlaps(*sum_pairs(a, b, count))  # a pair's parts in several chunks add up
     kept = link(objects, overlaps, params)
     return np.stack([rep[kept[0]], rep[kept[1]]])
-
-
-def segmentation_meta(store: str, labels: str) -> dict[str, Any]:
-    """What the labels' metadata says about the model that made them: ``model_ndim`` and
-    ``link_iou`` (recorded at segmentation; read from the checkpoint, when it is still
-    there, for labels made before they were recorded). Empty for labels from elsewhere."""
-    made = OutputRecord.of(open_group(store, "r")[f"labels/{labels}"])
-    out: dict[str, Any] = {}
-    if made.model_ndim is not None:
-        out["model_ndim"] = made.model_ndim
-    if made.link_iou is not None:
-        out["link_iou"] = made.link_iou
-    model = made.model
-    if len(out) < 2 and model and Path(str(model)).is_file():
-        from unet_core.checkpoint import read_checkpoint_header
-
-        try:
-            config, meta = read_checkpoint_header(str(model))
-        except SegflowError as exc:
-            log.warning("labels/%s: model %s unreadable (%s)", labels, model, exc)
-        else:
-            out.setdefault("model_ndim", config.ndim)
-            out.setdefault("link_iou", meta.link_iou)
-    return out
 
 
 def default_method(store: str, labels: str) -> str:

@@ -13,7 +13,10 @@ import pandas as pd
 import pytest
 import torch
 import zarr
-from test_stitch import semantic_store  # sibling test module (pytest puts tests/tasks on the path)
+from test_stitch import (  # sibling test module (pytest puts tests/tasks on the path)
+    assert_consecutive,
+    semantic_store,
+)
 
 from tasks.instances import link_slices, stitch
 from tasks.segment import SegmentParams, segment_image
@@ -97,10 +100,14 @@ def test_min_size_and_id_offset_follow_the_component_stitch(tmp_path, dask_clien
     sizes = np.bincount(ref.reshape(-1))[1:]
     small = int(np.median(sizes))
     res = link_slices(url, min_size=small, link_iou=LinkParams().iou, client=dask_client)
-    out = zarr.open_group(url, mode="r")["labels/instances/0"][...]
+    out = assert_consecutive(url, res)  # ids 1..N after the filter, the table the same
     assert res.objects == int((sizes >= small).sum())
     kept = reference(url, mask, LinkParams(), min_size=small)
     assert same_partition(out, kept)
+    res = link_slices(
+        url, min_size=small, id_offset=70, link_iou=LinkParams().iou, client=dask_client
+    )
+    assert same_partition(assert_consecutive(url, res, 70), kept)
     res = link_slices(url, id_offset=2**32 - 5, link_iou=LinkParams().iou, client=dask_client)
     out = zarr.open_group(url, mode="r")["labels/instances/0"][...]
     assert out.dtype == np.uint64
@@ -179,3 +186,42 @@ def test_a_single_image_cannot_be_linked_across_slices(tmp_path, dask_client):
     with pytest.raises(ConfigError, match="single 2D image"):
         stitch(url, method="slices", client=dask_client)
     assert stitch(url, client=dask_client, write_table=False).method == "components"
+
+
+def test_a_2d_models_minimum_size_is_converted_to_voxels_for_a_stack(tmp_path, dask_client):
+    """Nuclei spanning several slices and one-slice fragments of 25-40 pixels, labels of a
+    2D model whose training objects suggest 20 pixels: as voxels of the stack (slices 3x
+    coarser) that is a quarter of a ball of 80 pixels' cross-section, 45 voxels, so the
+    fragments go and the nuclei stay, and the summary says so."""
+    zz, yy, xx = np.ogrid[:12, :48, :64]
+    mask = np.zeros((12, 48, 64), dtype=bool)
+    for cz, cy, cx in ((2, 10, 10), (6, 10, 40), (9, 34, 20), (4, 34, 50)):  # radius 7 px
+        mask |= ((zz - cz) * 3.0) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= 49
+    nuclei = int(mask.sum())
+    fragments = [(0, 40, 4, 25), (11, 4, 56, 33), (7, 24, 34, 40)]  # z, y, x, area
+    for z, y, x, area in fragments:
+        mask[z, y : y + area // 5, x : x + 5] = True
+        mask[z, y + area // 5, x : x + area % 5] = True
+    url = semantic_store(tmp_path / "s.ome.zarr", mask, (5, 24, 32), scale=(3.0, 1.0, 1.0))
+    group = zarr.open_group(url, mode="r+")["labels/semantic"]
+    group.attrs["segflow"] = {**group.attrs["segflow"], "model_ndim": 2, "suggested_min_size": 20}
+    done = subprocess.run(
+        [sys.executable, "-m", "segflow", "stitch", url, "--json"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["method"] == "slices"
+    assert (summary["min_size"], summary["min_size_unit"]) == (45, "voxels")
+    assert (summary["min_size_from"], summary["removed"]) == ("model", len(fragments))
+    out = zarr.open_group(url, mode="r")["labels/instances/0"][...]
+    assert summary["objects"] == out.max() == 4  # the nuclei, numbered 1..4
+    assert int((out > 0).sum()) == nuclei  # every fragment gone, every nucleus whole
+    text = subprocess.run(
+        [sys.executable, "-m", "segflow", "stitch", url], capture_output=True, text=True
+    )
+    assert "minimum size: 45 voxels (the model's suggestion); 3 smaller objects" in text.stdout
+    # 3D components count voxels the same way; --min-size is voxels as given.
+    res = stitch(url, method="components", client=dask_client, write_table=False)
+    assert (res.objects, res.min_size, res.min_size_unit, res.removed) == (4, 45, "voxels", 3)
+    res = stitch(url, min_size=30, client=dask_client, write_table=False)
+    assert (res.objects, res.min_size, res.min_size_from, res.removed) == (6, 30, "option", 1)

@@ -136,9 +136,38 @@ def test_object_table_matches_scipy_and_min_size(tmp_path, dask_client):
     small = int(np.median(counts))
     res2 = stitch(url, connectivity=1, client=dask_client, min_size=small)
     out2 = zarr.open_group(url, mode="r")["labels/instances/0"][...]
-    kept = set(np.unique(out2[out2 > 0]).tolist())
-    assert kept == set(ids[counts >= small].tolist())
-    assert res2.objects == len(kept)
+    assert same_partition(out2, np.where(np.isin(out, ids[counts >= small]), out, 0))
+    assert res2.objects == int((counts >= small).sum())
+
+
+def assert_consecutive(url: str, res, offset: int = 0) -> np.ndarray:
+    """The instance labels' ids are offset+1..offset+N, N the objects, and the object table
+    (CSV and Parquet) lists exactly those ids with the labels' voxel counts."""
+    out = zarr.open_group(url, mode="r")["labels/instances/0"][...]
+    ids, counts = np.unique(out[out > 0], return_counts=True)
+    assert np.array_equal(ids, np.arange(offset + 1, offset + res.objects + 1))
+    assert int(out.max()) == offset + res.objects
+    for table in (pd.read_csv(res.table_csv), pd.read_parquet(res.table_parquet)):
+        assert np.array_equal(table["id"].to_numpy(), ids)
+        assert np.array_equal(table["voxels"].to_numpy(), counts)
+    made = zarr.open_group(url, mode="r")["labels/instances"].attrs["segflow"]
+    assert (made["objects"], made["max_id"]) == (res.objects, offset + res.objects)
+    return out
+
+
+@pytest.mark.parametrize("offset", [0, 1000])
+def test_ids_are_consecutive_after_the_size_filter(tmp_path, dask_client, offset):
+    rng = np.random.default_rng(5)
+    mask = random_mask(rng, (20, 40, 36))
+    url = semantic_store(tmp_path / "vol.ome.zarr", mask, (7, 16, 12))
+    ref, _ = ndimage.label(mask)
+    sizes = np.bincount(ref.reshape(-1))[1:]
+    small = int(np.median(sizes))
+    assert 0 < (sizes < small).sum() < sizes.size  # some objects go, with ids among the kept
+    res = stitch(url, client=dask_client, min_size=small, id_offset=offset)
+    out = assert_consecutive(url, res, offset)
+    assert res.objects == int((sizes >= small).sum())
+    assert same_partition(out, np.where(np.isin(ref, np.flatnonzero(sizes >= small) + 1), ref, 0))
 
 
 def test_labels_open_with_ome_zarr_and_validate(tmp_path, dask_client):
