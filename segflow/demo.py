@@ -81,14 +81,10 @@ def _pixels(path: Path) -> np.ndarray | None:
 def _work_done(summary: dict) -> str:
     """What the flow computed and what it reused, in words."""
     computed, reused = summary["blocks_computed"], summary["blocks_reused"]
-    instances = " and the instances" if summary.get("stitch_reused") else ""
-    if computed == 0 and reused:
-        return (
-            f"nothing needed recomputing: all {reused} blocks{instances} reused from the last run"
-        )
-    return f"{computed} blocks computed, {reused} reused" + (
-        "; instances reused" if instances else ""
-    )
+    instances = "reused" if summary.get("stitch_reused") else "made"
+    if computed == 0 and reused and summary.get("stitch_reused"):
+        return f"nothing needed recomputing: all {reused} blocks and the instances reused"
+    return f"{computed} blocks computed, {reused} reused from the last run; instances {instances}"
 
 
 @app.command()
