@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 import torch
 
@@ -70,27 +71,33 @@ def make_model(path: Path) -> Path:
     return path
 
 
-def test_help_shows_examples_and_the_shared_options_everywhere() -> None:
-    commands = [name.split() for name in EXAMPLES]
-    procs = [
-        subprocess.Popen(
-            argv(*cmd, "-h"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for cmd in commands
-    ]
-    for cmd, proc in zip(commands, procs, strict=True):
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, (cmd, err)
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``segflow ARGS`` through its entry point in this process: (status, stdout, stderr)."""
+    from segflow.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(done.value.code or 0), out, err
+
+
+def test_help_shows_examples_and_the_shared_options_everywhere(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name in EXAMPLES:
+        cmd = name.split()
+        code, out, err = in_process(capsys, *cmd, "-h")
+        assert code == 0, (cmd, err)
         assert "Examples:" in out, cmd
         assert f"segflow {' '.join(cmd)}" in out, cmd
         for option in ("--quiet", "--verbose", "--log-level"):
             assert option in out, (cmd, option)
         if cmd != ["serve"]:
             assert "--json" in out, cmd
-    top = ok("-h")
+    top = in_process(capsys, "-h")[1]
     for cmd in ("ingest", "segment", "stitch", "export", "train", "evaluate", "model"):
-        assert cmd in top.stdout
-    version = ok("--version")
+        assert cmd in top
+    version = ok("--version")  # the installed command, once
     assert re.fullmatch(r"segflow \d+\.\d+\.\d+\S*\n", version.stdout), version.stdout
 
 
@@ -239,35 +246,37 @@ def visible_options(path: list[str]) -> list[str]:
     ]
 
 
-def test_short_help_reads_at_80_columns_and_names_every_option_whole() -> None:
+def test_short_help_reads_at_80_columns_and_names_every_option_whole(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``-h`` lists each option once, whole, with a short help; ``--help-all`` has the rest
     (aliases such as ``--lease-wait``, defaults)."""
-    env = {"COLUMNS": "80"}
-    for command in (["segment"], ["predict"], ["train"], ["model", "create"]):
-        short = ok(*command, "-h", env=env).stdout
+    monkeypatch.setenv("COLUMNS", "80")
+    for command in (["segment"], ["predict"], ["train"], ["model", "create"], ["ingest"]):
+        code, short, _ = in_process(capsys, *command, "-h")
+        assert code == 0
         lines = short.splitlines()
         assert all(len(line) <= 80 for line in lines), [x for x in lines if len(x) > 80]
         assert "…" not in short
         assert f"segflow {' '.join(command)} --help-all" in short
         for option in visible_options(command):
             assert re.search(rf"^  (-\w, )?{option}\b", short, re.MULTILINE), (command, option)
-    segment = ok("segment", "-h", env=env).stdout
+    segment = in_process(capsys, "segment", "--help")[1]
     for option in ("--probabilities-dtype", "--instance-method", "--lease-wait-s", "--model"):
         assert re.search(rf"^  (-\w, )?{option}\b", segment, re.MULTILINE), option
     assert len(segment.splitlines()) < 120
     assert "--lease-wait " not in segment  # an alias: only in --help-all
-    assert "--lease-wait" in ok("segment", "--help-all", env=env).stdout
+    assert "--lease-wait" in in_process(capsys, "segment", "--help-all")[1]
 
 
-def test_unknown_options_and_commands_suggest_only_near_names() -> None:
-    typo = run("segment", "x.tif", "--modle", "m.ckpt")
-    assert typo.returncode == 2
-    assert (
-        typo.stderr == "segflow: error: no such option: --modle; did you mean --mode or --model?\n"
-    )
-    far = run("segment", "x.tif", "--qqqqq")
-    assert far.stderr == "segflow: error: no such option: --qqqqq\n"
-    assert (
-        run("segmnt").stderr == "segflow: error: no such command: segmnt; did you mean 'segment'?\n"
-    )
-    assert "did you mean" not in run("zzz").stderr
+def test_unknown_options_and_commands_suggest_only_near_names(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    typo = in_process(capsys, "segment", "x.tif", "--modle", "m.ckpt")
+    assert typo[0] == 2
+    assert typo[2] == "segflow: error: no such option: --modle; did you mean --mode or --model?\n"
+    far = in_process(capsys, "segment", "x.tif", "--qqqqq")
+    assert far[2] == "segflow: error: no such option: --qqqqq\n"
+    near = in_process(capsys, "segmnt")[2]
+    assert near == "segflow: error: no such command: segmnt; did you mean 'segment'?\n"
+    assert "did you mean" not in in_process(capsys, "zzz")[2]
