@@ -26,7 +26,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows import (
     add_run_tags,
@@ -145,7 +145,7 @@ class SegmentVolumeParams(SegmentOptions):
 #: choices; the others follow in groups (:func:`flows.form_order`).
 FORM_FIRST = ("source", "model", "output", "instances", "device", "batch_size", "chunks", "tile")
 #: The run form's groups: the pipeline's concepts, then how the flow runs regions.
-FORM_GROUPS = {
+FORM_GROUPS: dict[type[BaseModel], str] = {
     **GROUPS,
     SegmentOptions: "Where and how regions run",
     SegmentVolumeParams: "Where and how regions run",

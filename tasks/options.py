@@ -37,11 +37,10 @@ from unet_core.config import DEFAULT_BATCH_SIZE, Mode
 
 
 def comma_list(value: Any) -> Any:
-    """A list as a person types it, ``64,256,256`` (or ``64x256x256``), as a tuple; an
-    empty text is no value (automatic); anything else goes to the model unchanged."""
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.replace("x", ",").split(",")]
-        return tuple(p for p in parts if p) or None
+    """A list as a person types it, ``64,256,256`` (or ``64x256x256``), as a tuple;
+    anything else goes to the model unchanged."""
+    if isinstance(value, str) and value.strip():
+        return tuple(p.strip() for p in value.replace("x", ",").split(",") if p.strip())
     return value
 
 
