@@ -153,6 +153,9 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         instances.first.locator("[role=switch], input[type=checkbox]").first.click()
         _shot(page, shots, "1-form")
         page.get_by_role("button", name="Submit", exact=True).click()
+        # the rest as before, in a larger window (the artifacts tab renders only the cards
+        # in view)
+        page.set_viewport_size({"width": 1400, "height": 1000})
         # the form leaves for the deployment page once the run is created; the run exists
         # under the form's name (looked up through the API: the UI's confirmation toast is
         # gone after a few seconds and the run list refreshes on its own schedule)
