@@ -9,7 +9,10 @@ runs itself. Deployments:
   the inbox, output location and model as default parameters (editable in the UI);
 - ``segment-volume/on-demand``: one volume, started from the UI form or
   ``prefect deployment run 'segment-volume/on-demand' --param source=... --param model=...``;
-- ``train-model/on-demand``: train a U-Net from annotated images.
+- ``train-model/train-on-demand``: train a U-Net from annotated images.
+
+Each deployment's parameter schema is its flow's run form (:func:`flows.form_schema`), and
+the runs it serves name times in the facility's time zone (``--timezone``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows import ZONE_ENV
 from tasks.cluster import ClusterSpec
 from tasks.inbox import DEFAULT_SETTLE_S, SettleSeconds
 from tasks.outputs import check_disjoint
@@ -26,6 +30,8 @@ from unet_core.errors import ConfigError
 
 NIGHTLY = "nightly"
 ON_DEMAND = "on-demand"
+#: Distinct from the segmentation's ``on-demand``: the Deployments page lists names.
+TRAIN_ON_DEMAND = "train-on-demand"
 
 
 class ServeSettings(BaseModel):
@@ -70,24 +76,27 @@ def build_deployments(settings: ServeSettings) -> list[Any]:
     from flows.train import train_model
 
     deployments = [
-        segment_volume.to_deployment(
+        _deployment(
+            segment_volume,
             name=ON_DEMAND,
-            description="Segment one volume (TIFF or OME-Zarr) with a checkpoint.",
+            description="Segment one volume (TIFF or OME-Zarr) with a checkpoint. Run names "
+            f"and times are in {settings.timezone}.",
             tags=["segflow"],
-            enforce_parameter_schema=True,
         ),
-        train_model.to_deployment(
-            name=ON_DEMAND,
+        _deployment(
+            train_model,
+            name=TRAIN_ON_DEMAND,
             description="Train a U-Net on annotated images and write a checkpoint.",
             tags=["segflow"],
-            enforce_parameter_schema=True,
         ),
     ]
     if settings.inbox and settings.output and settings.model:
         deployments.append(
-            nightly_inbox.to_deployment(
+            _deployment(
+                nightly_inbox,
                 name=NIGHTLY,
-                description=f"Segment new volumes from {settings.inbox} every night.",
+                description=f"Segment new volumes from {settings.inbox} "
+                f"{schedule_text(settings.cron, settings.timezone)}.",
                 schedule=Cron(settings.cron, timezone=settings.timezone),
                 parameters={
                     "inbox": settings.inbox,
@@ -98,10 +107,28 @@ def build_deployments(settings: ServeSettings) -> list[Any]:
                 },
                 paused=settings.paused,
                 tags=["segflow", "nightly"],
-                enforce_parameter_schema=True,
             )
         )
     return deployments
+
+
+def _deployment(flow: Any, **options: Any) -> Any:
+    """``flow.to_deployment(**options)``, its parameters checked by the server against the
+    flow's run form (:func:`flows.run_form`; Prefect would make the schema again from the
+    signature)."""
+    deployment = flow.to_deployment(enforce_parameter_schema=True, **options)
+    deployment._parameter_openapi_schema = flow.parameters.model_copy(deep=True)
+    return deployment
+
+
+def schedule_text(cron: str, timezone: str) -> str:
+    """When a cron schedule runs, in words with its time zone: ``0 2 * * *`` in
+    Europe/Berlin is "every day at 02:00 Europe/Berlin time (cron 0 2 * * *)"."""
+    fields = cron.split()
+    if len(fields) == 5 and fields[2:] == ["*", "*", "*"] and all(f.isdigit() for f in fields[:2]):
+        minute, hour = int(fields[0]), int(fields[1])
+        return f"every day at {hour:02d}:{minute:02d} {timezone} time (cron {cron})"
+    return f"on the cron schedule {cron} in {timezone} time"
 
 
 #: The automation ``segflow serve`` registers (one per Prefect API, replaced on each start).
@@ -178,5 +205,7 @@ def serve(settings: ServeSettings, limit: int | None = None) -> None:
 
     # Served runs (child processes) send heartbeats; a run without them is crashed.
     os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(settings.heartbeat_s)
+    # ... and name times in the facility's time zone (the schedule's).
+    os.environ[ZONE_ENV] = settings.timezone
     register_crash_detection(settings)
     prefect_serve(*build_deployments(settings), limit=limit)

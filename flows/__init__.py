@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 
 M = TypeVar("M", bound=BaseModel)
+F = TypeVar("F", bound=Any)
 R = TypeVar("R")
 
 CORE_LOGGERS = ("unet_core", "tasks", "flows")
@@ -56,50 +60,116 @@ def core_logs_to_prefect(name: Callable[[str], str] | None = None) -> None:
 
 #: Name suffixes that carry a unit: ``retry_delay_s`` is titled "Retry delay (s)".
 UNIT_SUFFIXES = {"s": "s", "mb": "MB", "gb": "GB", "px": "px"}
+#: Words a title spells otherwise than a lowercase field name: "GPUs per worker".
+TITLE_WORDS = {"gpus": "GPUs", "iou": "IoU", "cpus": "CPUs"}
 
 
-def field_title(name: str, field: FieldInfo) -> str:
-    """The form title of a field: its own title, or its name in words with the unit."""
-    if field.title:
-        return field.title
+def name_title(name: str) -> str:
+    """A field name in words, with its unit: ``start_timeout_s`` -> "Start timeout (s)"."""
     words = name.split("_")
     unit = UNIT_SUFFIXES.get(words[-1]) if len(words) > 1 else None
     if unit:
         words.pop()
-    text = " ".join(words).capitalize()
+    words = [TITLE_WORDS.get(w, w) for w in words]
+    text = " ".join(words)
+    text = text[:1].upper() + text[1:]
     return f"{text} ({unit})" if unit else text
 
 
-def field_description(field: FieldInfo) -> str:
+def field_title(name: str, field: FieldInfo) -> str:
+    """The form title of a field: its own title, or its name in words with the unit."""
+    return field.title or name_title(name)
+
+
+def bounds_text(
+    low: float | None, high: float | None, low_open: bool = False, high_open: bool = False
+) -> str:
+    """The allowed range in words: "from 1 to 256", "more than 0, at most 3600"."""
+
+    def num(v: float) -> str:
+        return f"{v:g}" if isinstance(v, float) else f"{v}"
+
+    lows = "" if low is None else (f"more than {num(low)}" if low_open else f"at least {num(low)}")
+    highs = (
+        "" if high is None else (f"less than {num(high)}" if high_open else f"at most {num(high)}")
+    )
+    if low is not None and high is not None and not (low_open or high_open):
+        return f"from {num(low)} to {num(high)}"
+    return ", ".join(t for t in (lows, highs) if t)
+
+
+def field_description(field: FieldInfo, examples: Sequence[Any] = ()) -> str:
     """The description as the UI shows it: no ``<...>`` (rendered as HTML and swallowed),
-    with the field's bounds stated."""
+    with the field's bounds (a strict one said so: "more than 0") and an example."""
     text = re.sub(r"<([^<>]*)>", r"{\1}", field.description or "").strip()
     low = high = None
+    low_open = high_open = False
     for m in field.metadata:
-        low = getattr(m, "ge", getattr(m, "gt", low))
-        high = getattr(m, "le", getattr(m, "lt", high))
+        if getattr(m, "ge", None) is not None:
+            low, low_open = m.ge, False
+        if getattr(m, "gt", None) is not None:
+            low, low_open = m.gt, True
+        if getattr(m, "le", None) is not None:
+            high, high_open = m.le, False
+        if getattr(m, "lt", None) is not None:
+            high, high_open = m.lt, True
     if low is not None or high is not None:
-        lo = "" if low is None else f"{low:g}" if isinstance(low, float) else f"{low}"
-        hi = "" if high is None else f"{high:g}" if isinstance(high, float) else f"{high}"
-        bounds = f"from {lo} to {hi}" if lo and hi else f"at least {lo}" if lo else f"at most {hi}"
-        text = f"{text} Allowed: {bounds}.".strip()
+        text = f"{text} Allowed: {bounds_text(low, high, low_open, high_open)}.".strip()
+    if examples and str(examples[0]) not in text:
+        text = f"{text} Example: {example_text(examples[0])}".strip()
     return text
+
+
+def example_text(value: Any) -> str:
+    """An example as an operator types it into the form: text as it is (``64,256,256``),
+    a list as JSON (``[0, 3]``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def defined_in(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """The class of ``model``'s hierarchy that declares the field ``name``."""
+    for base in model.__mro__:
+        if name in vars(base).get("__annotations__", {}):
+            return base
+    return model
+
+
+def form_order(
+    model: type[BaseModel], first: Sequence[str], groups: Mapping[type[BaseModel], str]
+) -> list[tuple[str, str | None]]:
+    """The form's fields with their group: ``first`` ones (no group), then the rest by the
+    order of ``groups`` (the class that declares a field), each group's in model order;
+    a field of a class not in ``groups`` goes last, in the group "Advanced"."""
+    order = list(groups)
+    rest = [n for n in model.model_fields if n not in first]
+
+    def rank(name: str) -> int:
+        base = defined_in(model, name)
+        return order.index(base) if base in order else len(order)
+
+    ranked = sorted(rest, key=rank)  # stable: model order within a group
+    return [(n, None) for n in first] + [
+        (n, groups.get(defined_in(model, n), "Advanced")) for n in ranked
+    ]
 
 
 def flat_signature(
     model: type[BaseModel],
     first: Sequence[str] = (),
     examples: Mapping[str, list[Any]] | None = None,
+    groups: Mapping[type[BaseModel], str] | None = None,
 ) -> inspect.Signature:
-    """Keyword parameters made from a pydantic model's fields, ``first`` ones first.
+    """Keyword parameters made from a pydantic model's fields, ``first`` ones first, the
+    others grouped by concept (``groups``: the class declaring a field -> its group's name,
+    which leads the field's description), the advanced ones last.
 
     Prefect builds the run form and validates runs from a flow's signature, so each field
     becomes one top-level parameter with its type, bounds (``Annotated`` metadata), default,
     description and title; ``prefect deployment run --param NAME=VALUE`` sets one field.
     """
-    names = list(first) + [n for n in model.model_fields if n not in first]
+    names = form_order(model, first, groups or {})
     params = []
-    for position, name in enumerate(names):
+    for position, (name, group) in enumerate(names):
         field = model.model_fields[name]
         extra: dict[str, Any] = {"title": field_title(name, field), "position": position}
         shown = (examples or {}).get(name, field.examples)
@@ -109,7 +179,10 @@ def flat_signature(
             default: Any = field.default_factory()  # type: ignore[call-arg]
         else:
             default = field.default
-        info = Field(default, description=field_description(field), json_schema_extra=extra)
+        text = field_description(field, shown or ())
+        if group:
+            text = f"*{group}* · {text}"
+        info = Field(default, description=text, json_schema_extra=extra)
         annotation: Any = field.annotation
         if field.metadata:
             annotation = Annotated[(annotation, *field.metadata)]
@@ -122,7 +195,10 @@ def flat_signature(
 
 
 def flat_parameters(
-    model: type[M], first: Sequence[str] = (), examples: Mapping[str, list[Any]] | None = None
+    model: type[M],
+    first: Sequence[str] = (),
+    examples: Mapping[str, list[Any]] | None = None,
+    groups: Mapping[type[BaseModel], str] | None = None,
 ) -> Callable[[Callable[[M], R]], Callable[..., R]]:
     """Turn ``fn(params: Model)`` into ``fn(**fields)`` with a flat signature for Prefect."""
 
@@ -134,10 +210,75 @@ def flat_parameters(
         flat.__qualname__ = fn.__qualname__
         flat.__module__ = fn.__module__
         flat.__doc__ = fn.__doc__
-        flat.__signature__ = flat_signature(model, first, examples)  # type: ignore[attr-defined]
+        flat.__signature__ = flat_signature(  # type: ignore[attr-defined]
+            model, first, examples, groups
+        )
         return flat
 
     return wrap
+
+
+def form_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A flow's parameter schema as the Prefect UI's run form shows it well.
+
+    The UI renders a union (``anyOf``) as a type toggle ("str | None", with "Property is
+    type None" under it) and starts every field at its schema default, so: an optional
+    field is its one type without a default (left empty, it is omitted and the model's
+    default, "automatic", applies); a union of one kind of value (a choice or an address)
+    is a text field the model checks; a nested model's fields get titles in words ("GPUs
+    per worker", "Start timeout (s)") and their bounds in the description, and its default
+    leaves out the unset fields. Python-side validation is unchanged (the signature).
+    """
+    out = copy.deepcopy(schema)
+    props = out.get("properties", {})
+    for name in props:
+        props[name] = _form_property(props[name])
+    for definition in out.get("definitions", {}).values():
+        fields = definition.get("properties", {})
+        for name in fields:
+            prop = _form_property(fields[name])
+            if prop.get("title") in (None, name.replace("_", " ").title()):  # pydantic's own
+                prop["title"] = name_title(name)
+            if "Allowed:" not in prop.get("description", ""):
+                allowed = bounds_text(
+                    prop.get("minimum", prop.get("exclusiveMinimum")),
+                    prop.get("maximum", prop.get("exclusiveMaximum")),
+                    "exclusiveMinimum" in prop,
+                    "exclusiveMaximum" in prop,
+                )
+                if allowed:
+                    prop["description"] = f"{prop.get('description', '')} Allowed: {allowed}."
+            fields[name] = prop
+    out.pop("$defs", None)
+    return out
+
+
+def _form_property(prop: dict[str, Any]) -> dict[str, Any]:
+    """One property of :func:`form_schema`."""
+    prop = dict(prop)
+    branches = prop.pop("anyOf", None)
+    if branches is not None:
+        kept = [b for b in branches if b.get("type") != "null"]
+        kinds = {b.get("type") for b in kept}
+        if len(kept) == 1:
+            prop = {**kept[0], **prop}
+        elif len(kinds) == 1 and None not in kinds:
+            prop = {"type": kinds.pop(), **prop}
+        else:
+            prop["anyOf"] = branches  # values of different kinds: the UI's toggle is right
+    if "default" in prop and prop["default"] is None:
+        del prop["default"]
+    elif isinstance(prop.get("default"), dict):
+        prop["default"] = {k: v for k, v in prop["default"].items() if v is not None}
+    return prop
+
+
+def run_form(flow: F) -> F:
+    """Give a flow the parameter schema of :func:`form_schema` (its run form)."""
+    from prefect.utilities.callables import ParameterSchema
+
+    flow.parameters = ParameterSchema(**form_schema(flow.parameters.model_dump()))
+    return flow
 
 
 def in_form_words(exc: BaseException, name: Callable[[str], str]) -> BaseException:
@@ -155,6 +296,63 @@ def in_form_words(exc: BaseException, name: Callable[[str], str]) -> BaseExcepti
 
 
 # ------------------------------------------------------------------ run identity helpers
+
+#: Environment variable holding the facility's time zone (an IANA name): ``segflow serve``
+#: sets it from its ``--timezone`` for the runs it serves (run names, times in reports).
+ZONE_ENV = "SEGFLOW_TIMEZONE"
+
+#: The names the Prefect UI's run form pre-fills (``FlowRunNameInput``: a Greek letter,
+#: perhaps numbered, a star or constellation and sometimes a letter or a word:
+#: ``iota12-praxis-manifold``, ``psi-pauling-g``).
+UI_GENERATED_NAME = re.compile(
+    r"(alpha|beta|gamma|delta|epsilon|zeta|eta|theta|iota|kappa|lambda|mu|nu|xi|omicron|pi"
+    r"|rho|sigma|tau|upsilon|phi|chi|psi|omega)[0-9]*(-[a-z-]*)?"
+)
+
+
+def facility_time(when: datetime | None = None) -> datetime:
+    """``when`` (default: now) in the facility's time zone (:data:`ZONE_ENV`; where it is
+    unset or unknown, this machine's)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    when = when or datetime.now(UTC)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    name = os.environ.get(ZONE_ENV, "").strip()
+    try:
+        zone = ZoneInfo(name) if name else None
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = None
+    return when.astimezone(zone)
+
+
+def _prefect_slug(name: str) -> bool:
+    """Whether ``name`` is one of the Prefect server's own names: two random words from
+    coolname (``brave-falcon``), which it gives a run created without a name."""
+    import coolname
+
+    try:  # coolname's two-word pattern: a cartesian product of two word lists
+        lists = coolname._default._lists[2]._lists[0]._lists  # type: ignore[attr-defined]
+        words = [set(w) for w in lists]
+    except (AttributeError, IndexError, KeyError, TypeError):  # another coolname layout
+        return re.fullmatch(r"[a-z]+-[a-z]+", name) is not None
+    parts = name.split("-")
+    return len(parts) == len(words) and all(p in w for p, w in zip(parts, words, strict=True))
+
+
+def is_generated_name(name: str) -> bool:
+    """Whether a run's name was made up (by the UI's form or the Prefect server) rather
+    than chosen: such names are replaced by the volume and the time."""
+    return not name or UI_GENERATED_NAME.fullmatch(name) is not None or _prefect_slug(name)
+
+
+def volume_run_name(current: str, volume: str, when: datetime | None = None) -> str:
+    """A run's name: ``current`` where someone chose it, else the volume and the
+    facility's local time (``brain-01-261130-171300``)."""
+    if not is_generated_name(current):
+        return current
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", volume)[:60]
+    return f"{slug}-{facility_time(when):%y%m%d-%H%M%S}"
 
 
 def add_run_tags(*tags: str) -> None:

@@ -18,8 +18,14 @@ from prefect.exceptions import MissingResult
 from prefect.states import Failed
 from pydantic import ConfigDict, Field, model_validator
 
-from flows import core_logs_to_prefect, flat_parameters
-from flows.segment import SegmentOptions, SegmentVolumeParams, segment_volume
+from flows import core_logs_to_prefect, facility_time, flat_parameters, run_form
+from flows.segment import (
+    FORM_FIRST,
+    FORM_GROUPS,
+    SegmentOptions,
+    SegmentVolumeParams,
+    segment_volume,
+)
 from tasks.inbox import (
     DEFAULT_SETTLE_S,
     SettleSeconds,
@@ -66,14 +72,19 @@ class NightlyParams(SegmentOptions):
 
 
 def _nightly_name() -> str:
+    """``nightly-2026-11-30-0200``: the scheduled start in the facility's time zone."""
     from prefect.runtime import flow_run
 
-    when = flow_run.scheduled_start_time or datetime.now(UTC)
-    return f"nightly-{when:%Y-%m-%d-%H%M}"
+    return f"nightly-{facility_time(flow_run.scheduled_start_time):%Y-%m-%d-%H%M}"
 
 
+@run_form
 @flow(name="nightly-inbox", flow_run_name=_nightly_name, log_prints=True)
-@flat_parameters(NightlyParams, first=("inbox", "output", "model", "settle_s", "max_volumes"))
+@flat_parameters(
+    NightlyParams,
+    first=("inbox", "output", "model", "settle_s", "max_volumes", *FORM_FIRST[3:]),
+    groups={**FORM_GROUPS, NightlyParams: FORM_GROUPS[SegmentOptions]},
+)
 def nightly_inbox(params: NightlyParams) -> dict[str, Any] | State:
     """Process the inbox: new settled volumes are segmented; failures don't stop the night,
     and the run ends Failed when any volume failed."""
@@ -139,13 +150,13 @@ def nightly_inbox(params: NightlyParams) -> dict[str, Any] | State:
     for c in groups["new"][params.max_volumes :]:
         rows.append(_row(c, "deferred", "over max_volumes; next night"))
     for c in groups["unsettled"]:
-        eligible = datetime.fromtimestamp(c.modified + params.settle_s, UTC)
+        eligible = facility_time(datetime.fromtimestamp(c.modified + params.settle_s, UTC))
         rows.append(
             _row(
                 c,
                 "skipped",
                 f"modified less than {params.settle_s:.0f} s ago; eligible from "
-                f"{eligible:%Y-%m-%d %H:%M:%S} UTC",
+                f"{eligible:%Y-%m-%d %H:%M:%S %Z}",
             )
         )
     for c in groups["failed"]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from datetime import datetime
 from typing import Any, cast
 from uuid import UUID
 
@@ -27,7 +26,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows import (
     add_run_tags,
@@ -36,11 +35,13 @@ from flows import (
     flat_parameters,
     in_form_words,
     publish_markdown,
+    run_form,
+    volume_run_name,
 )
 from tasks import pipeline
 from tasks.blockwise import Regions, Runner, Step, StepResult, blocks_per_region
 from tasks.cluster import ClusterSpec, client_for, dask_client
-from tasks.options import PipelineOptions
+from tasks.options import GROUPS, PipelineOptions
 from tasks.paths import volume_name
 from tasks.pipeline import INSTANCES, Request
 from tasks.records import OutputRecord
@@ -140,6 +141,16 @@ class SegmentVolumeParams(SegmentOptions):
         return Request(self.source, self.model, self.output, self.pipeline_options())
 
 
+#: The run form's first fields: what to segment, with what, where to, and the everyday
+#: choices; the others follow in groups (:func:`flows.form_order`).
+FORM_FIRST = ("source", "model", "output", "instances", "device", "batch_size", "chunks", "tile")
+#: The run form's groups: the pipeline's concepts, then how the flow runs regions.
+FORM_GROUPS: dict[type[BaseModel], str] = {
+    **GROUPS,
+    SegmentOptions: "Where and how regions run",
+    SegmentVolumeParams: "Where and how regions run",
+}
+
 #: Fields of the pipeline's messages that the form calls otherwise.
 FORM_FIELDS = {"out": "output"}
 
@@ -155,24 +166,18 @@ def form_words(field: str) -> str:
     return f"'{field}'"
 
 
-#: Prefect's own run names (two random words), replaced by volume + time.
-_GENERATED_NAME = re.compile(r"[a-z]+-[a-z]+")
 #: Seconds between updates of a run's progress artifact (one API call each; a 2,000-region
 #: run would otherwise make 2,000 of them).
 PROGRESS_EVERY_S = 1.0
 
 
 def _run_name() -> str:
-    """The volume and a short time stamp; a name typed in the run form (or set by an
-    earlier attempt of this run) is kept."""
+    """The volume and the facility's local time; a name typed in the run form (or set by
+    an earlier attempt of this run) is kept (:func:`flows.volume_run_name`)."""
     from prefect.runtime import flow_run
 
-    current = str(flow_run.name or "")
-    if current and not _GENERATED_NAME.fullmatch(current):
-        return current
     source = str(flow_run.parameters.get("source", "volume"))
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", volume_name(source))[:60]
-    return f"{slug}-{datetime.now():%y%m%d-%H%M%S}"
+    return volume_run_name(str(flow_run.name or ""), volume_name(source))
 
 
 # -------------------------------------------------------------------------- tasks
@@ -274,12 +279,9 @@ def report_step(
 # --------------------------------------------------------------------------- flow
 
 
+@run_form
 @flow(name="segment-volume", flow_run_name=_run_name, log_prints=True)
-@flat_parameters(
-    SegmentVolumeParams,
-    first=("source", "model", "output"),
-    examples={"chunks": [[64, 256, 256]], "tile": [[1, 572, 572]]},
-)
+@flat_parameters(SegmentVolumeParams, first=FORM_FIRST, groups=FORM_GROUPS)
 def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     """Segment one volume: ingest (TIFF), segment regions on Dask, stitch, report."""
     configure()
@@ -466,7 +468,9 @@ class RegionRun:
             self.summary["failed_regions"] = [
                 _where_region(plan, regions, r, errors[r]) for r in self.failed
             ]
-            rerun = params.model_dump(exclude_defaults=True, exclude={"force", "regions"})
+            rerun = params.model_dump(  # as the run form takes them: chunks as "64,256,256"
+                mode="json", exclude_defaults=True, exclude={"force", "regions"}
+            )
             self.summary["rerun_parameters"] = {**rerun, "regions": self.failed}
         logger.info(
             "%s: %d blocks computed, %d reused from earlier runs under the same key",

@@ -20,7 +20,7 @@ from prefect.artifacts import (
 )
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flows import flat_parameters
+from flows import flat_parameters, run_form
 from tasks.training.report import summary
 from tasks.training.run import run_training
 from unet_core.runtime import configure
@@ -139,6 +139,7 @@ def report_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@run_form
 @flow(name="train-model", log_prints=True)
 @flat_parameters(TrainParams, first=("images", "labels", "out", "resume"))
 def train_model(params: TrainParams) -> dict[str, Any]:

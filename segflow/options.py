@@ -26,13 +26,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from tasks.cluster import ClusterSpec
-from tasks.options import (
-    IngestOptions,
-    InstanceOptions,
-    PipelineOptions,
-    RunOptions,
-    SegmentParams,
-)
+from tasks.options import GROUPS, PipelineOptions
 from unet_core.errors import ConfigError, render
 
 R = TypeVar("R")
@@ -144,7 +138,10 @@ def default_of(info: FieldInfo) -> Any:
 
 
 def _is_tuple(inner: Any) -> type | None:
-    """The item type of ``tuple[X, ...]``/``list[X]`` (None for anything else)."""
+    """The item type of ``tuple[X, ...]``/``list[X]`` (None for anything else), also
+    inside ``Annotated`` (:data:`tasks.options.Shape`)."""
+    if get_origin(inner) is Annotated:
+        inner = get_args(inner)[0]
     if get_origin(inner) in (tuple, list):
         args = [a for a in get_args(inner) if a is not Ellipsis]
         if args and all(a is args[0] for a in args) and args[0] in (int, float):
@@ -337,14 +334,8 @@ def with_models(
 
 # ------------------------------------------------- what the run commands share
 
-#: Help panels of the generated options.
-PANELS: dict[type[BaseModel], str] = {
-    SegmentParams: "Network and tiles",
-    IngestOptions: "Reading a TIFF source",
-    InstanceOptions: "Objects (instances)",
-    RunOptions: "Resume, overwrite, leases, preview",
-    ClusterSpec: "Cluster: where the Dask workers run",
-}
+#: Help panels of the generated options: the concepts of the run form's groups.
+PANELS: dict[type[BaseModel], str] = GROUPS
 
 #: What the segment and predict commands add to the generated options: short flags and
 #: old spellings, and --fast/--reference as shorthands of --mode.

@@ -19,12 +19,52 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+)
 
+from tasks.cluster import ClusterSpec
 from tasks.paths import LABEL_NAME_PATTERN
 from unet_core.config import DEFAULT_BATCH_SIZE, Mode
+
+
+def comma_list(value: Any) -> Any:
+    """A list as a person types it, ``64,256,256`` (or ``64x256x256``), as a tuple;
+    anything else goes to the model unchanged."""
+    if isinstance(value, str) and value.strip():
+        return tuple(p.strip() for p in value.replace("x", ",").split(",") if p.strip())
+    return value
+
+
+def _as_text(value: tuple[Any, ...]) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+
+
+_NUMBER = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
+
+#: A shape (chunks, tile): integers written ``64,256,256`` in a form, on a command line or
+#: in JSON (a list is accepted too); the run form shows one text field.
+Shape = Annotated[
+    tuple[int, ...],
+    BeforeValidator(comma_list),
+    PlainSerializer(_as_text, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": r"^\s*[0-9]+(\s*[,x]\s*[0-9]+)*\s*$"}),
+]
+#: Sizes (a voxel size): numbers written ``2.0,0.5,0.5``, like :data:`Shape`.
+Sizes = Annotated[
+    tuple[float, ...],
+    BeforeValidator(comma_list),
+    PlainSerializer(_as_text, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": rf"^\s*{_NUMBER}(\s*,\s*{_NUMBER})*\s*$"}),
+]
 
 
 class SegmentParams(BaseModel):
@@ -32,12 +72,15 @@ class SegmentParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    chunks: tuple[int, ...] | None = Field(
-        None, description="Output chunk shape per spatial axis (default: the image's chunks)."
+    chunks: Shape | None = Field(
+        None,
+        description="Output chunk shape per spatial axis (default: the image's chunks).",
+        examples=["64,256,256"],
     )
-    tile: tuple[int, ...] | None = Field(
+    tile: Shape | None = Field(
         None,
         description="Largest tile input shape per spatial axis (default: chosen from the model).",
+        examples=["1,572,572"],
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     batch_size: int = Field(
@@ -104,19 +147,21 @@ class IngestOptions(BaseModel):
         "(default: from its metadata; a plain stack of planes reads as zyx).",
         examples=["zyx"],
     )
-    voxel_size: tuple[float, ...] | None = Field(
+    voxel_size: Sizes | None = Field(
         None,
-        min_length=2,
-        max_length=3,
         description="Physical voxel size Z,Y,X (or Y,X) in micrometres of a TIFF source "
         "(default: from its metadata).",
-        examples=[[2.0, 0.5, 0.5]],
+        examples=["2.0,0.5,0.5"],
     )
 
     @field_validator("voxel_size")
     @classmethod
     def _finite_positive(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
         if value is not None:
+            if not 2 <= len(value) <= 3:
+                raise ValueError(
+                    f"a voxel size has 2 or 3 numbers (Y,X or Z,Y,X), got {len(value)}"
+                )
             for v in value:
                 if not (math.isfinite(v) and v > 0):
                     raise ValueError(f"voxel sizes must be finite and positive, got {v:g}")
@@ -127,7 +172,7 @@ class IngestParams(IngestOptions):
     """How ``segflow ingest`` writes an image: its options besides the source's axes and
     voxel size (shared with every run that ingests a TIFF)."""
 
-    chunks: tuple[int, ...] | None = Field(
+    chunks: Shape | None = Field(
         None,
         min_length=2,
         max_length=4,
@@ -218,11 +263,24 @@ class PipelineOptions(RunOptions, InstanceOptions, IngestOptions, SegmentParams)
         return self.model_dump(include=set(model.model_fields))
 
 
+#: The concepts a run's options fall into, in the order the CLI's help panels and the run
+#: form's groups list them.
+GROUPS: dict[type[BaseModel], str] = {
+    SegmentParams: "Network and tiles",
+    InstanceOptions: "Objects (instances)",
+    IngestOptions: "Reading a TIFF source",
+    RunOptions: "Resume, overwrite, leases, preview",
+    ClusterSpec: "Cluster: where the Dask workers run",
+}
+
 __all__ = [
+    "GROUPS",
     "IngestOptions",
     "IngestParams",
     "InstanceOptions",
     "PipelineOptions",
     "RunOptions",
     "SegmentParams",
+    "Shape",
+    "Sizes",
 ]

@@ -473,6 +473,17 @@ def _where(value: str) -> str:
     return f"`{value}`"
 
 
+def number(value: Any) -> str:
+    """A number as every report writes it: thousands separated (``12,582,912``), a large
+    float without decimals (``246,753`` voxels/s), a small one to 3 digits (``12.3``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        return str(value)
+    if isinstance(value, int | np.integer):
+        return f"{int(value):,}"
+    real = float(value)
+    return f"{real:,.0f}" if abs(real) >= 100 else f"{real:.3g}"
+
+
 def markdown_report(summary: dict[str, Any]) -> str:
     """The per-volume report shown in the Prefect UI."""
     lines = [f"# segflow: {summary['volume']}", ""]
@@ -501,7 +512,9 @@ def markdown_report(summary: dict[str, Any]) -> str:
         top = max(r["objects"] for r in summary["size_histogram"])
         for r in summary["size_histogram"]:
             bar = "█" * max(1, round(20 * r["objects"] / top)) if r["objects"] else ""
-            lines.append(f"| {r['from']:,}-{r['to']:,} | {r['objects']:,} | {bar} |")
+            lines.append(
+                f"| {number(r['from'])}-{number(r['to'])} | {number(r['objects'])} | {bar} |"
+            )
     lines += ["", "## Work", "", "| | |", "|---|---|"]
     for key in (
         "regions",
@@ -519,15 +532,13 @@ def markdown_report(summary: dict[str, Any]) -> str:
         "small_objects_removed",
     ):
         if summary.get(key) is not None:
-            value = summary[key]
-            text = f"{value:,.1f}" if isinstance(value, float) else f"{value}"
-            lines.append(f"| {key.replace('_', ' ')} | {text} |")
+            lines.append(f"| {key.replace('_', ' ')} | {number(summary[key])} |")
     if summary.get("timings"):
         lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in summary["timings"].items()]
+        lines += [f"| {k} | {number(v)} |" for k, v in summary["timings"].items()]
     if summary.get("class_voxels"):
         lines += ["", "## Voxels per class", "", "| class | voxels |", "|---|---|"]
-        lines += [f"| {k} | {v:,} |" for k, v in summary["class_voxels"].items()]
+        lines += [f"| {k} | {number(v)} |" for k, v in summary["class_voxels"].items()]
     if summary.get("parameters"):
         lines += ["", "## Parameters", "", "```json"]
         lines += [json.dumps(summary["parameters"], indent=2, default=str), "```"]

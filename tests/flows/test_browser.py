@@ -8,6 +8,7 @@ Screenshots of the form and the artifacts are kept under the test's temporary fo
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from served_stack import api_call, serve_stack, wait_state
 
+from flows import is_generated_name
 from tasks.report import PREVIEW_GAP, caption_height, histogram_height
 from tasks.store import write_image
 
@@ -65,20 +67,47 @@ def _shot(page, folder: Path, name: str) -> Path:
     return path
 
 
-def _created_run(page, api: str, name: str, shots: Path, timeout: float = 90.0) -> str:
-    """The id of the flow run the form created under `name`; on failure the assertion
+def _created_run(page, api: str, deployment: str, shots: Path, timeout: float = 90.0) -> str:
+    """The id of the flow run the form created from `deployment` (its only run; looked up
+    by deployment, as its name changes once the run starts); on failure the assertion
     carries what the form page showed (its validation messages) and a screenshot."""
+    dep = api_call("GET", f"{api}/deployments/name/{deployment}").json()
     deadline = time.time() + timeout
     while time.time() < deadline:
         runs = api_call(
-            "POST", f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}}
+            "POST",
+            f"{api}/flow_runs/filter",
+            json={"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}},
         ).json()
         if runs:
             return runs[0]["id"]
         time.sleep(1)
     path = _shot(page, shots, "submit-failed")
     text = page.locator("body").inner_text()[-1500:]
-    raise AssertionError(f"no run named {name} after Submit ({page.url}; {path}):\n{text}")
+    raise AssertionError(f"no run of {deployment} after Submit ({page.url}; {path}):\n{text}")
+
+
+def _form_fits(page, shots: Path) -> None:
+    """The run form at 1280x800: no union toggles or "Property is type None" notes, and
+    no title, description or input wider than its box or the window (nothing cut off)."""
+    form = page.locator(".flow-run-create-form-v2")
+    assert "Property is type" not in form.inner_text()
+    toggles = ".schema-form-property-any-of, .schema-form-property .p-button-group"
+    assert page.locator(toggles).count() == 0
+    wide = page.evaluate(
+        """() => [...document.querySelectorAll(
+            '.schema-form-property__label, .schema-form-property__description,'
+            + ' .schema-form-property textarea, .schema-form-property input')]
+          .filter(e => e.scrollWidth > e.clientWidth + 1
+                       || e.getBoundingClientRect().right > window.innerWidth)
+          .map(e => (e.innerText || e.value || e.className).slice(0, 80))"""
+    )
+    assert not wide, f"cut off at 1280 pixels: {wide}"
+    _shot(page, shots, "0-form-top")
+    page.locator(
+        ".schema-form-property", has_text="GPUs per worker"
+    ).first.scroll_into_view_if_needed()
+    _shot(page, shots, "0-form-cluster")
 
 
 def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
@@ -92,7 +121,7 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
     with serve_stack(tmp_path) as stack, sync_api.sync_playwright() as pw:
         api, ui = stack["api"], f"http://127.0.0.1:{stack['port']}"
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.set_default_timeout(60_000)
         # Deployments -> segment-volume's on-demand -> Run -> Custom run
         page.goto(f"{ui}/deployments")
@@ -111,9 +140,12 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
 
         run_name = page.locator(".p-label", has_text="Run Name").first.locator("input")
         name = run_name.input_value()
-        assert name, "the form offers no run name"
+        assert is_generated_name(name), f"segflow does not recognise the UI's name {name!r}"
+        page.locator(".schema-form-property").first.wait_for()
+        _form_fits(page, shots)
         field("Source").fill(src)
         field("Model").fill(stack["model"])
+        field("Tile").fill("1,60,60")  # a shape is one text field
         # objects too (off by default, as in the CLI): the form's switch for "Instances"
         instances = page.locator(".schema-form-property").filter(
             has=page.locator(".schema-form-property__label", has_text="Instances")
@@ -121,17 +153,22 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         instances.first.locator("[role=switch], input[type=checkbox]").first.click()
         _shot(page, shots, "1-form")
         page.get_by_role("button", name="Submit", exact=True).click()
+        # the rest as before, in a larger window (the artifacts tab renders only the cards
+        # in view)
+        page.set_viewport_size({"width": 1400, "height": 1000})
         # the form leaves for the deployment page once the run is created; the run exists
         # under the form's name (looked up through the API: the UI's confirmation toast is
         # gone after a few seconds and the run list refreshes on its own schedule)
-        run_id = _created_run(page, api, name, shots)
-        page.goto(f"{ui}/runs/flow-run/{run_id}")
-        page.get_by_text(name, exact=True).first.wait_for()
+        run_id = _created_run(page, api, "segment-volume/on-demand", shots)
         run = wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, 180)
         assert run["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
-        assert run["name"] == name  # the name shown in the form is kept
+        # the name the form made up became the volume and the facility's time
+        assert re.fullmatch(r"vol-\d{6}-\d{6}", run["name"]), run["name"]
+        page.goto(f"{ui}/runs/flow-run/{run_id}")
+        page.get_by_text(run["name"], exact=True).first.wait_for()
         assert run["parameters"]["source"] == src
         assert run["parameters"]["instances"] is True
+        assert run["parameters"]["tile"] == "1,60,60"
 
         # the run's Artifacts tab -> the report artifact
         page.reload()

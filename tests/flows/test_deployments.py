@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -44,8 +45,51 @@ def test_deployments_schema_and_nightly_schedule(served):
     assert nightly["parameters"]["settle_s"] == 600.0
     names = [a["name"] for a in api_call("POST", f"{api}/automations/filter", json={}).json()]
     assert names.count("segflow: mark runs without heartbeats Crashed") == 1
-    train = wait_ok(f"{api}/deployments/name/train-model/on-demand").json()
+    train = wait_ok(f"{api}/deployments/name/train-model/train-on-demand").json()
     assert list(train["parameter_openapi_schema"]["properties"])[:3] == ["images", "labels", "out"]
+
+
+def test_deployments_have_distinct_names_and_say_when_and_in_which_zone(served):
+    api = served["api"]
+    deployments = api_call("POST", f"{api}/deployments/filter", json={}).json()
+    names = [d["name"] for d in deployments]
+    assert len(names) == len(set(names)) == 3, names
+    nightly = next(d for d in deployments if d["name"] == "nightly")
+    assert "every day at 02:00 Europe/Berlin time" in nightly["description"]
+    for d in deployments:  # the served schema is the run form: no union toggles
+        for name, prop in d["parameter_openapi_schema"]["properties"].items():
+            assert "anyOf" not in prop, (d["name"], name)
+
+
+def test_runs_created_as_the_ui_creates_them_are_named_as_promised(served):
+    """The UI's form posts the name it pre-filled (or one typed over it): a made-up name
+    becomes the volume and the facility's time (serve --timezone Europe/Berlin), a typed
+    one is kept, and so is the volume + time for a run the server named."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    api = served["api"]
+    dep = api_call("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
+    # no such file: each run fails at its first check, after it was named
+    source = str(served["tmp"] / "missing" / "brain-01.tif")
+    ids = {}
+    for name in ("iota12-praxis-manifold", "psi-pauling-g", "cancel-drill", None):
+        body: dict = {"parameters": {"source": source, "model": served["model"]}}
+        if name:
+            body["name"] = name
+        r = api_call("POST", f"{api}/deployments/{dep['id']}/create_flow_run", json=body)
+        assert r.status_code == 201, r.text
+        ids[name] = r.json()["id"]
+    for name, run_id in ids.items():
+        run = wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"}, 240)
+        berlin = datetime.now(ZoneInfo("Europe/Berlin")).replace(tzinfo=None)
+        if name == "cancel-drill":
+            assert run["name"] == "cancel-drill"
+            continue
+        stamp = re.fullmatch(r"brain-01-(\d{6}-\d{6})", run["name"])
+        assert stamp, (name, run["name"])
+        named_at = datetime.strptime(stamp[1], "%y%m%d-%H%M%S")
+        assert abs((berlin - named_at).total_seconds()) < 600, (run["name"], berlin)
 
 
 def test_out_of_bounds_parameter_is_rejected_by_the_server(served):
@@ -70,7 +114,7 @@ def test_triggered_run_completes(served):
     params = {
         "source": src,
         "model": served["model"],
-        "tile": [1, 60, 60],
+        "tile": "1,60,60",
         "device": "cpu",
         "instances": True,
     }
@@ -136,7 +180,7 @@ def test_killed_serve_process_leaves_a_crashed_run_that_retries_only_unfinished_
         params = {
             "source": src,
             "model": stack["model"],
-            "tile": [1, 60, 60],
+            "tile": "1,60,60",
             "device": "cpu",
             "instances": False,
             "max_regions": 48,

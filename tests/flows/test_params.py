@@ -206,3 +206,128 @@ def test_flat_parameters_are_validated_like_the_model():
         segment_volume.validate_parameters({"source": "a.tif", "model": "m", "batch_size": 0})
     ok = segment_volume.validate_parameters({"source": "a.tif", "model": "m", "batch_size": 2})
     assert ok["batch_size"] == 2
+
+
+def _schemas() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f.name, f.parameters.model_dump()) for f in (segment_volume, nightly_inbox, train_model)
+    ]
+
+
+def _properties(schema: dict[str, Any]):
+    yield from schema["properties"].items()
+    for definition in schema.get("definitions", {}).values():
+        yield from definition.get("properties", {}).items()
+
+
+@pytest.mark.parametrize(("flow", "schema"), _schemas())
+def test_the_run_form_has_no_union_toggles_and_no_null_defaults(flow, schema):
+    """The UI shows a union as a "str | None" toggle over "Property is type None" and
+    submits a null default: an optional field is its one type, left empty (omitted)."""
+    for name, prop in _properties(schema):
+        assert "anyOf" not in prop, (flow, name, prop)
+        assert "default" not in prop or prop["default"] is not None, (flow, name)
+        assert (
+            None not in (prop.get("default") or {}).values()
+            if isinstance(prop.get("default"), dict)
+            else True
+        ), (flow, name, prop["default"])
+        assert prop.get("title"), (flow, name)
+        assert "_" not in prop["title"], (flow, name, prop["title"])
+
+
+def test_the_run_form_says_titles_examples_and_bounds_as_an_operator_reads_them():
+    schema = segment_volume.parameters.model_dump()
+    props = schema["properties"]
+    cluster = schema["definitions"]["ClusterSpec"]["properties"]
+    assert cluster["gpus_per_worker"]["title"] == "GPUs per worker"
+    assert cluster["start_timeout_s"]["title"] == "Start timeout (s)"
+    assert "more than 0" in cluster["start_timeout_s"]["description"]
+    assert props["link_iou"]["title"] == "Link IoU"
+    # 0 is refused: the form must not say "from 0"
+    assert "from 0" not in props["region_timeout_s"]["description"]
+    assert "more than 0, at most 604800" in props["region_timeout_s"]["description"]
+    for name in ("chunks", "tile", "voxel_size"):  # one text field, its example shown
+        assert props[name]["type"] == "string", name
+        assert "Example: " in props[name]["description"], name
+    assert "Example: 64,256,256" in props["chunks"]["description"]
+    # what to segment and the everyday choices first, the rest grouped by concept
+    names = list(props)
+    assert names[:8] == [
+        "source",
+        "model",
+        "output",
+        "instances",
+        "device",
+        "batch_size",
+        "chunks",
+        "tile",
+    ]
+    assert [props[n]["position"] for n in names] == list(range(len(names)))
+    groups = [props[n]["description"].split("*")[1] for n in names[8:]]
+    assert groups == sorted(groups, key=groups.index), "a group's fields are together"
+    assert groups[-1] == "Where and how regions run"
+
+
+def test_a_shape_typed_as_text_is_the_same_as_a_list():
+    values = {"source": "a.tif", "model": "m"}
+    typed = segment_volume.validate_parameters({**values, "chunks": "64, 256,256"})
+    listed = segment_volume.validate_parameters({**values, "chunks": [64, 256, 256]})
+    assert typed["chunks"] == listed["chunks"] == (64, 256, 256)
+    assert SegmentVolumeParams(**values, voxel_size="2,0.5,0.5").voxel_size == (2.0, 0.5, 0.5)
+    with pytest.raises(ValueError, match="2 or 3 numbers"):
+        SegmentVolumeParams(**values, voxel_size="1")
+
+
+def test_what_the_ui_form_submits_passes_the_servers_schema_check():
+    """The server checks a run's parameters against the schema (enforce_parameter_schema,
+    with Prefect's own check): what the form sends (defaults, the cluster's default object,
+    a shape as text) and an empty optional field (omitted or null) are accepted."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    schema = segment_volume.parameters.model_dump()
+    defaults = {n: p["default"] for n, p in schema["properties"].items() if "default" in p}
+    form = {**defaults, "source": "/d/a.tif", "model": "/m.ckpt", "tile": "1,60,60"}
+    assert form["cluster"] == {"kind": "local", "gpus_per_worker": 0, "start_timeout_s": 600.0}
+    validate(form, schema, raise_on_error=True)
+    validate({**form, "output": None, "chunks": None}, schema, raise_on_error=True)
+    segment_volume.validate_parameters(form)
+
+
+@pytest.mark.parametrize(
+    "name",
+    # names the Prefect UI's run form pre-filled (FlowRunNameInput), seen in a browser
+    [
+        "iota12-praxis-manifold",
+        "psi-pauling-g",
+        "zeta81-garenor-tensor",
+        "tau787-arret",
+        "omega6-galton",
+        "beta68-oxkintok-cluster",
+        "gamma3-invernia",
+        "theta-dakala",
+    ],
+)
+def test_a_name_the_ui_made_up_becomes_the_volume_and_the_facility_time(name, monkeypatch):
+    from datetime import UTC, datetime
+
+    from flows import ZONE_ENV, is_generated_name, volume_run_name
+
+    monkeypatch.setenv(ZONE_ENV, "Europe/Berlin")
+    assert is_generated_name(name)
+    when = datetime(2026, 11, 30, 16, 13, 0, tzinfo=UTC)  # 17:13 in Berlin
+    assert volume_run_name(name, "brain-01", when) == "brain-01-261130-171300"
+
+
+def test_prefect_server_names_are_replaced_and_typed_names_kept():
+    import coolname
+    from prefect.utilities.names import generate_slug
+
+    from flows import is_generated_name, volume_run_name
+
+    for _ in range(50):
+        assert is_generated_name(generate_slug(2))
+        assert is_generated_name(coolname.generate_slug(2))
+    for typed in ("cancel-drill", "brain-rerun", "nightly-fix", "huge-test", "run 7"):
+        assert not is_generated_name(typed), typed
+        assert volume_run_name(typed, "brain-01") == typed

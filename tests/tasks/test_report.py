@@ -189,3 +189,28 @@ def test_the_preview_draws_its_scale_bar_and_says_the_z_stretch(tmp_path):
     assert preview_picture(bare, bare, "instances").info[PREVIEW_NOTE] == (
         "no voxel size: z drawn 1:1, scale bar in image pixels; scale bar 10 px"
     )
+
+
+def test_the_report_writes_every_number_one_way():
+    """Counts with thousands separators, a large rate without decimals (was 12582912
+    beside 246,753.0)."""
+    from tasks.report import markdown_report
+
+    text = markdown_report(
+        {
+            "volume": "v",
+            "blocks": 1536,
+            "voxels": 12582912,
+            "seconds": 51.04,
+            "voxels_per_second": 246753.0,
+            "timings": {"segment": 50.96},
+            "class_voxels": {"background": 12000000, "cell": 582912},
+        }
+    )
+    assert "| voxels | 12,582,912 |" in text
+    assert "| voxels per second | 246,753 |" in text
+    assert "| blocks | 1,536 |" in text
+    assert "| seconds | 51 |" in text
+    assert "| segment | 51 |" in text
+    assert "| cell | 582,912 |" in text
+    assert ".0 |" not in text
