@@ -18,7 +18,7 @@ from prefect.exceptions import MissingResult
 from prefect.states import Failed
 from pydantic import ConfigDict, Field, model_validator
 
-from flows import core_logs_to_prefect, flat_parameters
+from flows import core_logs_to_prefect, crash_earlier_attempts, flat_parameters
 from flows.segment import SegmentOptions, SegmentVolumeParams, segment_volume
 from tasks.inbox import (
     DEFAULT_SETTLE_S,
@@ -79,6 +79,7 @@ def nightly_inbox(params: NightlyParams) -> dict[str, Any] | State:
     and the run ends Failed when any volume failed."""
     configure()
     core_logs_to_prefect()
+    crash_earlier_attempts()
     logger = get_run_logger()
     manifest = read_manifest(params.output)
     now = time.time()
