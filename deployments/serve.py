@@ -69,8 +69,9 @@ class ServeSettings(BaseModel):
         return self
 
 
-def build_deployments(settings: ServeSettings) -> list[Any]:
-    """Runner deployments for ``prefect.serve`` (the nightly one only when configured)."""
+def build_deployments(settings: ServeSettings, schedule_active: bool = True) -> list[Any]:
+    """Runner deployments for ``prefect.serve`` (the nightly one only when configured;
+    ``schedule_active=False``: its schedule switched off)."""
     from prefect.schedules import Cron
 
     from flows.nightly import nightly_inbox
@@ -96,7 +97,7 @@ def build_deployments(settings: ServeSettings) -> list[Any]:
             nightly_inbox.to_deployment(
                 name=NIGHTLY,
                 description=f"Segment new volumes from {settings.inbox} every night.",
-                schedule=Cron(settings.cron, timezone=settings.timezone),
+                schedule=Cron(settings.cron, timezone=settings.timezone, active=schedule_active),
                 parameters={
                     "inbox": settings.inbox,
                     "output": settings.output,
@@ -180,17 +181,18 @@ UNSERVED_AUTOMATION = "segflow: say why runs wait while segflow serve is stopped
 NOT_SERVED = "Not served"
 
 
-def paused_on_server(name: str) -> bool:
-    """Whether the deployment ``flow/deployment`` exists on the Prefect API and is paused
-    (someone paused its schedule in the UI: serve keeps it so)."""
+def pauses_on_server(name: str) -> tuple[bool, bool]:
+    """Whether the deployment ``flow/deployment`` on the Prefect API is paused, and whether
+    a schedule of it is switched off (the schedule's toggle in the UI): serve keeps both."""
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            return bool(client.read_deployment_by_name(name).paused)
+            dep = client.read_deployment_by_name(name)
         except ObjectNotFound:
-            return False
+            return False, False
+    return bool(dep.paused), any(not s.active for s in dep.schedules or [])
 
 
 def stopped_note(since: datetime) -> str:
@@ -230,9 +232,8 @@ def unserved_automation(deployment_ids: list[str], since: datetime) -> Any:
             ChangeFlowRunState(
                 state=StateType.SCHEDULED,
                 name=NOT_SERVED,
-                message=f"Waiting: nothing serves this deployment since "
-                f"{since:%Y-%m-%d %H:%M %Z} (segflow serve was stopped); this run starts "
-                "when `segflow serve` runs again.",
+                message=f"segflow serve stopped at {since:%Y-%m-%d %H:%M %Z}: nothing serves "
+                "this deployment; this run starts when `segflow serve` runs again.",
                 force=True,
             )
         ],
@@ -283,8 +284,11 @@ def serve(settings: ServeSettings, limit: int | None = None) -> None:
     register_crash_detection(settings)
     mark_served()
     # a schedule paused in the UI stays paused (Prefect would re-activate it)
-    paused = settings.paused or paused_on_server(f"nightly-inbox/{NIGHTLY}")
-    deployments = build_deployments(settings.model_copy(update={"paused": paused}))
+    paused, schedule_off = pauses_on_server(f"nightly-inbox/{NIGHTLY}")
+    deployments = build_deployments(
+        settings.model_copy(update={"paused": settings.paused or paused}),
+        schedule_active=not schedule_off,
+    )
     try:
         # Prefect pauses every deployment when serve stops and serve resumes them all
         # when it starts, which loses a pause made in the UI: serve leaves pauses alone
