@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from served_stack import api_call, serve_stack, task_runs, wait_state
+from served_stack import api_call, serve_stack, task_runs, wait_ok, wait_state
 from test_browser import CHROMIUM, _ensure_chromium, _ensure_playwright, _shot
 
 from deployments.serve import NOT_SERVED
@@ -113,15 +113,16 @@ def test_a_cancelled_run_finishes_its_running_blocks_and_starts_no_more(served):
 
 
 def test_a_schedule_switched_off_in_the_ui_stays_off_and_a_stopped_serve_says_so(served):
-    """Nightly schedule switched off in the UI, serve stopped (SIGTERM, as Ctrl-C) and
-    started again: the schedule is still off; meanwhile the deployments say nothing serves
-    them and a run submitted then says why it waits, and runs once serve is back."""
+    """Nightly schedule switched off in the UI (and the deployment paused), serve stopped
+    (SIGTERM, as Ctrl-C) and started again: both are still off. Meanwhile the deployments
+    say nothing serves them, and a run submitted then says why it waits and runs once serve
+    is back."""
     _ensure_chromium()
     sync_api = _ensure_playwright()
     api, tmp, ui = served["api"], served["tmp"], f"http://127.0.0.1:{served['port']}"
     shots = tmp / "screenshots"
     shots.mkdir(exist_ok=True)
-    nightly = api_call("GET", f"{api}/deployments/name/nightly-inbox/nightly").json()
+    nightly = wait_ok(f"{api}/deployments/name/nightly-inbox/nightly").json()
     assert nightly["schedules"][0]["active"] is True
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
@@ -140,6 +141,9 @@ def test_a_schedule_switched_off_in_the_ui_stays_off_and_a_stopped_serve_says_so
             time.sleep(0.5)
         assert dep["schedules"][0]["active"] is False
         _shot(page, shots, "pause-1-schedule-off")
+        # and the deployment itself paused
+        r = api_call("PATCH", f"{api}/deployments/{nightly['id']}", json={"paused": True})
+        assert r.status_code < 300, r.text
 
         serve = served["serve"]
         os.killpg(serve.pid, signal.SIGTERM)  # what Ctrl-C does
@@ -178,6 +182,7 @@ def test_a_schedule_switched_off_in_the_ui_stays_off_and_a_stopped_serve_says_so
             time.sleep(1)
         assert not dep["description"].startswith("NOT SERVED"), dep["description"]
         assert dep["schedules"][0]["active"] is False  # still off after the restart
+        assert dep["paused"] is True
         page.goto(f"{ui}/deployments/deployment/{nightly['id']}")
         toggle = page.locator("[role=switch]").first
         toggle.wait_for()
