@@ -17,7 +17,9 @@ the runs it serves name times in the facility's time zone (``--timezone``).
 
 from __future__ import annotations
 
+import logging
 import os
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,6 +29,8 @@ from tasks.cluster import ClusterSpec
 from tasks.inbox import DEFAULT_SETTLE_S, SettleSeconds
 from tasks.outputs import check_disjoint
 from unet_core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 NIGHTLY = "nightly"
 ON_DEMAND = "on-demand"
@@ -45,7 +49,11 @@ class ServeSettings(BaseModel):
     cron: str = Field("0 2 * * *", description="When the nightly run starts.")
     timezone: str = Field("UTC", description="Time zone of the cron schedule (IANA name).")
     settle_s: SettleSeconds = DEFAULT_SETTLE_S
-    paused: bool = Field(False, description="Create the nightly schedule paused.")
+    paused: bool = Field(
+        False,
+        description="Start with the nightly schedule paused. A schedule paused in the UI "
+        "stays paused whenever serve starts; resume it there.",
+    )
     heartbeat_s: int = Field(
         30, ge=30, le=3600, description="Seconds between heartbeats of each served flow run."
     )
@@ -67,8 +75,9 @@ class ServeSettings(BaseModel):
         return self
 
 
-def build_deployments(settings: ServeSettings) -> list[Any]:
-    """Runner deployments for ``prefect.serve`` (the nightly one only when configured)."""
+def build_deployments(settings: ServeSettings, schedule_active: bool = True) -> list[Any]:
+    """Runner deployments for ``prefect.serve`` (the nightly one only when configured;
+    ``schedule_active=False``: its schedule switched off)."""
     from prefect.schedules import Cron
 
     from flows.nightly import nightly_inbox
@@ -97,7 +106,7 @@ def build_deployments(settings: ServeSettings) -> list[Any]:
                 name=NIGHTLY,
                 description=f"Segment new volumes from {settings.inbox} "
                 f"{schedule_text(settings.cron, settings.timezone)}.",
-                schedule=Cron(settings.cron, timezone=settings.timezone),
+                schedule=Cron(settings.cron, timezone=settings.timezone, active=schedule_active),
                 parameters={
                     "inbox": settings.inbox,
                     "output": settings.output,
@@ -192,6 +201,100 @@ def register_crash_detection(settings: ServeSettings) -> None:
     automation.create()
 
 
+#: The automation that tells a run why it waits while no ``segflow serve`` runs (created
+#: when serve stops, removed when it starts).
+UNSERVED_AUTOMATION = "segflow: say why runs wait while segflow serve is stopped"
+#: State name (Scheduled type) of a run that waits for ``segflow serve``.
+NOT_SERVED = "Not served"
+
+
+def pauses_on_server(name: str) -> tuple[bool, bool]:
+    """Whether the deployment ``flow/deployment`` on the Prefect API is paused, and whether
+    a schedule of it is switched off (the schedule's toggle in the UI): serve keeps both."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return False, False
+    return bool(dep.paused), any(not s.active for s in dep.schedules or [])
+
+
+def stopped_note(since: datetime) -> str:
+    """What a deployment's description says while no ``segflow serve`` serves it."""
+    return (
+        f"NOT SERVED since {since:%Y-%m-%d %H:%M %Z}: segflow serve was stopped. Runs "
+        'submitted now wait (Late, then "Not served") and start when `segflow serve` '
+        "runs again."
+    )
+
+
+def unserved_automation(deployment_ids: list[str], since: datetime) -> Any:
+    """A run of these deployments that goes Late is set to "Not served" (still Scheduled:
+    a restarted serve runs it) with a message saying why it waits."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return Automation(
+        name=UNSERVED_AUTOMATION,
+        description="Registered when segflow serve stopped; removed when it starts again.",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Late"},
+            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+            match_related=ResourceSpecification(
+                {
+                    "prefect.resource.role": "deployment",
+                    "prefect.resource.id": [f"prefect.deployment.{i}" for i in deployment_ids],
+                }
+            ),
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.SCHEDULED,
+                name=NOT_SERVED,
+                message=f"segflow serve stopped at {since:%Y-%m-%d %H:%M %Z}: nothing serves "
+                "this deployment; this run starts when `segflow serve` runs again.",
+                force=True,
+            )
+        ],
+    )
+
+
+def mark_served() -> None:
+    """Serve starts: runs no longer need telling why they wait (the deployments' own
+    descriptions come back as serve registers them)."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(UNSERVED_AUTOMATION):
+            client.delete_automation(old.id)
+
+
+def mark_unserved(deployments: list[Any]) -> None:
+    """Serve stops: each deployment's description says nothing serves it, and runs that
+    go Late meanwhile say why they wait (schedules keep their paused state)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    since = datetime.now().astimezone()
+    ids = []
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            dep = client.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            client.update_deployment(
+                dep.id, DeploymentUpdate(description=f"{stopped_note(since)}\n\n{d.description}")
+            )
+            ids.append(str(dep.id))
+    unserved_automation(ids, since).create()
+
+
 def _options(settings: ServeSettings) -> dict[str, Any]:
     if settings.cluster is None or settings.cluster == ClusterSpec():
         return {}
@@ -208,4 +311,20 @@ def serve(settings: ServeSettings, limit: int | None = None) -> None:
     # ... and name times in the facility's time zone (the schedule's).
     os.environ[ZONE_ENV] = settings.timezone
     register_crash_detection(settings)
-    prefect_serve(*build_deployments(settings), limit=limit)
+    mark_served()
+    # a schedule paused in the UI stays paused (Prefect would re-activate it)
+    paused, schedule_off = pauses_on_server(f"nightly-inbox/{NIGHTLY}")
+    deployments = build_deployments(
+        settings.model_copy(update={"paused": settings.paused or paused}),
+        schedule_active=not schedule_off,
+    )
+    try:
+        # Prefect pauses every deployment when serve stops and serve resumes them all
+        # when it starts, which loses a pause made in the UI: serve leaves pauses alone
+        # and says instead that nothing serves the deployments.
+        prefect_serve(*deployments, limit=limit, pause_on_shutdown=False)
+    finally:
+        try:
+            mark_unserved(deployments)
+        except Exception as exc:  # the API is gone too: nothing to tell it
+            log.warning("could not mark the deployments as not served: %s", exc)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
+from uuid import UUID
 
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
@@ -369,6 +370,61 @@ def add_run_tags(*tags: str) -> None:
         merged = list(dict.fromkeys([*run.tags, *wanted]))
         if merged != list(run.tags):
             client.update_flow_run(run_id, tags=merged)
+
+
+#: Task-run states an attempt leaves behind when its process dies mid-run.
+UNFINISHED = ("RUNNING", "PENDING", "SCHEDULED")
+
+
+def crash_earlier_attempts() -> int:
+    """Mark Crashed the task runs that earlier attempts of the current flow run left
+    unfinished (their process died: without this they show Running forever beside the
+    retry's own). Returns how many; a first attempt has none."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import flow_run
+    from prefect.states import Crashed
+
+    run_id, attempt = flow_run.id, int(flow_run.run_count or 1)
+    if not run_id or attempt <= 1:
+        return 0
+    unfinished = TaskRunFilter(
+        state=TaskRunFilterState(
+            type=TaskRunFilterStateType(any_=[StateType(s) for s in UNFINISHED])
+        )
+    )
+    marked = 0
+    with get_client(sync_client=True) as client:
+        while True:
+            left = [
+                t
+                for t in client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(str(run_id))])),
+                    task_run_filter=unfinished,
+                    limit=200,
+                )
+                if t.flow_run_run_count < attempt
+            ]
+            if not left:
+                return marked
+            for t in left:
+                client.set_task_run_state(
+                    t.id,
+                    Crashed(
+                        message=f"attempt {t.flow_run_run_count} of this flow run ended "
+                        f"without finishing it (its process died); attempt {attempt} "
+                        "computes what it left unfinished"
+                    ),
+                    force=True,
+                )
+            marked += len(left)
 
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:

@@ -18,7 +18,13 @@ from prefect.exceptions import MissingResult
 from prefect.states import Failed
 from pydantic import ConfigDict, Field, model_validator
 
-from flows import core_logs_to_prefect, facility_time, flat_parameters, run_form
+from flows import (
+    core_logs_to_prefect,
+    crash_earlier_attempts,
+    facility_time,
+    flat_parameters,
+    run_form,
+)
 from flows.segment import (
     FORM_FIRST,
     FORM_GROUPS,
@@ -90,6 +96,7 @@ def nightly_inbox(params: NightlyParams) -> dict[str, Any] | State:
     and the run ends Failed when any volume failed."""
     configure()
     core_logs_to_prefect()
+    crash_earlier_attempts()
     logger = get_run_logger()
     manifest = read_manifest(params.output)
     now = time.time()

@@ -24,13 +24,16 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
+from prefect.exceptions import TerminationSignal
+from prefect.futures import as_completed, wait
+from prefect.states import Cancelled
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows import (
     add_run_tags,
     core_logs_to_prefect,
+    crash_earlier_attempts,
     field_title,
     flat_parameters,
     in_form_words,
@@ -39,7 +42,16 @@ from flows import (
     volume_run_name,
 )
 from tasks import pipeline
-from tasks.blockwise import Regions, Runner, Step, StepResult, blocks_per_region
+from tasks.blockwise import (
+    BlocksStoppedError,
+    Regions,
+    Runner,
+    Step,
+    StepResult,
+    allow_blocks,
+    blocks_per_region,
+    stop_blocks,
+)
 from tasks.cluster import ClusterSpec, client_for, dask_client
 from tasks.options import GROUPS, PipelineOptions
 from tasks.paths import volume_name
@@ -223,12 +235,17 @@ def plan_step(request: Request, image: str) -> SegmentPlan:
 @task(name="segment-region", task_run_name="region-{region}", cache_policy=NO_CACHE)
 def segment_region(
     plan: SegmentPlan, region: int, per_region: int, address: str, timeout_s: float
-) -> dict[str, Any]:
+) -> Any:
+    """A region's blocks on Dask: its counts, or Cancelled when the run was cancelled before
+    all its blocks started (those that ran are kept)."""
     from prefect.runtime import task_run
 
-    return run_region(
-        plan, region, per_region, address, timeout_s, attempt=int(task_run.run_count or 1)
-    )
+    try:
+        return run_region(
+            plan, region, per_region, address, timeout_s, attempt=int(task_run.run_count or 1)
+        )
+    except BlocksStoppedError as exc:
+        return Cancelled(message=str(exc))
 
 
 @task(name="stitch")
@@ -286,6 +303,7 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     """Segment one volume: ingest (TIFF), segment regions on Dask, stitch, report."""
     configure()
     core_logs_to_prefect(form_words)
+    crash_earlier_attempts()
     logging.getLogger("distributed").setLevel(logging.WARNING)
     try:
         return _segment_volume(params)
@@ -417,27 +435,32 @@ class RegionRun:
         waiting = list(reversed(todo))
         running: dict[Any, int] = {}
         shown_at = time.monotonic()  # the progress artifact: at most one API call a second
+        allow_blocks()
         # A bounded window of region tasks: a 2,000-region run must not start 2,000 threads.
-        while waiting or running:
-            while waiting and len(running) < params.regions_in_flight:
-                r = waiting.pop()
-                fut = region_task.submit(
-                    plan, r, regions.per_region, self.address, params.region_timeout_s
-                )
-                running[fut] = r
-            for fut in as_completed(list(running)):
-                region = running.pop(fut)
-                try:
-                    results.append(fut.result())
-                    done_now += 1
-                except LeaseLostError:
-                    raise  # superseded: this run writes nothing more
-                except Exception as exc:  # logged with its traceback by the task run already
-                    errors[region] = str(exc) or type(exc).__name__
-                break  # refill the window
-            if time.monotonic() - shown_at >= PROGRESS_EVERY_S or not (waiting or running):
-                update_progress_artifact(progress_id, 100.0 * done_now / count)
-                shown_at = time.monotonic()
+        try:
+            while waiting or running:
+                while waiting and len(running) < params.regions_in_flight:
+                    r = waiting.pop()
+                    fut = region_task.submit(
+                        plan, r, regions.per_region, self.address, params.region_timeout_s
+                    )
+                    running[fut] = r
+                for fut in as_completed(list(running)):
+                    region = running.pop(fut)
+                    try:
+                        results.append(fut.result())
+                        done_now += 1
+                    except LeaseLostError:
+                        raise  # superseded: this run writes nothing more
+                    except Exception as exc:  # logged with its traceback by the task run
+                        errors[region] = str(exc) or type(exc).__name__
+                    break  # refill the window
+                if time.monotonic() - shown_at >= PROGRESS_EVERY_S or not (waiting or running):
+                    update_progress_artifact(progress_id, 100.0 * done_now / count)
+                    shown_at = time.monotonic()
+        except TerminationSignal:  # cancelled (or serve stopped): finish what runs, then go
+            self.stop(running, done_now, count)
+            raise
         self.failed = sorted(errors)
         computed = sum(r["computed"] for r in results)
         failed_blocks = sum(len(regions.blocks(r)) for r in self.failed)
@@ -486,6 +509,31 @@ class RegionRun:
             time.perf_counter() - t0,
             results,
         )
+
+    def stop(self, running: dict[Any, int], done: int, count: int) -> None:
+        """The run was asked to stop: start no more blocks, let the running ones finish (at
+        most :data:`STOP_WAIT_S`, within the grace Prefect gives a cancelled run before it
+        kills it), so finished regions end Completed, and say how far the run got."""
+        stop_blocks()
+        t0 = time.monotonic()
+        finished = wait(list(running), timeout=STOP_WAIT_S).done
+        ended = [r for fut, r in running.items() if fut in finished and fut.state.is_completed()]
+        self.logger.info(
+            "%s: stopped on request after %.0f s: no block started since; %d of %d running "
+            "region(s) finished their blocks; %d of %d regions done. Retrying or re-running "
+            "the run computes only the rest.",
+            self.name,
+            time.monotonic() - t0,
+            len(ended),
+            len(running),
+            done + len(ended),
+            count,
+        )
+
+
+#: Seconds a stopping run waits for its running blocks (Prefect kills a cancelled run's
+#: process 30 s after asking it to stop).
+STOP_WAIT_S = 20.0
 
 
 def _where_region(plan: SegmentPlan, regions: Regions, region: int, error: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from prefect.artifacts import (
 )
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flows import flat_parameters, run_form
+from flows import crash_earlier_attempts, flat_parameters, run_form
 from tasks.training.report import summary
 from tasks.training.run import run_training
 from unet_core.runtime import configure
@@ -145,6 +145,7 @@ def report_markdown(result: dict[str, Any]) -> str:
 def train_model(params: TrainParams) -> dict[str, Any]:
     """Train a U-Net on annotated images and publish a report artifact."""
     configure()
+    crash_earlier_attempts()
     result = train_task(params)
     create_markdown_artifact(
         report_markdown(result),

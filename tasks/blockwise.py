@@ -302,6 +302,53 @@ class StepResult:
     results: list[Any] = field(default_factory=list)  # results of computed blocks
 
 
+# --------------------------------------------------------------------------------- stop
+
+
+class BlocksStoppedError(SegflowError):
+    """A run was asked to stop (a cancelled flow run): its blocks that had not started were
+    not started; those already running finished and are marked."""
+
+    def __init__(self, step: str, finished: int, not_started: int) -> None:
+        super().__init__(
+            f"{step}: stopped on request: {finished} block(s) finished, {not_started} not "
+            "started (a later run computes them)"
+        )
+        self.finished, self.not_started = finished, not_started
+
+
+_stop = threading.Event()
+_active: dict[int, Callable[[], None]] = {}  # id -> cancel the blocks of a run not started
+_active_lock = threading.Lock()
+
+
+def stop_blocks() -> None:
+    """Start no more blocks in this process: the blocks of running :meth:`Runner.run` calls
+    that have not started are cancelled, running ones finish (and are marked); each such
+    call then raises :class:`BlocksStoppedError`. Until :func:`allow_blocks`."""
+    _stop.set()
+    with _active_lock:
+        cancels = list(_active.values())
+    for cancel in cancels:
+        with contextlib.suppress(Exception):  # a cluster already gone has nothing to cancel
+            cancel()
+
+
+def allow_blocks() -> None:
+    """Undo :func:`stop_blocks` (a new run in this process)."""
+    _stop.clear()
+
+
+def blocks_stopped() -> bool:
+    return _stop.is_set()
+
+
+def _not_started_dask(client: Any, futures: list[Any]) -> list[Any]:
+    """Futures of blocks no worker is running yet (queued on the scheduler)."""
+    running = {key for keys in client.processing().values() for key in keys}
+    return [f for f in futures if not f.done() and f.key not in running]
+
+
 # ------------------------------------------------------------------------------- worker
 
 
@@ -350,7 +397,7 @@ def run_block(
             except LeaseLostError:
                 raise  # the block checked the fence before writing: it wrote nothing
             except Exception as exc:
-                if is_transient(exc) and attempt < retries:
+                if is_transient(exc) and attempt < retries and not blocks_stopped():
                     delay = backoff_s * 2**attempt
                     attempt += 1
                     log.warning(
@@ -494,6 +541,7 @@ class Runner:
                 lambda left: [f.cancel() for f in left],
                 skipped,
                 started,
+                not_started=lambda: [f for f in futures if f.cancel()],
             )
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # running blocks finish on their own
@@ -526,7 +574,15 @@ class Runner:
             for index in todo
         ]
         completed = as_completed(futures, timeout=self.timeout_s)
-        return self._collect(step, futures, completed, client.cancel, skipped, started)
+
+        def not_started() -> list[Any]:
+            left = _not_started_dask(client, futures)
+            client.cancel(left)
+            return left
+
+        return self._collect(
+            step, futures, completed, client.cancel, skipped, started, not_started=not_started
+        )
 
     def _collect(
         self,
@@ -536,11 +592,25 @@ class Runner:
         cancel: Callable[[list[Any]], Any],
         skipped: int,
         started: float,
+        not_started: Callable[[], list[Any]],
     ) -> list[Any]:
         """Results in completion order; a failed block does not stop the others (their work
-        is kept and marked); the first failure is raised once all have finished."""
+        is kept and marked); the first failure is raised once all have finished.
+
+        ``not_started()`` cancels and returns the blocks no one runs yet: on
+        :func:`stop_blocks` those are dropped, the running ones finish, and
+        :class:`BlocksStoppedError` says how many of each."""
         results: list[Any] = []
         errors: list[BaseException] = []
+        dropped: set[int] = set()
+
+        def stop() -> None:
+            dropped.update(id(f) for f in not_started())
+
+        with _active_lock:
+            _active[id(futures)] = stop
+        if blocks_stopped():
+            stop()
         try:
             for fut in completed:
                 try:
@@ -548,7 +618,8 @@ class Runner:
                 except LeaseLostError:
                     raise  # the run was superseded: nothing more is submitted or waited for
                 except Exception as exc:
-                    errors.append(exc)
+                    if id(fut) not in dropped:
+                        errors.append(exc)
                     continue
                 results.append(res)
                 self._report(step, len(results), len(futures), skipped, started, res)
@@ -559,6 +630,11 @@ class Runner:
         except BaseException:
             cancel([f for f in futures if not f.done()])
             raise
+        finally:
+            with _active_lock:
+                _active.pop(id(futures), None)
+        if dropped and not errors:
+            raise BlocksStoppedError(step.name, len(results), len(dropped))
         self._finish(step, errors, len(results), len(futures))
         return results
 
@@ -609,6 +685,7 @@ class Regions:
 
 __all__ = [
     "BlockError",
+    "BlocksStoppedError",
     "Markers",
     "Progress",
     "ProgressFn",
@@ -616,7 +693,10 @@ __all__ = [
     "Runner",
     "Step",
     "StepResult",
+    "allow_blocks",
     "blocks_per_region",
+    "blocks_stopped",
     "key_token",
     "run_block",
+    "stop_blocks",
 ]

@@ -131,3 +131,12 @@ def wait_state(api: str, run_id: str, states: set[str], timeout: float) -> dict:
             return run
         time.sleep(1)
     raise TimeoutError(f"run {run_id} still {run.get('state', {}).get('type')}")
+
+
+def task_runs(api: str, flow_run_id: str) -> list[dict]:
+    """The task runs of a flow run (all its attempts)."""
+    return api_call(
+        "POST",
+        f"{api}/task_runs/filter",
+        json={"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200},
+    ).json()

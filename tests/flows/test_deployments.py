@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import zarr
-from served_stack import BIN, api_call, serve_stack, wait_ok, wait_state
+from served_stack import BIN, api_call, serve_stack, task_runs, wait_ok, wait_state
 
 from tasks.blockwise import Markers
 from tasks.store import write_image
@@ -228,3 +228,11 @@ def test_killed_serve_process_leaves_a_crashed_run_that_retries_only_unfinished_
         computed = int(text.split("| regions computed | ")[1].split(" ")[0])
         assert computed < 48  # finished regions were not recomputed
         assert markers.exists()
+        # what the killed attempt left running is Crashed, not Running beside the retry's
+        states = {(t["flow_run_run_count"], t["state"]["type"]) for t in task_runs(api, run_id)}
+        assert not {s for _, s in states} & {"RUNNING", "PENDING"}, states
+        assert {s for n, s in states if n > 1} == {"COMPLETED"}, states
+        for t in task_runs(api, run_id):
+            if t["state"]["type"] == "CRASHED":
+                assert t["flow_run_run_count"] == 1
+                assert "its process died" in t["state"]["message"]
