@@ -25,6 +25,8 @@ from tasks.outputs import check_disjoint
 from unet_core.errors import ConfigError
 
 NIGHTLY = "nightly"
+#: Prefect's setting of the console handler's level (in the flow runs serve starts).
+RUN_CONSOLE_LEVEL = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"
 ON_DEMAND = "on-demand"
 
 
@@ -178,5 +180,9 @@ def serve(settings: ServeSettings, limit: int | None = None) -> None:
 
     # Served runs (child processes) send heartbeats; a run without them is crashed.
     os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(settings.heartbeat_s)
+    # The runs' info lines go to the API (the UI's logs); their consoles, which are this
+    # process's, say only warnings and errors: one line per region of every run would bury
+    # serve's own lines. Set after Prefect configured this process's logging (at import).
+    os.environ.setdefault(RUN_CONSOLE_LEVEL, "WARNING")
     register_crash_detection(settings)
     prefect_serve(*build_deployments(settings), limit=limit)

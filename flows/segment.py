@@ -15,23 +15,21 @@ import logging
 import re
 import time
 from datetime import datetime
-from typing import Any, cast
-from uuid import UUID
+from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 from pydantic import ConfigDict, Field
 
 from flows import (
+    RunProgress,
     add_run_tags,
     core_logs_to_prefect,
+    failed_state,
     field_title,
     flat_parameters,
     in_form_words,
@@ -245,8 +243,12 @@ def stitch_step(out: str, labels: str, options: PipelineOptions, address: str) -
 def report_step(
     summary: dict[str, Any], request: Request, image: str, complete: bool
 ) -> dict[str, Any]:
-    """Publish the run's report (one per volume key; a retried run replaces its own)."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", summary["volume"].lower()).strip("-")[:40] or "volume"
+    """Publish the run's report: ``segflow-report-VOLUME`` (a retried run replaces its
+    own), or, for an attempt with failed regions, ``segflow-failed-VOLUME``: that failure
+    record is kept, one per failed attempt, when a retry succeeds."""
+    from prefect.runtime import flow_run
+
+    slug = _slug(summary["volume"])
     labels = INSTANCES if summary.get("instances") else request.options.labels_name
     if complete and request.options.preview:
         try:  # the picture is the pipeline's preview, embedded in the report too
@@ -258,9 +260,19 @@ def report_step(
         except Exception as exc:  # a missing preview must not fail a finished run
             get_run_logger().warning("no preview: %s", exc)
     shown = {k: v for k, v in summary.items() if k != "preview_uri"}
-    publish_markdown(
-        f"segflow-report-{slug}", markdown_report(summary), description="segflow run report"
-    )
+    if summary.get("failed_regions"):
+        attempt = int(flow_run.run_count or 1)
+        publish_markdown(
+            f"segflow-failed-{slug}",
+            markdown_report(summary),
+            description=f"failure record of attempt {attempt}: regions "
+            f"{summary['regions_failed']} failed (kept when a retry succeeds)",
+            replace=False,
+        )
+    else:
+        publish_markdown(
+            f"segflow-report-{slug}", markdown_report(summary), description="segflow run report"
+        )
     if summary.get("top_objects"):
         create_table_artifact(
             summary["top_objects"], key=f"segflow-objects-{slug}", description="largest objects"
@@ -280,7 +292,7 @@ def report_step(
     first=("source", "model", "output"),
     examples={"chunks": [[64, 256, 256]], "tile": [[1, 572, 572]]},
 )
-def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
+def segment_volume(params: SegmentVolumeParams) -> dict[str, Any] | State:
     """Segment one volume: ingest (TIFF), segment regions on Dask, stitch, report."""
     configure()
     core_logs_to_prefect(form_words)
@@ -288,7 +300,9 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     try:
         return _segment_volume(params)
     except SegflowError as exc:
-        raise in_form_words(exc, form_words) from exc
+        shown = in_form_words(exc, form_words)
+        shown.__cause__ = exc
+        return failed_state(shown)  # one sentence, no traceback (an unexpected error raises)
 
 
 def _segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
@@ -393,12 +407,10 @@ class RegionRun:
             len(todo),
             count - len(todo),
         )
-        progress_id = cast(
-            UUID,
-            create_progress_artifact(
-                100.0 * (count - len(todo)) / count, description=f"regions of {name} done"
-            ),
+        progress = RunProgress(
+            f"segflow-progress-{_slug(name)}", "of regions", count, PROGRESS_EVERY_S
         )
+        progress.show(count - len(todo), last=True)
         region_task = segment_region.with_options(
             retries=params.region_retries,
             retry_delay_seconds=exponential_backoff(backoff_factor=params.retry_delay_s)
@@ -411,7 +423,6 @@ class RegionRun:
         done_now = count - len(todo)
         waiting = list(reversed(todo))
         running: dict[Any, int] = {}
-        shown_at = time.monotonic()  # the progress artifact: at most one API call a second
         # A bounded window of region tasks: a 2,000-region run must not start 2,000 threads.
         while waiting or running:
             while waiting and len(running) < params.regions_in_flight:
@@ -430,9 +441,7 @@ class RegionRun:
                 except Exception as exc:  # logged with its traceback by the task run already
                     errors[region] = str(exc) or type(exc).__name__
                 break  # refill the window
-            if time.monotonic() - shown_at >= PROGRESS_EVERY_S or not (waiting or running):
-                update_progress_artifact(progress_id, 100.0 * done_now / count)
-                shown_at = time.monotonic()
+            progress.show(done_now, last=not (waiting or running))
         self.failed = sorted(errors)
         computed = sum(r["computed"] for r in results)
         failed_blocks = sum(len(regions.blocks(r)) for r in self.failed)
@@ -479,6 +488,11 @@ class RegionRun:
             time.perf_counter() - t0,
             results,
         )
+
+
+def _slug(volume: str) -> str:
+    """A volume's name as an artifact key's part (lowercase letters, digits, dashes)."""
+    return re.sub(r"[^a-z0-9-]+", "-", volume.lower()).strip("-")[:40] or "volume"
 
 
 def _where_region(plan: SegmentPlan, regions: Regions, region: int, error: str) -> dict[str, Any]:

@@ -163,11 +163,12 @@ def test_failed_region_then_rerun_recomputes_only_it(tmp_path, model, dask_clien
     assert state.is_failed()
     assert "regions [2] failed" in str(state.message)
     assert "injected fault in region 2" in str(state.message)
-    report = _report(state, "segflow-report-img")
+    report = _report(state, "segflow-failed-img")  # the failure record, kept on retries
     assert "## Failed regions (1)" in report
     # region 2 = blocks 6-8 of the (3, 2, 2) grid, each named with its voxel box
     assert "| 2 | (1, 1, 0); (1, 1, 1); (2, 0, 0) | z 2:4, y 32:64, x 0:32; " in report
-    assert "injected fault in region 2" in report.split("## Failed regions")[1]
+    assert "- region 2: injected fault in region 2" in report.split("## Failed regions")[1]
+    assert "  --param regions='[2]'" in report  # the re-run command, one line per parameter
     rerun = json.loads(report.split("```json")[1].split("```")[0])
     assert rerun["regions"] == [2]
     assert rerun["max_regions"] == 4
@@ -214,7 +215,7 @@ def test_nightly_inbox_with_a_corrupt_volume(tmp_path, model, dask_client):
     state = nightly_inbox(**p.model_dump(), return_state=True)
     assert state.is_failed()  # after processing all the others
     assert "c.tif" in str(state.message)
-    first = state.result(raise_on_failure=False)
+    first = state.result(raise_on_failure=False).result  # the night's result, on its error
     status = {os.path.basename(r["volume"]): r["status"] for r in first["volumes"]}
     assert status == {"a.tif": "processed", "b.tif": "processed", "c.tif": "failed"}
     failed = next(r for r in first["volumes"] if r["status"] == "failed")
