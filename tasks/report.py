@@ -477,8 +477,7 @@ def _where(value: str) -> str:
 def markdown_report(summary: dict[str, Any]) -> str:
     """The per-volume report shown in the Prefect UI."""
     lines = [f"# segflow: {summary['volume']}", ""]
-    lines += ["| | |", "|---|---|"]
-    for key in (
+    for key in (  # a list, not a table: a long path wraps in the pane
         "source",
         "image",
         "model",
@@ -490,7 +489,7 @@ def markdown_report(summary: dict[str, Any]) -> str:
         "preview",
     ):
         if summary.get(key) is not None:
-            lines.append(f"| {key.replace('_', ' ')} | {_where(str(summary[key]))} |")
+            lines.append(f"- {key.replace('_', ' ')}: {_where(str(summary[key]))}")
     if summary.get("failed_regions"):
         lines += _failed_section(summary)
     if summary.get("preview_uri"):
@@ -525,9 +524,11 @@ def markdown_report(summary: dict[str, Any]) -> str:
     if summary.get("class_voxels"):
         lines += ["", "## Voxels per class", "", "| class | voxels |", "|---|---|"]
         lines += [f"| {k} | {number(v)} |" for k, v in summary["class_voxels"].items()]
-    if summary.get("parameters"):
-        lines += ["", "## Parameters", "", "```json"]
-        lines += [json.dumps(summary["parameters"], indent=2, default=str), "```"]
+    if summary.get("parameters"):  # a list: a long value wraps (a code block would not)
+        lines += ["", "## Parameters", ""]
+        lines += [
+            f"- {k}: `{json.dumps(v, default=str)}`" for k, v in summary["parameters"].items()
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -553,13 +554,7 @@ def _failed_section(summary: dict[str, Any]) -> list[str]:
             "### Re-run exactly these regions",
             "",
             "Retry this flow run (it recomputes only unfinished blocks), or start a new run "
-            "of `segment-volume/on-demand` with these parameters:",
-            "",
-            "```json",
-            json.dumps(rerun, indent=2),
-            "```",
-            "",
-            "or from a shell:",
+            "of `segment-volume/on-demand` with these parameters, from a shell:",
             "",
             "```",
             rerun_command("segment-volume/on-demand", rerun),
@@ -586,7 +581,23 @@ def rerun_command(deployment: str, parameters: dict[str, Any]) -> str:
             except ValueError:
                 text = value  # a path reads best as it is
         lines.append(f"  --param {key}={shlex.quote(text)}")
-    return " \\\n".join(lines)
+    return " \\\n".join(_fold(line) for line in lines)
+
+
+def _fold(line: str, width: int = 72) -> str:
+    """A long unquoted shell line folded after a ``/`` with backslash-newlines, which the
+    shell removes (the word stays whole), so a code block, which does not wrap, shows it
+    whole; a quoted line is left as it is."""
+    if len(line) <= width or "'" in line or '"' in line:
+        return line
+    parts, rest = [], line
+    while len(rest) > width:
+        cut = rest.rfind("/", 0, width)
+        if cut <= 0:
+            break
+        parts.append(rest[: cut + 1])
+        rest = rest[cut + 1 :]
+    return "\\\n".join([*parts, rest])
 
 
 def number(value: Any) -> str:

@@ -98,10 +98,10 @@ def _cut_off(report) -> list[str]:
     )
 
 
-def _open_report(page, ui: str, run_id: str, key: str, heading: str):
-    page.goto(f"{ui}/runs/flow-run/{run_id}")
-    page.get_by_text("Artifacts", exact=True).click()
-    page.get_by_text(key, exact=True).first.click()
+def _open_report(page, ui: str, api: str, run_id: str, key: str, heading: str):
+    """The artifact page of the run's ``key`` (the report beside its details pane)."""
+    artifact = next(a for a in run_artifacts(api, run_id) if a["key"] == key)
+    page.goto(f"{ui}/artifacts/artifact/{artifact['id']}")
     report = page.locator(".markdown-renderer", has_text=heading).first
     report.wait_for()
     return report
@@ -188,13 +188,13 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
             assert page.get_by_role("heading", name=heading).count() == 1, heading
         assert report.locator("table").count() >= 3
         page.set_viewport_size({"width": 1280, "height": 800})
-        report = _open_report(page, ui, run_id, "segflow-report-vol", "segflow: vol")
+        report = _open_report(page, ui, api, run_id, "segflow-report-vol", "segflow: vol")
         _shot(page, shots, "4-report-1280")
         assert not _cut_off(report), _cut_off(report)
 
         # the Logs tab holds the run's summary (segflow's info lines) and its lifecycle
         page.goto(f"{ui}/runs/flow-run/{run_id}")
-        page.get_by_role("tab", name="Logs").or_(page.get_by_text("Logs", exact=True)).first.click()
+        page.get_by_text("Logs", exact=True).first.click()
         page.get_by_text("reused from earlier runs", exact=False).first.wait_for()
         page.get_by_text("Finished in state Completed", exact=False).first.wait_for()
         _shot(page, shots, "5-logs")
@@ -221,7 +221,8 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         long_id = r.json()["id"]
         wait_state(api, long_id, {"RUNNING"}, 120)
         page.goto(f"{ui}/runs/flow-run/{long_id}")
-        page.get_by_text("Artifacts", exact=True).click()
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.locator(".flow-run-artifacts").wait_for()
         card = page.locator(".artifact-card", has_text="of regions done")
         card.first.wait_for()
         seen = card.first.inner_text()
@@ -238,7 +239,7 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         run = wait_state(api, long_id, {"COMPLETED", "FAILED", "CRASHED"}, 240)
         assert run["state"]["type"] == "FAILED", run["state"]
         slug = "long-volume-with-a-rather-long-name"
-        report = _open_report(page, ui, long_id, f"segflow-failed-{slug}", "Failed regions")
+        report = _open_report(page, ui, api, long_id, f"segflow-failed-{slug}", "Failed regions")
         report.get_by_text("Re-run exactly these regions").wait_for()
         _shot(page, shots, "7-failure-record-1280")
         assert not _cut_off(report), _cut_off(report)
