@@ -33,6 +33,8 @@ from unet_core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 NIGHTLY = "nightly"
+#: Prefect's setting of the console handler's level (in the flow runs serve starts).
+RUN_CONSOLE_LEVEL = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"
 ON_DEMAND = "on-demand"
 #: Distinct from the segmentation's ``on-demand``: the Deployments page lists names.
 TRAIN_ON_DEMAND = "train-on-demand"
@@ -310,6 +312,10 @@ def serve(settings: ServeSettings, limit: int | None = None) -> None:
     os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(settings.heartbeat_s)
     # ... and name times in the facility's time zone (the schedule's).
     os.environ[ZONE_ENV] = settings.timezone
+    # The runs' info lines go to the API (the UI's logs); their consoles, which are this
+    # process's, say only warnings and errors: one line per region of every run would bury
+    # serve's own lines. Set after Prefect configured this process's logging (at import).
+    os.environ.setdefault(RUN_CONSOLE_LEVEL, "WARNING")
     register_crash_detection(settings)
     mark_served()
     # a schedule paused in the UI stays paused (Prefect would re-activate it)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 from uuid import UUID
 
 from pydantic import BaseModel, Field
@@ -55,6 +57,62 @@ def core_logs_to_prefect(name: Callable[[str], str] | None = None) -> None:
         for old in [f for f in handler.filters if isinstance(f, OptionWords)]:
             handler.removeFilter(old)
         handler.addFilter(OptionWords(name))
+    for logger_name in RUN_LOGGERS:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, OneTraceback) for f in logger.filters):
+            logger.addFilter(OneTraceback())
+
+
+#: Prefect's loggers of flow and task runs (the engine logs a run's exception on them).
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+#: Set on an exception once a run's logs have named it.
+_REPORTED = "_segflow_reported"
+
+
+def expected_error(exc: BaseException) -> bool:
+    """An error segflow raises on purpose about its input, parameters or storage (a
+    :class:`unet_core.errors.SegflowError` not caused by something unforeseen): its one
+    sentence says all; a traceback would only alarm."""
+    from unet_core.errors import SegflowError
+
+    if not isinstance(exc, SegflowError):
+        return False
+    cause = getattr(exc, "cause", None)
+    return cause is None or isinstance(cause, SegflowError | OSError)
+
+
+class OneTraceback(logging.Filter):
+    """A run's logs name each exception once: an expected segflow error as its sentence (no
+    traceback), any other with one traceback; Prefect's later records of the same exception
+    (the engine logs a flow's exception again when it leaves) are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        if getattr(exc, _REPORTED, False):
+            return False
+        if expected_error(exc):
+            record.exc_info = None
+            record.exc_text = None
+        mark_reported(exc)
+        return True
+
+
+def mark_reported(exc: BaseException) -> None:
+    """Note that the run's logs (or its final state's message) already name ``exc``."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, _REPORTED, True)
+
+
+def failed_state(exc: BaseException, message: str | None = None) -> Any:
+    """The Failed state a flow returns for an expected failure: ``message`` (default: the
+    error's sentence) as the state's message, no traceback in the logs, and the exception
+    as its data (what ``state.result()`` raises, for Prefect and callers)."""
+    from prefect.states import Failed
+
+    mark_reported(exc)
+    return Failed(message=message or str(exc) or type(exc).__name__, data=exc)
 
 
 # ---------------------------------------------------------------- flat flow parameters
@@ -427,27 +485,69 @@ def crash_earlier_attempts() -> int:
             marked += len(left)
 
 
-def publish_markdown(key: str, markdown: str, description: str) -> None:
-    """One markdown artifact per key and flow run: a retried run replaces its own earlier
-    version instead of adding a second one (other runs' versions stay in the history)."""
+def run_artifacts(key: str | None = None, kind: str | None = None) -> list[Any]:
+    """This flow run's artifacts (none outside a run), of ``key`` and/or type ``kind``."""
     from prefect import get_client
-    from prefect.artifacts import create_markdown_artifact
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
         ArtifactFilterKey,
+        ArtifactFilterType,
     )
     from prefect.runtime import flow_run
 
     run_id = flow_run.id
-    if run_id:
+    if not run_id:
+        return []
+    wanted = ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+        key=ArtifactFilterKey(any_=[key]) if key else None,
+        type=ArtifactFilterType(any_=[kind]) if kind else None,
+    )
+    with get_client(sync_client=True) as client:
+        return list(client.read_artifacts(artifact_filter=wanted))
+
+
+def publish_markdown(key: str, markdown: str, description: str, replace: bool = True) -> None:
+    """A markdown artifact of the current flow run. ``replace``: one per key and run, a
+    retried run replaces its own earlier version instead of adding a second one (other
+    runs' versions stay in the history); otherwise every attempt's version is kept (a
+    failure's record survives the retry that succeeds)."""
+    from prefect import get_client
+    from prefect.artifacts import create_markdown_artifact
+
+    old = run_artifacts(key) if replace else []
+    if old:
         with get_client(sync_client=True) as client:
-            old = client.read_artifacts(
-                artifact_filter=ArtifactFilter(
-                    key=ArtifactFilterKey(any_=[key]),
-                    flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
-                )
-            )
             for artifact in old:
                 client.delete_artifact(artifact.id)
     create_markdown_artifact(markdown, key=key, description=description)
+
+
+class RunProgress:
+    """The one progress artifact of a flow run: its card says the value ("40% of regions
+    done: 2 of 5"), and a retried run updates the card of its first attempt instead of
+    adding a second. At most one API call per ``every_s`` seconds (a 2,000-region run
+    would otherwise make 2,000), except the last."""
+
+    def __init__(self, key: str, what: str, total: int, every_s: float = 1.0) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.what, self.total, self.every_s = what, max(total, 1), every_s
+        self.shown_at = time.monotonic()
+        old = run_artifacts(key, "progress")
+        self.id = old[0].id if old else None
+        if self.id is None:
+            self.id = cast(UUID, create_progress_artifact(0.0, key=key, description=self.text(0)))
+
+    def text(self, done: int) -> str:
+        return f"**{100.0 * done / self.total:.0f}%** {self.what} done: {done:,} of {self.total:,}"
+
+    def show(self, done: int, last: bool = False) -> None:
+        """Show ``done`` of the total (throttled, unless ``last``)."""
+        from prefect.artifacts import update_progress_artifact
+
+        if self.id is None or not (last or time.monotonic() - self.shown_at >= self.every_s):
+            return
+        update_progress_artifact(self.id, 100.0 * done / self.total, description=self.text(done))
+        self.shown_at = time.monotonic()

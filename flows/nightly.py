@@ -12,17 +12,17 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from prefect import flow, get_run_logger, tags
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.exceptions import MissingResult
-from prefect.states import Failed
 from pydantic import ConfigDict, Field, model_validator
 
 from flows import (
     core_logs_to_prefect,
     crash_earlier_attempts,
     facility_time,
+    failed_state,
     flat_parameters,
+    publish_markdown,
     run_form,
 )
 from flows.segment import (
@@ -44,6 +44,8 @@ from tasks.inbox import (
 )
 from tasks.outputs import check_disjoint, store_exists
 from tasks.paths import volume_name
+from tasks.report import nightly_report
+from unet_core.errors import SegflowError
 from unet_core.runtime import configure
 
 
@@ -173,23 +175,35 @@ def nightly_inbox(params: NightlyParams) -> dict[str, Any] | State:
         for s in ("processed", "failed", "skipped", "deferred")
     }
     counts["already_done"] = len(groups["done"])
-    if rows:
-        create_table_artifact(rows, key="segflow-nightly", description="volumes this night")
-    create_markdown_artifact(
-        "# segflow nightly run\n\n"
-        + "\n".join(f"- {k.replace('_', ' ')}: {v}" for k, v in counts.items())
-        + f"\n\nInbox `{params.inbox}`, output `{params.output}`.\n",
-        key="segflow-nightly-summary",
+    publish_markdown(
+        "segflow-nightly",
+        nightly_report(counts, rows, params.inbox, params.output),
+        description="volumes this night",
     )
     result = {"counts": counts, "volumes": rows}
     if counts["failed"]:
         failed = [r["volume"] for r in rows if r["status"] == "failed"]
-        return Failed(
-            message=f"{len(failed)} of {counts['processed'] + len(failed)} volumes failed: "
-            + ", ".join(failed),
-            data=result,
+        # an exception Prefect resolves (a dict is not one), the night's result on it
+        return failed_state(
+            VolumesFailedError(
+                f"{len(failed)} of {counts['processed'] + len(failed)} volumes failed: "
+                + ", ".join(failed),
+                result,
+            )
         )
     return result
+
+
+class VolumesFailedError(SegflowError, RuntimeError):
+    """Volumes of a nightly run failed (the others were processed); ``result`` is the
+    night's result (counts and volumes), as a completed night returns it."""
+
+    def __init__(self, message: object, result: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.result = result or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.template, self.result))
 
 
 def _row(c: Any, status: str, detail: str) -> dict[str, Any]:

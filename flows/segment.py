@@ -14,16 +14,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, cast
-from uuid import UUID
+from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.exceptions import TerminationSignal
 from prefect.futures import as_completed, wait
 from prefect.states import Cancelled
@@ -31,9 +27,11 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows import (
+    RunProgress,
     add_run_tags,
     core_logs_to_prefect,
     crash_earlier_attempts,
+    failed_state,
     field_title,
     flat_parameters,
     in_form_words,
@@ -267,8 +265,12 @@ def stitch_step(out: str, labels: str, options: PipelineOptions, address: str) -
 def report_step(
     summary: dict[str, Any], request: Request, image: str, complete: bool
 ) -> dict[str, Any]:
-    """Publish the run's report (one per volume key; a retried run replaces its own)."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", summary["volume"].lower()).strip("-")[:40] or "volume"
+    """Publish the run's report: ``segflow-report-VOLUME`` (a retried run replaces its
+    own), or, for an attempt with failed regions, ``segflow-failed-VOLUME``: that failure
+    record is kept, one per failed attempt, when a retry succeeds."""
+    from prefect.runtime import flow_run
+
+    slug = _slug(summary["volume"])
     labels = INSTANCES if summary.get("instances") else request.options.labels_name
     if complete and request.options.preview:
         try:  # the picture is the pipeline's preview, embedded in the report too
@@ -280,9 +282,19 @@ def report_step(
         except Exception as exc:  # a missing preview must not fail a finished run
             get_run_logger().warning("no preview: %s", exc)
     shown = {k: v for k, v in summary.items() if k != "preview_uri"}
-    publish_markdown(
-        f"segflow-report-{slug}", markdown_report(summary), description="segflow run report"
-    )
+    if summary.get("failed_regions"):
+        attempt = int(flow_run.run_count or 1)
+        publish_markdown(
+            f"segflow-failed-{slug}",
+            markdown_report(summary),
+            description=f"failure record of attempt {attempt}: regions "
+            f"{summary['regions_failed']} failed (kept when a retry succeeds)",
+            replace=False,
+        )
+    else:
+        publish_markdown(
+            f"segflow-report-{slug}", markdown_report(summary), description="segflow run report"
+        )
     if summary.get("top_objects"):
         create_table_artifact(
             summary["top_objects"], key=f"segflow-objects-{slug}", description="largest objects"
@@ -299,7 +311,7 @@ def report_step(
 @run_form
 @flow(name="segment-volume", flow_run_name=_run_name, log_prints=True)
 @flat_parameters(SegmentVolumeParams, first=FORM_FIRST, groups=FORM_GROUPS)
-def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
+def segment_volume(params: SegmentVolumeParams) -> dict[str, Any] | State:
     """Segment one volume: ingest (TIFF), segment regions on Dask, stitch, report."""
     configure()
     core_logs_to_prefect(form_words)
@@ -308,7 +320,9 @@ def segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
     try:
         return _segment_volume(params)
     except SegflowError as exc:
-        raise in_form_words(exc, form_words) from exc
+        shown = in_form_words(exc, form_words)
+        shown.__cause__ = exc
+        return failed_state(shown)  # one sentence, no traceback (an unexpected error raises)
 
 
 def _segment_volume(params: SegmentVolumeParams) -> dict[str, Any]:
@@ -416,12 +430,10 @@ class RegionRun:
             len(todo),
             count - len(todo),
         )
-        progress_id = cast(
-            UUID,
-            create_progress_artifact(
-                100.0 * (count - len(todo)) / count, description=f"regions of {name} done"
-            ),
+        progress = RunProgress(
+            f"segflow-progress-{_slug(name)}", "of regions", count, PROGRESS_EVERY_S
         )
+        progress.show(count - len(todo), last=True)
         region_task = segment_region.with_options(
             retries=params.region_retries,
             retry_delay_seconds=exponential_backoff(backoff_factor=params.retry_delay_s)
@@ -434,7 +446,6 @@ class RegionRun:
         done_now = count - len(todo)
         waiting = list(reversed(todo))
         running: dict[Any, int] = {}
-        shown_at = time.monotonic()  # the progress artifact: at most one API call a second
         allow_blocks()
         # A bounded window of region tasks: a 2,000-region run must not start 2,000 threads.
         try:
@@ -455,9 +466,7 @@ class RegionRun:
                     except Exception as exc:  # logged with its traceback by the task run
                         errors[region] = str(exc) or type(exc).__name__
                     break  # refill the window
-                if time.monotonic() - shown_at >= PROGRESS_EVERY_S or not (waiting or running):
-                    update_progress_artifact(progress_id, 100.0 * done_now / count)
-                    shown_at = time.monotonic()
+                progress.show(done_now, last=not (waiting or running))
         except TerminationSignal:  # cancelled (or serve stopped): finish what runs, then go
             self.stop(running, done_now, count)
             raise
@@ -534,6 +543,11 @@ class RegionRun:
 #: Seconds a stopping run waits for its running blocks (Prefect kills a cancelled run's
 #: process 30 s after asking it to stop).
 STOP_WAIT_S = 20.0
+
+
+def _slug(volume: str) -> str:
+    """A volume's name as an artifact key's part (lowercase letters, digits, dashes)."""
+    return re.sub(r"[^a-z0-9-]+", "-", volume.lower()).strip("-")[:40] or "volume"
 
 
 def _where_region(plan: SegmentPlan, regions: Regions, region: int, error: str) -> dict[str, Any]:

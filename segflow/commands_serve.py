@@ -32,7 +32,7 @@ SERVE_EXTRAS = {
 
 @app.command()
 @clean_errors
-@output_options(summary=False)
+@output_options(summary=False, serving=True)
 @with_models(
     ("settings", ServeSettings),
     ("cluster", ClusterSpec),

@@ -85,11 +85,16 @@ def _output_parameters(summary: bool) -> list[inspect.Parameter]:
     return params
 
 
-def output_options(fn: Callable[..., R] | None = None, *, summary: bool = True) -> Any:
+def output_options(
+    fn: Callable[..., R] | None = None, *, summary: bool = True, serving: bool = False
+) -> Any:
     """Give a command the shared output options: ``-q/--quiet``, ``--json`` (when it has a
     summary: ``summary=False`` leaves it out), ``-v/--verbose`` and ``--log-level``. The
     command reads them through :func:`is_quiet`, :func:`emit` and :func:`warn`; log levels
-    are set for the command's run and restored after."""
+    are set for the command's run and restored after. ``serving``: the command runs flow
+    runs (``segflow serve``), whose logs are what the Prefect UI shows: by default
+    segflow's and Prefect's info lines (a run's summary, its lifecycle) instead of
+    warnings only (:func:`_levels`)."""
 
     def decorate(fn: Callable[..., R]) -> Callable[..., R]:
         def call(fn: Callable[..., R], args: Any, kwargs: dict[str, Any]) -> R:
@@ -104,7 +109,7 @@ def output_options(fn: Callable[..., R] | None = None, *, summary: bool = True) 
             saved = dict(_state)
             _state.update(quiet=quiet, json=as_json)
             try:
-                with _log_levels(quiet, verbose, level):
+                with _log_levels(quiet, verbose, level, serving):
                     return fn(*args, **kwargs)
             finally:
                 _state.clear()
@@ -170,23 +175,40 @@ class _LogFormat(logging.Formatter):
         return f"segflow: {record.levelname.lower()}: {where}{text}"
 
 
-@contextlib.contextmanager
-def _log_levels(quiet: bool, verbose: int, level: str | None) -> Iterator[None]:
-    """Log levels for one command: segflow's own loggers, Dask's and other libraries'
-    (the environment carries Dask's and Prefect's to worker processes and to Prefect)."""
+def _levels(
+    quiet: bool, verbose: int, level: str | None, serving: bool = False
+) -> tuple[int, int, int, int]:
+    """The levels of segflow's own loggers, Dask's, Prefect's and other libraries'. A
+    serving command logs segflow's and Prefect's info lines by default: they are the flow
+    runs' logs in the UI (the run's summary, "Beginning flow run", "Finished in state")."""
     named = {name.upper(): getattr(logging, name.upper()) for name in LOG_LEVELS}
     if level is not None:
         own = dask = lib = named[level.upper()]
-    elif quiet:
+        return own, dask, lib, lib
+    if quiet:
         own, dask, lib = logging.ERROR, logging.CRITICAL, logging.ERROR
     elif verbose >= 2:
         own, dask, lib = logging.DEBUG, logging.INFO, logging.INFO
-    elif verbose == 1 or debug_enabled():
+    elif verbose == 1 or debug_enabled() or serving:
         own, dask, lib = logging.INFO, logging.WARNING, logging.WARNING
     else:
         own, dask, lib = logging.WARNING, logging.CRITICAL, logging.WARNING
+    if serving and not quiet:
+        dask = logging.CRITICAL if verbose < 2 else dask
+        return own, dask, min(lib, logging.INFO), lib
+    return own, dask, lib, lib
+
+
+@contextlib.contextmanager
+def _log_levels(
+    quiet: bool, verbose: int, level: str | None, serving: bool = False
+) -> Iterator[None]:
+    """Log levels for one command: segflow's own loggers, Dask's, Prefect's and other
+    libraries' (the environment carries Dask's and Prefect's to worker processes and to
+    the flow runs Prefect starts)."""
+    own, dask, prefect, lib = _levels(quiet, verbose, level, serving)
     explicit = level is not None or quiet or verbose > 0
-    env = {"DASK_LOGGING__DISTRIBUTED": dask, "PREFECT_LOGGING_LEVEL": lib}
+    env = {"DASK_LOGGING__DISTRIBUTED": dask, "PREFECT_LOGGING_LEVEL": prefect}
     saved_env = {k: os.environ.get(k) for k in env}
     for key, value in env.items():
         if explicit or saved_env[key] is None:
@@ -195,6 +217,7 @@ def _log_levels(quiet: bool, verbose: int, level: str | None) -> Iterator[None]:
     loggers = dict.fromkeys(OWN_LOGGERS, own)
     loggers.update(dict.fromkeys(DASK_LOGGERS, dask))
     loggers.update(dict.fromkeys(LIBRARY_LOGGERS, lib))
+    loggers["prefect"] = prefect
     saved = {name: logging.getLogger(name).level for name in loggers}
     saved_root = root.level
     for name, value in loggers.items():
@@ -217,8 +240,8 @@ def _log_levels(quiet: bool, verbose: int, level: str | None) -> Iterator[None]:
         root.setLevel(saved_root)
         for name, value in saved.items():
             logging.getLogger(name).setLevel(value)
-        for key, value in saved_env.items():
-            if value is None:
+        for key, before in saved_env.items():
+            if before is None:
                 os.environ.pop(key, None)
             else:
-                os.environ[key] = value
+                os.environ[key] = before

@@ -52,17 +52,18 @@ def api_call(method: str, url: str, **kw) -> httpx.Response:
 
 
 @contextlib.contextmanager
-def serve_stack(tmp: Path, *serve_args: str):
-    """A prefect server and a `segflow serve` process, both real, on loopback."""
+def serve_stack(tmp: Path, *serve_args: str, env: dict[str, str] | None = None):
+    """A prefect server and a `segflow serve` process, both real, on loopback, with
+    `segflow serve`'s own logging defaults (``env``: more variables for both)."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING_")},
         "PREFECT_HOME": str(tmp / "prefect-home"),
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_UI_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "INFO",
+        **(env or {}),
     }
     torch.manual_seed(0)
     model = tmp / "m.ckpt"
@@ -120,6 +121,30 @@ def serve_stack(tmp: Path, *serve_args: str):
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
         logs.close()
+
+
+def run_logs(api: str, run_id: str, until: str = "", timeout: float = 30.0) -> list[str]:
+    """The messages of a flow run's logs (what the UI's Logs tab shows), oldest first;
+    ``until``: once a message starts with it (a run sends its logs every few seconds)."""
+    deadline = time.time() + timeout
+    while True:
+        r = api_call(
+            "POST",
+            f"{api}/logs/filter",
+            json={"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC"},
+        )
+        logs = [log["message"] for log in r.json()]
+        if any(m.startswith(until) for m in logs) or time.time() > deadline:
+            return logs
+        time.sleep(1)
+
+
+def run_artifacts(api: str, run_id: str) -> list[dict]:
+    """A flow run's artifacts (every version)."""
+    r = api_call(
+        "POST", f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    )
+    return r.json()
 
 
 def wait_state(api: str, run_id: str, states: set[str], timeout: float) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from served_stack import api_call, serve_stack, wait_state
+from served_stack import api_call, run_artifacts, serve_stack, wait_state
 
 from flows import is_generated_name
 from tasks.report import PREVIEW_GAP, caption_height, histogram_height
@@ -110,6 +110,32 @@ def _form_fits(page, shots: Path) -> None:
     _shot(page, shots, "0-form-cluster")
 
 
+#: Seconds each block sleeps in this module's served runs (a run lasts long enough to watch).
+BLOCK_DELAY_S = "1.0"
+
+
+def _cut_off(report) -> list[str]:
+    """Elements of a rendered report whose text runs past the pane or hides in a scroll
+    area (the UI hides the scroll bars of tables)."""
+    return report.evaluate(
+        """r => { const right = r.getBoundingClientRect().right + 1;
+        return [r, ...r.querySelectorAll('*')]
+          .filter(e => e.scrollWidth > e.clientWidth + 1 && e.clientWidth > 0
+                       || e.getBoundingClientRect().right > right)
+          .map(e => e.tagName + ' ' + e.scrollWidth + '>' + e.clientWidth + ': '
+                    + e.textContent.slice(0, 80)); }"""
+    )
+
+
+def _open_report(page, ui: str, api: str, run_id: str, key: str, heading: str):
+    """The artifact page of the run's ``key`` (the report beside its details pane)."""
+    artifact = next(a for a in run_artifacts(api, run_id) if a["key"] == key)
+    page.goto(f"{ui}/artifacts/artifact/{artifact['id']}")
+    report = page.locator(".markdown-renderer", has_text=heading).first
+    report.wait_for()
+    return report
+
+
 def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
     _ensure_chromium()
     sync_api = _ensure_playwright()
@@ -118,7 +144,10 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
     src = str(tmp_path / "vol.ome.zarr")
     image = (np.random.default_rng(0).random((4, 64, 64)) * 255).astype(np.uint8)
     write_image(src, image, "zyx", chunks=(2, 32, 32))
-    with serve_stack(tmp_path) as stack, sync_api.sync_playwright() as pw:
+    with (
+        serve_stack(tmp_path, env={"SEGFLOW_TEST_BLOCK_DELAY": BLOCK_DELAY_S}) as stack,
+        sync_api.sync_playwright() as pw,
+    ):
         api, ui = stack["api"], f"http://127.0.0.1:{stack['port']}"
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
@@ -195,5 +224,62 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         for heading in ("Preview (middle slices)", "Object sizes", "Work"):
             assert page.get_by_role("heading", name=heading).count() == 1, heading
         assert report.locator("table").count() >= 3
+        page.set_viewport_size({"width": 1280, "height": 800})
+        report = _open_report(page, ui, api, run_id, "segflow-report-vol", "segflow: vol")
+        _shot(page, shots, "4-report-1280")
+        assert not _cut_off(report), _cut_off(report)
+
+        # the Logs tab holds the run's summary (segflow's info lines) and its lifecycle
+        page.goto(f"{ui}/runs/flow-run/{run_id}")
+        page.get_by_text("Logs", exact=True).first.click()
+        page.get_by_text("reused from earlier runs", exact=False).first.wait_for()
+        page.get_by_text("Finished in state Completed", exact=False).first.wait_for()
+        _shot(page, shots, "5-logs")
+
+        # a longer run (slow blocks, one region at a time, one damaged chunk): its page
+        # shows the progress value while it goes, and its failure record fits the pane
+        long_src = tmp_path / "long-volume-with-a-rather-long-name.ome.zarr"
+        data = (np.random.default_rng(1).random((12, 32, 32)) * 255).astype(np.uint8)
+        write_image(str(long_src), data, "zyx", chunks=(1, 32, 32))
+        chunks = sorted(p for p in (long_src / "0").rglob("*") if p.is_file() and "c" in p.parts)
+        chunks[-1].write_bytes(b"damaged")
+        dep = api_call("GET", f"{api}/deployments/name/segment-volume/on-demand").json()
+        params = {
+            "source": str(long_src),
+            "model": stack["model"],
+            "tile": [1, 32, 32],
+            "max_regions": 12,
+            "regions_in_flight": 1,
+            "region_retries": 0,
+        }
+        r = api_call(
+            "POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params}
+        )
+        long_id = r.json()["id"]
+        wait_state(api, long_id, {"RUNNING"}, 120)
+        page.goto(f"{ui}/runs/flow-run/{long_id}")
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.locator(".flow-run-artifacts").wait_for()
+        card = page.locator(".artifact-card", has_text="of regions done")
+        card.first.wait_for()
+        seen = card.first.inner_text()
+        # the card updates itself (the page polls while the run goes): a later value
+        page.wait_for_function(
+            "t => [...document.querySelectorAll('.artifact-card')].some(c => "
+            "/[1-9][0-9]*% of regions done/.test(c.innerText) && c.innerText !== t)",
+            arg=seen,
+            timeout=60_000,
+        )
+        running = api_call("GET", f"{api}/flow_runs/{long_id}").json()["state"]["type"]
+        assert running == "RUNNING", f"the run ended before its progress showed ({seen})"
+        _shot(page, shots, "6-progress")
+        run = wait_state(api, long_id, {"COMPLETED", "FAILED", "CRASHED"}, 240)
+        assert run["state"]["type"] == "FAILED", run["state"]
+        slug = "long-volume-with-a-rather-long-name"
+        report = _open_report(page, ui, api, long_id, f"segflow-failed-{slug}", "Failed regions")
+        report.get_by_text("Re-run exactly these regions").wait_for()
+        _shot(page, shots, "7-failure-record-1280")
+        assert not _cut_off(report), _cut_off(report)
+        assert len([a for a in run_artifacts(api, long_id) if a["type"] == "progress"]) == 1
         browser.close()
     print(f"screenshots: {sorted(p.name for p in shots.iterdir())} in {shots}")

@@ -11,7 +11,16 @@ import time
 import numpy as np
 import pytest
 import zarr
-from served_stack import BIN, api_call, serve_stack, task_runs, wait_ok, wait_state
+from served_stack import (
+    BIN,
+    api_call,
+    run_artifacts,
+    run_logs,
+    serve_stack,
+    task_runs,
+    wait_ok,
+    wait_state,
+)
 
 from tasks.blockwise import Markers
 from tasks.store import write_image
@@ -137,6 +146,91 @@ def test_triggered_run_completes(served):
     root = zarr.open_group(src, mode="r")
     assert root["labels/semantic/0"].shape == (4, 64, 64)
     assert root["labels/instances"].attrs["segflow"]["complete"] is True
+
+
+def _start(api: str, deployment: str, params: dict) -> str:
+    dep = wait_ok(f"{api}/deployments/name/{deployment}").json()
+    r = api_call(
+        "POST", f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": params}
+    )
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_a_failed_run_retried_after_the_fix_keeps_its_failure_record_and_one_progress_card(
+    served,
+):
+    """A damaged chunk fails its region (one sentence in the logs, no traceback); retried
+    after the chunk is repaired (what the UI's Retry does), the run completes, and its
+    artifacts hold the failure record of the first attempt, the report of the second and
+    one progress card saying 100%. The logs (what the UI shows) hold the run's summary
+    lines and Prefect's lifecycle lines."""
+    api, tmp = served["api"], served["tmp"]
+    src = tmp / "damaged.ome.zarr"
+    data = (np.random.default_rng(3).random((4, 64, 64)) * 255).astype(np.uint8)
+    write_image(str(src), data, "zyx", chunks=(2, 32, 32))
+    chunk = next(p for p in (src / "0").rglob("*") if p.is_file() and "c" in p.parts)
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"not a chunk")
+    params = {
+        "source": str(src),
+        "model": served["model"],
+        "tile": [1, 60, 60],
+        "device": "cpu",
+        "max_regions": 4,
+        "region_retries": 0,
+    }
+    run_id = _start(api, "segment-volume/on-demand", params)
+    failed = wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"}, 300)
+    assert failed["state"]["type"] == "FAILED", (tmp / "serve.log").read_text()[-3000:]
+    assert "failed" in failed["state"]["message"]
+    logs = run_logs(api, run_id, until="Finished in state")
+    text = "\n".join(logs)
+    assert "Traceback" not in text, text[-3000:]
+    assert any("to compute, 0 already done" in m for m in logs), text[-3000:]
+    chunk.write_bytes(good)
+    r = api_call(
+        "POST",
+        f"{api}/flow_runs/{run_id}/set_state",
+        json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True},
+    )
+    assert r.status_code in (200, 201), r.text
+    done = wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"}, 300)
+    assert done["state"]["type"] == "COMPLETED", (tmp / "serve.log").read_text()[-3000:]
+    artifacts = run_artifacts(api, run_id)
+    keys = sorted(a["key"] for a in artifacts if a["type"] == "markdown")
+    assert keys == ["segflow-failed-damaged", "segflow-report-damaged"], keys
+    record = next(a for a in artifacts if a["key"] == "segflow-failed-damaged")
+    assert "## Failed regions (" in record["data"]
+    assert "could not be decoded" in record["data"] or "chunk" in record["data"]
+    assert "attempt 1" in record["description"]
+    progress = [a for a in artifacts if a["type"] == "progress"]
+    assert len(progress) == 1, progress
+    assert progress[0]["data"] == 100.0
+    assert progress[0]["description"].startswith("**100%** of regions done: 4 of 4")
+    logs = run_logs(api, run_id, until="Finished in state Completed")
+    assert any("blocks computed," in m and "reused" in m for m in logs), logs[-20:]
+    assert any(m.startswith("Finished in state Completed") for m in logs), logs[-20:]
+
+
+def test_a_nightly_run_with_a_corrupt_volume_fails_with_one_message_and_no_traceback(served):
+    api, tmp = served["api"], served["tmp"]
+    inbox = tmp / "inbox-corrupt"
+    inbox.mkdir()
+    (inbox / "c.tif").write_bytes(b"II*\x00" + b"\x00" * 20)  # a truncated TIFF
+    run_id = _start(
+        api,
+        "nightly-inbox/nightly",
+        {"inbox": str(inbox), "output": str(tmp / "results-corrupt"), "settle_s": 0},
+    )
+    run = wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"}, 300)
+    assert run["state"]["type"] == "FAILED", (tmp / "serve.log").read_text()[-3000:]
+    assert run["state"]["message"] == f"1 of 1 volumes failed: {inbox / 'c.tif'}"
+    logs = run_logs(api, run_id, until="Finished in state")
+    text = "\n".join(logs)
+    assert "Traceback" not in text, text
+    assert "Unexpected result" not in text, text
+    assert any(m.startswith("Finished in state Failed") for m in logs), text
 
 
 def test_one_field_of_the_nightly_run_is_set_from_the_command_line(served):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import re
 
@@ -163,14 +162,14 @@ def test_failed_region_then_rerun_recomputes_only_it(tmp_path, model, dask_clien
     assert state.is_failed()
     assert "regions [2] failed" in str(state.message)
     assert "injected fault in region 2" in str(state.message)
-    report = _report(state, "segflow-report-img")
+    report = _report(state, "segflow-failed-img")  # the failure record, kept on retries
     assert "## Failed regions (1)" in report
     # region 2 = blocks 6-8 of the (3, 2, 2) grid, each named with its voxel box
     assert "| 2 | (1, 1, 0); (1, 1, 1); (2, 0, 0) | z 2:4, y 32:64, x 0:32; " in report
-    assert "injected fault in region 2" in report.split("## Failed regions")[1]
-    rerun = json.loads(report.split("```json")[1].split("```")[0])
-    assert rerun["regions"] == [2]
-    assert rerun["max_regions"] == 4
+    assert "- region 2: injected fault in region 2" in report.split("## Failed regions")[1]
+    command = report.split("### Re-run exactly these regions")[1].split("```")[1]
+    assert "  --param regions='[2]'" in command
+    assert "  --param max_regions=4" in command
     # the failure's traceback is logged once (by its task run), not again by the flow
     logs = run_logs(state.state_details.flow_run_id)
     assert sum("in _inject_fault" in m for m in logs) == 1, logs
@@ -214,7 +213,7 @@ def test_nightly_inbox_with_a_corrupt_volume(tmp_path, model, dask_client):
     state = nightly_inbox(**p.model_dump(), return_state=True)
     assert state.is_failed()  # after processing all the others
     assert "c.tif" in str(state.message)
-    first = state.result(raise_on_failure=False)
+    first = state.result(raise_on_failure=False).result  # the night's result, on its error
     status = {os.path.basename(r["volume"]): r["status"] for r in first["volumes"]}
     assert status == {"a.tif": "processed", "b.tif": "processed", "c.tif": "failed"}
     failed = next(r for r in first["volumes"] if r["status"] == "failed")

@@ -3,6 +3,8 @@ bar in the image's unit and the z stretch said, on real OME-Zarr stores."""
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,7 +18,9 @@ from tasks.report import (
     format_length,
     label_colours,
     nice_length,
+    number,
     preview_picture,
+    rerun_command,
     scale_bar,
     touching_pairs,
     write_preview,
@@ -210,7 +214,39 @@ def test_the_report_writes_every_number_one_way():
     assert "| voxels | 12,582,912 |" in text
     assert "| voxels per second | 246,753 |" in text
     assert "| blocks | 1,536 |" in text
-    assert "| seconds | 51 |" in text
-    assert "| segment | 51 |" in text
+    assert "| seconds | 51.0 |" in text
+    assert "| segment | 51.0 |" in text
     assert "| cell | 582,912 |" in text
     assert ".0 |" not in text
+
+
+def test_the_rerun_command_fits_a_pane_and_the_shell_reads_the_parameters_whole():
+    """Each line of the command fits a code block 80 characters wide; bash reassembles the
+    folded path and reads the JSON values as Prefect's --param expects them."""
+    path = "/data/" + "/".join(f"level-{i}-of-a-deep-tree" for i in range(6)) + "/v.ome.zarr"
+    params = {"source": path, "model": "/m.ckpt", "tile": "1,60,60", "output": "1"}
+    command = rerun_command("segment-volume/on-demand", params)
+    assert max(len(line) for line in command.splitlines()) <= 80, command
+    words = command.replace("prefect deployment run", "printf '%s\\n'", 1)
+    out = subprocess.run(["bash", "-c", words], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "segment-volume/on-demand",
+        "--param",
+        f"source={path}",
+        "--param",
+        "model=/m.ckpt",
+        "--param",
+        "tile=1,60,60",
+        "--param",
+        'output="1"',  # a string that reads as JSON stays a string
+    ]
+
+
+def test_numbers_are_written_one_way():
+    assert [number(v) for v in (12582912, 246753.04, 12.44, 0.051, np.int64(7))] == [
+        "12,582,912",
+        "246,753",
+        "12.4",
+        "0.05",
+        "7",
+    ]
