@@ -247,7 +247,7 @@ def test_a_run_started_from_the_ui_form_shows_its_report_and_preview(tmp_path):
         params = {
             "source": str(long_src),
             "model": stack["model"],
-            "tile": [1, 32, 32],
+            "tile": "1,32,32",
             "max_regions": 12,
             "regions_in_flight": 1,
             "region_retries": 0,

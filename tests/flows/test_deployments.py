@@ -175,7 +175,7 @@ def test_a_failed_run_retried_after_the_fix_keeps_its_failure_record_and_one_pro
     params = {
         "source": str(src),
         "model": served["model"],
-        "tile": [1, 60, 60],
+        "tile": "1,60,60",
         "device": "cpu",
         "max_regions": 4,
         "region_retries": 0,

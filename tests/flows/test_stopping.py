@@ -74,7 +74,7 @@ def test_a_cancelled_run_finishes_its_running_blocks_and_starts_no_more(served):
     api, tmp = served["api"], served["tmp"]
     # 32 blocks of 2 s in 4 regions of 8, two regions at once on three worker threads
     src = _volume(str(tmp / "slow.ome.zarr"), (8, 64, 64))
-    params = {"source": src, "model": served["model"], "tile": [1, 60, 60], "device": "cpu"}
+    params = {"source": src, "model": served["model"], "tile": "1,60,60", "device": "cpu"}
     params |= {"max_regions": 4, "regions_in_flight": 2}
     run_id = _submit(api, "segment-volume/on-demand", params)
     wait_state(api, run_id, {"RUNNING"}, 120)
@@ -152,7 +152,7 @@ def test_a_schedule_switched_off_in_the_ui_stays_off_and_a_stopped_serve_says_so
             dep = api_call("GET", f"{api}/deployments/name/{name}").json()
             assert dep["description"].startswith("NOT SERVED since"), (name, dep["description"])
         src = _volume(str(tmp / "small.ome.zarr"), (1, 32, 32))
-        params = {"source": src, "model": served["model"], "tile": [1, 60, 60], "device": "cpu"}
+        params = {"source": src, "model": served["model"], "tile": "1,60,60", "device": "cpu"}
         waiting = _submit(api, "segment-volume/on-demand", params)
         deadline = time.time() + 60
         while time.time() < deadline:
