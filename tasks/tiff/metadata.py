@@ -159,8 +159,9 @@ def _physical_sizes(url: str, tif: Any, series: Any, kf: Any) -> dict[str, float
     """Voxel size in micrometres per axis letter z/y/x, where the metadata states it.
 
     A stated size that is not a finite positive number (OME ``PhysicalSizeX="INF"``, 0, a
-    negative or NaN size, a resolution tag of 0) is left out, so the axis gets
-    :data:`FALLBACK_VOXEL_SIZE`, with one warning naming the file, the axis and the value."""
+    negative or NaN size, a resolution tag of 0) becomes
+    :data:`FALLBACK_VOXEL_SIZE` (in micrometres), with one warning naming the file, the
+    axis and the value."""
     sizes: dict[str, float] = {}
 
     def take(axis: str, value: Any, factor: float, where: str) -> None:
@@ -170,7 +171,8 @@ def _physical_sizes(url: str, tif: Any, series: Any, kf: Any) -> dict[str, float
             size = math.nan
         if math.isfinite(size) and size > 0:
             sizes[axis] = size
-        else:
+        else:  # stated, but not a size: the fallback, said here (not again as "no size")
+            sizes[axis] = FALLBACK_VOXEL_SIZE
             log.warning(
                 "%s: the metadata gives voxel size %s for axis %s (%s), which is not a "
                 "finite positive number; using %s µm",

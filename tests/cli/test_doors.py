@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from reliability.harness import blobs, cli, make_model
+from reliability.harness import blobs, cli, cli_here, make_model
 
 from segflow.errors import ExitCode
 from unet_core.errors import ConfigError, opt
@@ -103,7 +103,7 @@ def test_voxel_sizes_must_be_finite_and_positive(tmp_path):
     tifffile.imwrite(tmp_path / "v.tif", blobs((6, 32, 32), 1), metadata={"axes": "ZYX"})
     model = make_model(tmp_path / "m.ckpt", 1)
     for bad in ("inf,1,1", "0,1,1", "-2,1,1", "nan,1,1"):
-        done = cli("segment", tmp_path / "v.tif", "-m", model, *ARGS, "--voxel-size", bad)
+        done = cli_here("segment", tmp_path / "v.tif", "-m", model, *ARGS, "--voxel-size", bad)
         assert done.returncode == ExitCode.USAGE, (bad, done.stderr)
         assert "--voxel-size" in done.stderr
     assert not (tmp_path / "v.ome.zarr").exists()

@@ -72,6 +72,26 @@ def cli(*args: object, env: dict[str, str] | None = None, timeout: float = 300) 
     )
 
 
+def cli_here(*args: object) -> Any:
+    """``segflow ARGS`` through its entry point in this process (no interpreter start-up:
+    for the many commands a test expects to be refused early); the same fields as
+    :func:`cli`'s result."""
+    import contextlib
+    import io
+    import types
+
+    from segflow.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as done:
+            code = int(done.code or 0) if not isinstance(done.code, str) else 1
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def _digest(data: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
 

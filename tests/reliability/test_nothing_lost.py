@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from harness import blobs, cli, make_model
+from harness import blobs, cli, cli_here, make_model
 
 from segflow.errors import ExitCode
 
@@ -85,20 +85,20 @@ def test_train_and_model_create_never_replace_other_files(tmp_path):
     tifffile.imwrite(precious, blobs((4, 32, 32), 3))
     saved = digest(precious)
     train = ("train", "--image", image, "--labels", labels, "--steps", "2", "--device", "cpu")
-    refused(cli(*train, "--out", precious), "precious.tif", "did not make")
-    refused(cli(*train, "--out", labels, "--overwrite"), "labels.tif")
+    refused(cli_here(*train, "--out", precious), "precious.tif", "did not make")
+    refused(cli_here(*train, "--out", labels, "--overwrite"), "labels.tif")
     assert digest(precious) == saved
     model = tmp_path / "model.ckpt"
     assert cli(*train, "--out", model, "-q").returncode == 0
     first = digest(model)
-    refused(cli(*train, "--out", model, "-q"), "model.ckpt", "--overwrite")
+    refused(cli_here(*train, "--out", model, "-q"), "model.ckpt", "--overwrite")
     assert digest(model) == first
     assert cli(*train, "--out", model, "-q", "--overwrite").returncode == 0
     # model create: the same rule
-    refused(cli("model", "create", precious), "precious.tif")
+    refused(cli_here("model", "create", precious), "precious.tif")
     assert digest(precious) == saved
     assert cli("model", "create", tmp_path / "u.ckpt", "--depth", "2", "-q").returncode == 0
-    refused(cli("model", "create", tmp_path / "u.ckpt", "--depth", "2"), "--overwrite")
+    refused(cli_here("model", "create", tmp_path / "u.ckpt", "--depth", "2"), "--overwrite")
     done = cli("model", "create", tmp_path / "u.ckpt", "--depth", "2", "--overwrite", "-q")
     assert done.returncode == 0, done.stderr
 
