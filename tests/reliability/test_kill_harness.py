@@ -83,13 +83,13 @@ def kill_points(seed: int) -> list[KillPoint]:
         return [KillPoint(phase, step, a) for a in sorted(rng.sample(range(1, blocks - 1), n))]
 
     return [
-        *some("ingest", "ingest", 64, 1),
+        *some("ingest", "ingest", 64, 2),
         *some("ingest", "ingest-level1", 8, 1),
         *some("segment", "segment-semantic", 64, 2),
         *some("segment", "semantic-level1", 8, 1),
-        *some("stitch", "stitch-instances-relabel", 64, 1),
+        *some("stitch", "stitch-instances-relabel", 64, 2),
         *some("stitch", "instances-level1", 8, 1),
-        KillPoint("export", "export", rng.randrange(0, 300)),
+        *[KillPoint("export", "export", rng.randrange(0, 300)) for _ in range(2)],
     ]
 
 
