@@ -42,28 +42,26 @@ from flows import (
 from tasks import pipeline
 from tasks.blockwise import (
     BlocksStoppedError,
-    Regions,
     Runner,
     Step,
     StepResult,
     allow_blocks,
-    blocks_per_region,
     stop_blocks,
 )
 from tasks.cluster import ClusterSpec, client_for, dask_client
 from tasks.options import GROUPS, PipelineOptions
 from tasks.paths import volume_name
 from tasks.pipeline import INSTANCES, Request
-from tasks.records import OutputRecord
-from tasks.regions import forget_regions, run_region
-from tasks.report import (
+from tasks.preview import (
     PREVIEW_NOTE,
-    markdown_report,
     png_data_uri,
     preview_picture,
     size_histogram,
     write_preview,
 )
+from tasks.records import OutputRecord
+from tasks.regions import Regions, blocks_per_region, forget_regions, run_region
+from tasks.report import markdown_report
 from tasks.segment import SegmentPlan
 from tasks.storage_errors import retry_transient
 from tasks.store import open_group

@@ -49,7 +49,7 @@ from tasks.cluster import share
 from tasks.lease import Fence, held_fence
 from tasks.storage_errors import is_transient
 from tasks.store import DONE_GROUP, open_group
-from unet_core.errors import BlockError, ConfigError, LeaseLostError, SegflowError
+from unet_core.errors import BlockError, LeaseLostError, SegflowError
 from unet_core.geometry import Box
 
 log = logging.getLogger(__name__)
@@ -639,62 +639,16 @@ class Runner:
         return results
 
 
-# ------------------------------------------------------------------------------ regions
-
-
-def blocks_per_region(n_blocks: int, max_regions: int = 2000) -> int:
-    """Blocks per region so that there are at most ``max_regions`` regions."""
-    if max_regions < 1:
-        raise ConfigError(f"max_regions must be at least 1, got {max_regions}")
-    return max(math.ceil(n_blocks / max_regions), 1)
-
-
-@dataclass(frozen=True)
-class Regions:
-    """Runs of ``per_region`` blocks of a grid in C order: the unit Prefect sees."""
-
-    grid: tuple[int, ...]
-    per_region: int
-
-    @property
-    def n_blocks(self) -> int:
-        return math.prod(self.grid)
-
-    @property
-    def count(self) -> int:
-        return math.ceil(self.n_blocks / self.per_region)
-
-    def blocks(self, region: int) -> list[Index]:
-        if not 0 <= region < self.count:
-            raise ConfigError(
-                f"region {region} does not exist (this run has regions 0..{self.count - 1})"
-            )
-        flat = range(region * self.per_region, min((region + 1) * self.per_region, self.n_blocks))
-        return [tuple(int(i) for i in np.unravel_index(f, self.grid)) for f in flat]
-
-    def done(self, step: Step) -> np.ndarray:
-        """Boolean per region: all its blocks done under the step's key."""
-        markers = Markers.open(step.store, step.name)
-        if markers is None or markers.grid != step.grid:
-            return np.zeros(self.count, dtype=bool)
-        flat = markers.done_mask(step.key).reshape(-1)
-        padded = np.ones(self.count * self.per_region, dtype=bool)
-        padded[: flat.size] = flat
-        return np.asarray(padded.reshape(self.count, self.per_region).all(axis=1))
-
-
 __all__ = [
     "BlockError",
     "BlocksStoppedError",
     "Markers",
     "Progress",
     "ProgressFn",
-    "Regions",
     "Runner",
     "Step",
     "StepResult",
     "allow_blocks",
-    "blocks_per_region",
     "blocks_stopped",
     "key_token",
     "run_block",

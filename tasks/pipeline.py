@@ -105,7 +105,7 @@ class Request:
 
     @property
     def preview_file(self) -> str | None:
-        from tasks.report import preview_path
+        from tasks.preview import preview_path
 
         return preview_path(self.out_store) if self.options.preview else None
 
@@ -300,7 +300,7 @@ def preview(request: Request, image: str) -> tuple[str | None, str | None]:
     reason it could not be made): a preview never fails a finished run."""
     if request.preview_file is None:
         return None, None
-    from tasks.report import write_preview
+    from tasks.preview import write_preview
     from tasks.storage_errors import translate_storage_error
 
     try:

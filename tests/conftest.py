@@ -40,9 +40,9 @@ def _torch_threads():
 def failing_blocks(monkeypatch):
     """``failing_blocks(predicate)``: blocks of a segmentation whose :class:`Block` the
     predicate is true for fail (in this process: thread workers), the others run."""
-    import tasks.segment.plan as segment_plan
+    import tasks.segment.driver as segment_driver  # where segmentation_step takes it from
 
-    real = segment_plan.segment_block
+    real = segment_driver.segment_block
 
     def fail(predicate):
         def segment_block(plan, index):
@@ -50,8 +50,8 @@ def failing_blocks(monkeypatch):
                 raise RuntimeError("injected failure")
             return real(plan, index)
 
-        monkeypatch.setattr(segment_plan, "segment_block", segment_block)
-        return lambda: monkeypatch.setattr(segment_plan, "segment_block", real)
+        monkeypatch.setattr(segment_driver, "segment_block", segment_block)
+        return lambda: monkeypatch.setattr(segment_driver, "segment_block", real)
 
     return fail
 

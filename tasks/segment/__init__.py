@@ -26,6 +26,7 @@ from tasks.segment.driver import (
     remove_stale_outputs,
     run_segmentation,
     segment_image,
+    segmentation_step,
 )
 from tasks.segment.plan import (
     SegmentParams,
@@ -62,5 +63,6 @@ __all__ = [
     "segment_block",
     "segment_image",
     "segment_key",
+    "segmentation_step",
     "source_info",
 ]

@@ -32,6 +32,7 @@ from tasks.outputs import canonical, claim_store, refuse_foreign, remove_owned_f
 from tasks.records import KEY, OutputRecord
 from tasks.runstate import set_complete
 from tasks.segment.plan import SegmentParams, SegmentPlan, SegmentResult, plan_segmentation
+from tasks.segment.worker import segment_block
 from tasks.store import (
     LABELS_GROUP,
     PROBABILITIES_GROUP,
@@ -41,6 +42,20 @@ from unet_core.errors import IncompleteError, LeaseLostError, opt
 from unet_core.predict import label_dtype
 
 log = logging.getLogger(__name__)
+
+
+def segmentation_step(plan: SegmentPlan) -> Step:
+    """The segmentation of ``plan`` as a step of the blockwise runner."""
+    return Step(
+        name=plan.done_step,
+        store=plan.out_url,
+        grid=plan.grid,
+        key=plan.key,
+        process=segment_block,
+        plan=plan,
+        box=type(plan).write_box,
+        outputs=(plan.labels_path, *((PROBABILITIES_GROUP,) * plan.params.probabilities)),
+    )
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -83,7 +98,7 @@ def prepare_outputs(plan: SegmentPlan, force: bool = False) -> Markers:
         root = claim_store(
             plan.out_url, "segmentation outputs", source_image=canonical(plan.image.url)
         )
-    step = plan.step()
+    step = segmentation_step(plan)
     markers = Markers.require(step)
     if force:
         markers.clear(step.indices())
@@ -239,7 +254,7 @@ def run_segmentation(
     t0 = time.perf_counter()
     with Lease(plan.out_url, what, wait_s=lease_wait_s) as lease:
         prepare_outputs(plan, force=force)
-        done = run_blocks(plan.step())
+        done = run_blocks(segmentation_step(plan))
         lease.check()
         complete = finalize_outputs(plan, runner)
     log.info(

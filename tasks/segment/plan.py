@@ -20,13 +20,10 @@ import numpy as np
 import torch
 import zarr
 
-from tasks.blockwise import Step
 from tasks.options import SegmentParams
 from tasks.runstate import image_digest
-from tasks.segment.worker import segment_block
 from tasks.store import (
     LABELS_GROUP,
-    PROBABILITIES_GROUP,
     ImageInfo,
     open_level,
     read_image_info,
@@ -169,19 +166,6 @@ class SegmentPlan:
 
     def write_box(self, index: Sequence[int]) -> Box:
         return self.block(index).write
-
-    def step(self) -> Step:
-        """The segmentation as a step of the blockwise runner."""
-        return Step(
-            name=self.done_step,
-            store=self.out_url,
-            grid=self.grid,
-            key=self.key,
-            process=segment_block,
-            plan=self,
-            box=SegmentPlan.write_box,
-            outputs=(self.labels_path, *((PROBABILITIES_GROUP,) * self.params.probabilities)),
-        )
 
 
 @dataclass

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 _predictors: dict[tuple[Any, ...], Predictor] = {}
 #: How many times this process loaded a checkpoint (observability: once per worker).
 model_loads = 0

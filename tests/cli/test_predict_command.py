@@ -19,7 +19,7 @@ from PIL import Image
 
 from segflow.demo import write_stack
 from segflow.errors import ExitCode
-from tasks.report import PREVIEW_GAP, PREVIEW_NOTE, caption_height, histogram_height
+from tasks.preview import PREVIEW_GAP, PREVIEW_NOTE, caption_height, histogram_height
 
 ROOT = Path(__file__).resolve().parents[2]
 

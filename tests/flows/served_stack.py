@@ -147,6 +147,18 @@ def run_artifacts(api: str, run_id: str) -> list[dict]:
     return r.json()
 
 
+def retry_run(api: str, run_id: str, timeout: float) -> dict:
+    """Retry a finished flow run as the UI's Retry does (AwaitingRetry), then wait for it
+    to end; returns the run."""
+    r = api_call(
+        "POST",
+        f"{api}/flow_runs/{run_id}/set_state",
+        json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True},
+    )
+    assert r.status_code in (200, 201), r.text
+    return wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"}, timeout)
+
+
 def wait_state(api: str, run_id: str, states: set[str], timeout: float) -> dict:
     deadline = time.time() + timeout
     run: dict = {}

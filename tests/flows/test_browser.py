@@ -20,7 +20,7 @@ import pytest
 from served_stack import api_call, run_artifacts, serve_stack, wait_state
 
 from flows import is_generated_name
-from tasks.report import PREVIEW_GAP, caption_height, histogram_height
+from tasks.preview import PREVIEW_GAP, caption_height, histogram_height
 from tasks.store import write_image
 
 pytestmark = pytest.mark.slow

@@ -14,6 +14,7 @@ import zarr
 from served_stack import (
     BIN,
     api_call,
+    retry_run,
     run_artifacts,
     run_logs,
     serve_stack,
@@ -189,13 +190,7 @@ def test_a_failed_run_retried_after_the_fix_keeps_its_failure_record_and_one_pro
     assert "Traceback" not in text, text[-3000:]
     assert any("to compute, 0 already done" in m for m in logs), text[-3000:]
     chunk.write_bytes(good)
-    r = api_call(
-        "POST",
-        f"{api}/flow_runs/{run_id}/set_state",
-        json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True},
-    )
-    assert r.status_code in (200, 201), r.text
-    done = wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"}, 300)
+    done = retry_run(api, run_id, 300)
     assert done["state"]["type"] == "COMPLETED", (tmp / "serve.log").read_text()[-3000:]
     artifacts = run_artifacts(api, run_id)
     keys = sorted(a["key"] for a in artifacts if a["type"] == "markdown")
@@ -304,13 +299,7 @@ def test_killed_serve_process_leaves_a_crashed_run_that_retries_only_unfinished_
         (tmp_path / "kill_to_crashed_s.txt").write_text(f"{to_crashed:.1f}\n")
         stack["start_serve"]()
         wait_ok(f"{api}/deployments/name/segment-volume/on-demand")
-        r = api_call(
-            "POST",
-            f"{api}/flow_runs/{run_id}/set_state",
-            json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True},
-        )
-        assert r.status_code in (200, 201), r.text
-        done = wait_state(api, run_id, {"COMPLETED", "FAILED", "CRASHED"}, 400)
+        done = retry_run(api, run_id, 400)
         assert done["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         report = api_call(
             "POST",

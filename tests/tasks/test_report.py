@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from tasks.report import (
+from tasks.preview import (
     PREVIEW_COLOURS,
     PREVIEW_MIN_SIDE,
     PREVIEW_NOTE,
@@ -18,13 +18,12 @@ from tasks.report import (
     format_length,
     label_colours,
     nice_length,
-    number,
     preview_picture,
-    rerun_command,
     scale_bar,
     touching_pairs,
     write_preview,
 )
+from tasks.report import number, rerun_command
 from tasks.store import write_image, write_labels
 
 
